@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Starts / stops N thingraft nodes (release build) on 127.0.0.1:7401.. for benchmarks.
+# Usage: bench/thingraft-cluster.sh start N DIR [extra serve flags] | stop DIR
+set -euo pipefail
+cmd=${1:?start|stop}
+BIN=${THINGRAFT_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/thingraft-target}/release/thingraft}
+case "$cmd" in
+start)
+  n=${2:?nodes}; dir=${3:?state dir}; shift 3
+  mkdir -p "$dir"
+  peers=""
+  for i in $(seq 1 "$n"); do peers="$peers${peers:+,}$i=127.0.0.1:$((7400 + i))"; done
+  for i in $(seq 1 "$n"); do
+    if [ "$n" -eq 1 ]; then p=(--listen 127.0.0.1:7401); else p=(--peers "$peers"); fi
+    RUST_LOG=warn "$BIN" serve --node-id "$i" "${p[@]}" --data-dir "$dir/n$i" "$@" > "$dir/n$i.log" 2>&1 &
+    echo $! > "$dir/n$i.pid"
+  done
+  for _ in $(seq 1 150); do
+    if "$BIN" status --addr 127.0.0.1:7401 --json 2>/dev/null | python3 -c '
+import json,sys
+s=json.load(sys.stdin)
+sys.exit(0 if s["groups"] and all(g["leader"] for g in s["groups"]) else 1)'; then
+      echo "thingraft cluster of $n up"; exit 0
+    fi
+    sleep 0.2
+  done
+  echo "thingraft cluster did not become ready" >&2; exit 1 ;;
+stop)
+  dir=${2:?state dir}
+  for f in "$dir"/n*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  sleep 1; rm -rf "$dir" ;;
+esac

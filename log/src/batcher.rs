@@ -1,0 +1,150 @@
+//! Group commit at a partition leader: concurrent appends become one Raft entry.
+//!
+//! The batcher takes the first waiting append, waits for one of `inflight_entries_max` slots,
+//! then takes every append that queued meanwhile (up to the batch bounds) and proposes them as
+//! one entry. With nothing in flight an append is proposed at once (lowest latency); under load
+//! appends pile up while earlier entries commit, so batches grow with the load (highest
+//! throughput). Proposals are made in queue order, so appends keep their order in the log.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use openraft::error::ClientWriteError;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::error::LogError;
+use crate::types::{Command, NodeId, Raft, Record, Response};
+
+/// Offsets given to one append's records: `first_offset .. first_offset + count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub first_offset: u64,
+    pub count: u32,
+}
+
+/// One append waiting for its batch to commit.
+pub(crate) struct AppendJob {
+    pub records: Vec<Record>,
+    pub bytes: usize,
+    pub reply: oneshot::Sender<Result<Appended, LogError>>,
+}
+
+/// Bounds of one batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchLimits {
+    pub records_max: usize,
+    pub bytes_max: usize,
+    pub linger: Duration,
+    pub inflight_max: usize,
+}
+
+pub(crate) struct Batcher {
+    pub partition: u32,
+    pub raft: Raft,
+    pub rx: mpsc::Receiver<AppendJob>,
+    pub limits: BatchLimits,
+    pub metrics: Arc<crate::metrics::PartitionMetrics>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn client_write_error(partition: u32, e: ClientWriteError<NodeId, crate::types::Node>) -> LogError {
+    match e {
+        // openraft answers ForwardToLeader only for entries it never appended or truncated, so
+        // the append did not commit and may be retried.
+        ClientWriteError::ForwardToLeader(f) => LogError::NotLeader {
+            partition,
+            leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
+        },
+        ClientWriteError::ChangeMembershipError(e) => LogError::Internal(e.to_string()),
+    }
+}
+
+impl Batcher {
+    pub async fn run(mut self) {
+        let slots = Arc::new(Semaphore::new(self.limits.inflight_max));
+        let mut carry: Option<AppendJob> = None;
+        loop {
+            let first = match carry.take() {
+                Some(j) => j,
+                None => match self.rx.recv().await {
+                    Some(j) => j,
+                    None => return,
+                },
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            if !self.limits.linger.is_zero() {
+                tokio::time::sleep(self.limits.linger).await;
+            }
+            let mut records = first.records;
+            let mut bytes = first.bytes;
+            let mut replies = vec![(first.reply, records.len() as u32)];
+            while records.len() < self.limits.records_max && bytes < self.limits.bytes_max {
+                let Ok(job) = self.rx.try_recv() else { break };
+                if records.len() + job.records.len() > self.limits.records_max
+                    || bytes + job.bytes > self.limits.bytes_max
+                {
+                    carry = Some(job);
+                    break;
+                }
+                bytes += job.bytes;
+                replies.push((job.reply, job.records.len() as u32));
+                records.extend(job.records);
+            }
+            self.metrics.observe_batch(records.len(), bytes);
+            let partition = self.partition;
+            match self
+                .raft
+                .client_write_ff(Command::Append {
+                    ts_ms: now_ms(),
+                    records,
+                })
+                .await
+            {
+                Err(fatal) => {
+                    tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(LogError::ShuttingDown));
+                    }
+                }
+                Ok(rx) => {
+                    tokio::spawn(async move {
+                        let outcome = rx.await;
+                        drop(permit);
+                        let result = match outcome {
+                            Ok(Ok(resp)) => match resp.data {
+                                Response::Appended { first_offset, .. } => Ok(first_offset),
+                                other => {
+                                    Err(LogError::Internal(format!("unexpected apply result {other:?}")))
+                                }
+                            },
+                            Ok(Err(e)) => Err(client_write_error(partition, e)),
+                            Err(_) => Err(LogError::Ambiguous {
+                                reason: "raft dropped the proposal".into(),
+                            }),
+                        };
+                        let mut offset = result.as_ref().copied().unwrap_or(0);
+                        for (reply, count) in replies {
+                            let r = match &result {
+                                Ok(_) => Ok(Appended {
+                                    first_offset: offset,
+                                    count,
+                                }),
+                                Err(e) => Err(e.clone()),
+                            };
+                            offset += u64::from(count);
+                            let _ = reply.send(r);
+                        }
+                    });
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,34 @@
+//! thingraft-log: a partitioned log, each partition a Raft group (openraft) stored in one RocksDB
+//! per node, replicated over gRPC (tonic).
+//!
+//! - [`types`]: openraft type config, [`Record`], the [`Command`]s carried by entries.
+//! - [`storage`]: RocksDB log store and state machine of every group; the shared fsync thread.
+//! - [`batch`]: the stored form of a batch of records.
+//! - [`batcher`]: group commit at a partition's leader.
+//! - [`network`], [`server`]: the Raft transport and the `Log` gRPC API.
+//! - [`node`]: [`LogNode`] (start, bootstrap, rejoin, shutdown) and [`LogHandle`] (append, read,
+//!   tail, status).
+//! - [`client`]: [`LogClient`], a gRPC client for tools and tests.
+//! - [`placement`]: keys → partitions, partitions → replicas.
+//! - [`config`], [`error`], [`metrics`].
+
+pub mod batch;
+pub mod batcher;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod placement;
+pub mod server;
+pub mod storage;
+pub mod types;
+
+pub use batcher::Appended;
+pub use client::LogClient;
+pub use config::LogConfig;
+pub use error::LogError;
+pub use node::{LogHandle, LogNode, ReadResult};
+pub use storage::{Retention, StoredRecord};
+pub use types::{Command, NodeId, Record};

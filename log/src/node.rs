@@ -1,0 +1,779 @@
+//! A node of the replicated log: its Raft groups, its gRPC server, cluster bootstrap and the
+//! [`LogHandle`] that the rest of thingraft appends and reads through.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use openraft::{ServerState, SnapshotPolicy};
+use thingraft_proto::v1::log_client::LogClient as GrpcLogClient;
+use thingraft_proto::v1::{self as pb};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::batcher::{AppendJob, Appended, BatchLimits, Batcher};
+use crate::config::LogConfig;
+use crate::error::LogError;
+use crate::metrics::PartitionMetrics;
+use crate::network::{GRPC_MESSAGE_BYTES_MAX, NetworkFactory, Peers};
+use crate::placement;
+use crate::storage::{SmReader, Store, StoredRecord};
+use crate::types::{Command, GroupId, META_GROUP, Node, NodeId, Raft, Record, partition_group};
+
+/// gRPC metadata key set on an append that one node forwards to another; the receiver answers
+/// `NotLeader` instead of forwarding again.
+pub const FORWARDED: &str = "x-thingraft-forwarded";
+
+const MARKER_FILE: &str = "cluster.json";
+
+/// One Raft group hosted by this node.
+pub struct Group {
+    pub id: GroupId,
+    pub raft: Raft,
+    pub reader: SmReader,
+    pub replicas: Vec<NodeId>,
+    batcher: Option<mpsc::Sender<AppendJob>>,
+    pub metrics: Arc<PartitionMetrics>,
+    /// Set while this replica's log is being rebuilt from its peers after its data was lost:
+    /// it neither campaigns nor grants votes until it has caught up.
+    pub recovering: AtomicBool,
+    recover_target: AtomicU64,
+}
+
+pub(crate) struct Inner {
+    pub config: LogConfig,
+    pub store: Arc<Store>,
+    pub peers: Peers,
+    pub members: BTreeMap<NodeId, String>,
+    /// Indexed by group id; `None` where this node holds no replica.
+    pub groups: Vec<Option<Arc<Group>>>,
+    pub initialized: AtomicBool,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The log API of a running node; cheap to clone.
+#[derive(Clone)]
+pub struct LogHandle {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// A running log node; dropping it does not stop it, call [`LogNode::shutdown`].
+pub struct LogNode {
+    handle: LogHandle,
+    server: tokio::task::JoinHandle<()>,
+}
+
+/// The result of a read.
+#[derive(Debug, Clone)]
+pub struct ReadResult {
+    pub records: Vec<StoredRecord>,
+    pub next_offset: u64,
+    pub start_offset: u64,
+}
+
+enum Route {
+    Local(Arc<Group>),
+    Remote(NodeId, String),
+}
+
+fn raft_config(c: &LogConfig) -> anyhow::Result<openraft::Config> {
+    let rc = openraft::Config {
+        cluster_name: "thingraft".into(),
+        heartbeat_interval: c.heartbeat_ms,
+        election_timeout_min: c.election_timeout_min_ms,
+        election_timeout_max: c.election_timeout_max_ms,
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 16,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
+        max_in_snapshot_log_to_keep: c.entries_kept_after_snapshot,
+        snapshot_max_chunk_size: 4 << 20,
+        ..Default::default()
+    };
+    Ok(rc.validate()?)
+}
+
+impl LogNode {
+    /// Opens the node's storage, starts its Raft groups and its gRPC server on `listener`, and
+    /// bootstraps or rejoins the cluster in the background.
+    pub async fn start(config: LogConfig, listener: tokio::net::TcpListener) -> anyhow::Result<LogNode> {
+        config.validate()?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+        let store = Store::open(&config.data_dir.join("log"))?;
+        let members = config.effective_members();
+        let member_ids: Vec<NodeId> = members.keys().copied().collect();
+        let peers = Peers::default();
+        let rc = Arc::new(raft_config(&config)?);
+        let limits = BatchLimits {
+            records_max: config.batch_records_max,
+            bytes_max: config.batch_bytes_max,
+            linger: Duration::from_micros(config.batch_linger_us),
+            inflight_max: config.inflight_entries_max,
+        };
+
+        let mut groups = Vec::new();
+        for gid in 0..=config.partitions {
+            let replicas = if gid == META_GROUP {
+                member_ids.clone()
+            } else {
+                placement::replicas(gid, &member_ids, config.replication_factor)
+            };
+            if !replicas.contains(&config.node_id) {
+                groups.push(None);
+                continue;
+            }
+            let sm = store.state_machine(gid, config.retention)?;
+            let reader = sm.reader();
+            let network = NetworkFactory {
+                group: gid,
+                peers: peers.clone(),
+            };
+            let raft = Raft::new(config.node_id, rc.clone(), network, store.log_store(gid), sm)
+                .await
+                .with_context(|| format!("starting raft group {gid}"))?;
+            let metrics = Arc::new(PartitionMetrics::default());
+            let batcher = if gid == META_GROUP {
+                None
+            } else {
+                let (tx, rx) = mpsc::channel(config.append_queue_max);
+                let b = Batcher {
+                    partition: gid - 1,
+                    raft: raft.clone(),
+                    rx,
+                    limits,
+                    metrics: metrics.clone(),
+                };
+                tokio::spawn(b.run());
+                Some(tx)
+            };
+            groups.push(Some(Arc::new(Group {
+                id: gid,
+                raft,
+                reader,
+                replicas,
+                batcher,
+                metrics,
+                recovering: AtomicBool::new(false),
+                recover_target: AtomicU64::new(0),
+            })));
+        }
+
+        let initialized = config.data_dir.join(MARKER_FILE).exists();
+        let (shutdown, mut shutdown_rx) = watch::channel(false);
+        let handle = LogHandle {
+            inner: Arc::new(Inner {
+                config,
+                store,
+                peers,
+                members,
+                groups,
+                initialized: AtomicBool::new(initialized),
+                shutdown,
+            }),
+        };
+
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = crate::server::router(handle.clone());
+        let server = tokio::spawn(async move {
+            let stop = async move {
+                let _ = shutdown_rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+
+        tokio::spawn(bootstrap(handle.clone()));
+        tokio::spawn(publish_metadata(handle.clone()));
+        Ok(LogNode { handle, server })
+    }
+
+    /// The API of this node.
+    pub fn handle(&self) -> LogHandle {
+        self.handle.clone()
+    }
+
+    /// Stops the server and every Raft group, then closes storage.
+    pub async fn shutdown(self) {
+        let inner = &self.handle.inner;
+        let _ = inner.shutdown.send(true);
+        for g in inner.groups.iter().flatten() {
+            let _ = g.raft.shutdown().await;
+        }
+        self.server.abort();
+        let _ = self.server.await;
+        inner.store.close();
+    }
+}
+
+fn write_marker(dir: &Path, node_id: NodeId, members: &BTreeMap<NodeId, String>) -> std::io::Result<()> {
+    let ids: Vec<String> = members.keys().map(|k| k.to_string()).collect();
+    let body = format!("{{\"node_id\":{node_id},\"members\":[{}]}}\n", ids.join(","));
+    let tmp = dir.join("cluster.json.tmp");
+    std::fs::write(&tmp, body)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, dir.join(MARKER_FILE))?;
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Forms the cluster (fresh nodes), or rejoins it as a recovering replica (a node whose data
+/// directory was lost while the cluster lives on).
+async fn bootstrap(handle: LogHandle) {
+    let inner = &handle.inner;
+    if inner.initialized.load(Ordering::SeqCst) {
+        return;
+    }
+    // Crashed between initialising the groups and writing the marker?
+    let mut all_initialized = true;
+    for g in inner.groups.iter().flatten() {
+        all_initialized &= g.raft.is_initialized().await.unwrap_or(false);
+    }
+    if all_initialized {
+        mark_initialized(&handle);
+        return;
+    }
+    let majority = inner.members.len() / 2 + 1;
+    loop {
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        let replies = handle.probe_peers().await;
+        if replies.iter().any(|r| r.initialized) {
+            tracing::warn!("cluster exists but this node has no data: rejoining as a recovering replica");
+            rejoin(&handle, &replies).await;
+            return;
+        }
+        if replies.len() + 1 >= majority {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tracing::info!(members = ?inner.members.keys().collect::<Vec<_>>(), "forming a new cluster");
+    let node_id = inner.config.node_id;
+    let mut delayed = Vec::new();
+    for g in inner.groups.iter().flatten() {
+        if g.replicas.first() == Some(&node_id) || g.replicas.len() == 1 {
+            initialize_group(inner, g).await;
+        } else {
+            delayed.push(g.clone());
+        }
+    }
+    mark_initialized(&handle);
+    // The preferred leader (first replica) of each group initialises it, so leaders start spread
+    // over the members; the others step in only if it has not produced a leader in time.
+    tokio::time::sleep(Duration::from_millis(inner.config.election_timeout_max_ms * 3)).await;
+    for g in delayed {
+        if g.raft.metrics().borrow().current_leader.is_none() {
+            initialize_group(inner, &g).await;
+        }
+    }
+}
+
+async fn initialize_group(inner: &Inner, g: &Group) {
+    let nodes: BTreeMap<NodeId, Node> = g
+        .replicas
+        .iter()
+        .filter_map(|id| inner.members.get(id).map(|a| (*id, Node { addr: a.clone() })))
+        .collect();
+    match g.raft.initialize(nodes).await {
+        Ok(()) => {}
+        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+        Err(e) => tracing::error!(group = g.id, error = %e, "initialize failed"),
+    }
+}
+
+fn mark_initialized(handle: &LogHandle) {
+    let inner = &handle.inner;
+    if let Err(e) = write_marker(&inner.config.data_dir, inner.config.node_id, &inner.members) {
+        tracing::error!(error = %e, "writing cluster marker");
+    }
+    inner.initialized.store(true, Ordering::SeqCst);
+}
+
+async fn rejoin(handle: &LogHandle, replies: &[pb::StatusReply]) {
+    let inner = &handle.inner;
+    for g in inner.groups.iter().flatten() {
+        g.recovering.store(true, Ordering::SeqCst);
+        g.raft.runtime_config().elect(false);
+        let target = replies
+            .iter()
+            .flat_map(|r| r.groups.iter())
+            .filter(|s| s.group == g.id)
+            .map(|s| s.last_log_index)
+            .max()
+            .unwrap_or(u64::MAX);
+        g.recover_target.store(target, Ordering::SeqCst);
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        let mut left = 0;
+        for g in inner.groups.iter().flatten() {
+            if !g.recovering.load(Ordering::SeqCst) {
+                continue;
+            }
+            let mut target = g.recover_target.load(Ordering::SeqCst);
+            if target == u64::MAX {
+                // No peer reported this group yet; ask again.
+                let replies = handle.probe_peers().await;
+                if let Some(t) = replies
+                    .iter()
+                    .flat_map(|r| r.groups.iter())
+                    .filter(|s| s.group == g.id)
+                    .map(|s| s.last_log_index)
+                    .max()
+                {
+                    g.recover_target.store(t, Ordering::SeqCst);
+                    target = t;
+                }
+            }
+            let applied = g.reader.applied().last_applied.map(|l| l.index);
+            if applied.is_some_and(|a| a >= target) {
+                tracing::info!(group = g.id, applied = ?applied, "replica recovered; voting again");
+                g.recovering.store(false, Ordering::SeqCst);
+                g.raft.runtime_config().elect(true);
+            } else {
+                left += 1;
+            }
+        }
+        if left == 0 {
+            mark_initialized(handle);
+            return;
+        }
+    }
+}
+
+/// The metadata group's leader records members and placement, so every node reads them locally.
+async fn publish_metadata(handle: LogHandle) {
+    let inner = &handle.inner;
+    let Some(meta) = inner.groups.first().and_then(|g| g.clone()) else {
+        return;
+    };
+    let members = serde_members(&inner.members);
+    let placement = {
+        let ids: Vec<NodeId> = inner.members.keys().copied().collect();
+        let mut s = String::from("{");
+        for gid in 1..=inner.config.partitions {
+            let r = placement::replicas(gid, &ids, inner.config.replication_factor);
+            if gid > 1 {
+                s.push(',');
+            }
+            s.push_str(&format!("\"{}\":{:?}", gid - 1, r));
+        }
+        s.push('}');
+        s
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    for _ in 0..240 {
+        tick.tick().await;
+        if *inner.shutdown.borrow() {
+            return;
+        }
+        if meta.reader.meta_get("members").is_some() {
+            return;
+        }
+        if meta.raft.metrics().borrow().current_leader != Some(inner.config.node_id) {
+            continue;
+        }
+        for (k, v) in [("members", members.clone()), ("placement", placement.clone())] {
+            let cmd = Command::MetaPut {
+                key: k.into(),
+                value: v.into_bytes().into(),
+            };
+            if let Err(e) = meta.raft.client_write(cmd).await {
+                tracing::debug!(error = %e, "metadata write failed; will retry");
+            }
+        }
+    }
+}
+
+fn serde_members(members: &BTreeMap<NodeId, String>) -> String {
+    let body: Vec<String> = members
+        .iter()
+        .map(|(id, a)| format!("\"{id}\":\"{a}\""))
+        .collect();
+    format!("{{{}}}", body.join(","))
+}
+
+impl LogHandle {
+    pub fn node_id(&self) -> NodeId {
+        self.inner.config.node_id
+    }
+
+    pub fn partitions(&self) -> u32 {
+        self.inner.config.partitions
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    /// The partition of an entity key (jump consistent hash).
+    pub fn partition_for_key(&self, key: &[u8]) -> u32 {
+        placement::partition_for_key(key, self.partitions())
+    }
+
+    /// The group of a partition hosted here, if any.
+    pub fn group(&self, gid: GroupId) -> Option<&Arc<Group>> {
+        self.inner.groups.get(gid as usize).and_then(|g| g.as_ref())
+    }
+
+    /// fsyncs done by this node's storage, and appends they made durable.
+    pub fn fsync_counts(&self) -> (u64, u64) {
+        let s = &self.inner.store.sync_stats;
+        (
+            s.fsyncs.load(Ordering::Relaxed),
+            s.flushed_appends.load(Ordering::Relaxed),
+        )
+    }
+
+    fn check_partition(&self, partition: u32) -> Result<GroupId, LogError> {
+        if partition >= self.partitions() {
+            return Err(LogError::UnknownPartition {
+                partition,
+                partitions: self.partitions(),
+            });
+        }
+        Ok(partition_group(partition))
+    }
+
+    fn validate(&self, partition: u32, records: &[Record]) -> Result<usize, LogError> {
+        self.check_partition(partition)?;
+        let c = &self.inner.config;
+        if records.is_empty() {
+            return Err(LogError::EmptyAppend);
+        }
+        if records.len() > c.append_records_max {
+            return Err(LogError::TooManyRecords {
+                count: records.len(),
+                limit: c.append_records_max,
+            });
+        }
+        let mut total = 0;
+        for r in records {
+            let n = r.size();
+            if n > c.record_bytes_max {
+                return Err(LogError::RecordTooLarge {
+                    bytes: n,
+                    limit: c.record_bytes_max,
+                });
+            }
+            total += n;
+        }
+        if total > c.batch_bytes_max {
+            return Err(LogError::AppendTooLarge {
+                bytes: total,
+                limit: c.batch_bytes_max,
+            });
+        }
+        Ok(total)
+    }
+
+    /// Appends `records` to `partition`; returns once they are committed on a majority and
+    /// fsynced, with the offsets they got. Forwards to the partition's leader when that is
+    /// another node; retries only what certainly did not commit.
+    pub async fn append(&self, partition: u32, records: Vec<Record>) -> Result<Appended, LogError> {
+        self.append_inner(partition, records, true).await
+    }
+
+    pub(crate) async fn append_inner(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        may_forward: bool,
+    ) -> Result<Appended, LogError> {
+        let bytes = self.validate(partition, &records)?;
+        let gid = partition_group(partition);
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+        let mut attempt = 0u32;
+        loop {
+            let route = self.route(gid, partition, deadline).await;
+            let res = match route {
+                Err(e) => Err(e),
+                Ok(Route::Local(g)) => self.append_local(&g, records.clone(), bytes, deadline).await,
+                Ok(Route::Remote(id, addr)) if may_forward => {
+                    self.forward(partition, id, &addr, records.clone(), deadline)
+                        .await
+                }
+                Ok(Route::Remote(id, addr)) => Err(LogError::NotLeader {
+                    partition,
+                    leader: Some((id, addr)),
+                }),
+            };
+            match res {
+                Err(e) if may_forward && e.retriable() && Instant::now() < deadline && attempt < 50 => {
+                    attempt += 1;
+                    tracing::debug!(partition, attempt, error = %e, "append retry");
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 20)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn route(&self, gid: GroupId, partition: u32, deadline: Instant) -> Result<Route, LogError> {
+        let Some(g) = self.group(gid) else {
+            // Not a replica here: ask the preferred replica, which forwards or redirects.
+            let ids: Vec<NodeId> = self.inner.members.keys().copied().collect();
+            let r = placement::replicas(gid, &ids, self.inner.config.replication_factor);
+            let id = r[0];
+            let addr = self.inner.members.get(&id).cloned().unwrap_or_default();
+            return Ok(Route::Remote(id, addr));
+        };
+        let mut metrics = g.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if let Some(leader) = m.current_leader {
+                    if leader == self.node_id() {
+                        if m.state == ServerState::Leader {
+                            return Ok(Route::Local(g.clone()));
+                        }
+                    } else {
+                        let addr = m
+                            .membership_config
+                            .membership()
+                            .get_node(&leader)
+                            .map(|n| n.addr.clone())
+                            .or_else(|| self.inner.members.get(&leader).cloned())
+                            .unwrap_or_default();
+                        return Ok(Route::Remote(leader, addr));
+                    }
+                }
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(LogError::ShuttingDown),
+                Err(_) => return Err(LogError::NoLeader { partition }),
+            }
+        }
+    }
+
+    async fn append_local(
+        &self,
+        g: &Group,
+        records: Vec<Record>,
+        bytes: usize,
+        deadline: Instant,
+    ) -> Result<Appended, LogError> {
+        let Some(batcher) = &g.batcher else {
+            return Err(LogError::Invalid("the metadata group takes no records".into()));
+        };
+        let (reply, rx) = oneshot::channel();
+        // A full queue makes the appender wait here: backpressure, not loss.
+        batcher
+            .send(AppendJob {
+                records,
+                bytes,
+                reply,
+            })
+            .await
+            .map_err(|_| LogError::ShuttingDown)?;
+        match tokio::time::timeout_at(deadline, rx).await {
+            Err(_) => Err(LogError::Ambiguous {
+                reason: "timed out waiting for commit".into(),
+            }),
+            Ok(Err(_)) => Err(LogError::Ambiguous {
+                reason: "batcher dropped the append".into(),
+            }),
+            Ok(Ok(r)) => r,
+        }
+    }
+
+    async fn forward(
+        &self,
+        partition: u32,
+        id: NodeId,
+        addr: &str,
+        records: Vec<Record>,
+        deadline: Instant,
+    ) -> Result<Appended, LogError> {
+        let ch = self
+            .inner
+            .peers
+            .channel(id, addr)
+            .map_err(|e| LogError::Unreachable(e.to_string()))?;
+        let mut client = GrpcLogClient::new(ch)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let mut req = tonic::Request::new(pb::AppendRequest {
+            partition,
+            records: records
+                .into_iter()
+                .map(|r| pb::Record {
+                    key: r.key,
+                    value: r.value,
+                })
+                .collect(),
+        });
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match client.append(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(Appended {
+                    first_offset: r.first_offset,
+                    count: r.count,
+                })
+            }
+            Err(s) => Err(LogError::from_status(partition, &s)),
+        }
+    }
+
+    /// Up to `max` committed records of `partition` from `from_offset`, read from this node's
+    /// replica (every applied record is committed).
+    pub fn read(&self, partition: u32, from_offset: u64, max: usize) -> Result<ReadResult, LogError> {
+        let gid = self.check_partition(partition)?;
+        let g = self
+            .group(gid)
+            .ok_or_else(|| LogError::Invalid(format!("partition {partition} has no replica on this node")))?;
+        let applied = g.reader.applied();
+        let records = g
+            .reader
+            .read(from_offset, max)
+            .map_err(|e| LogError::Internal(e.to_string()))?;
+        Ok(ReadResult {
+            records,
+            next_offset: applied.next_offset,
+            start_offset: applied.start_offset,
+        })
+    }
+
+    /// A receiver of the partition's `next_offset`, updated after every apply on this replica.
+    pub fn watch_partition(&self, partition: u32) -> Result<watch::Receiver<u64>, LogError> {
+        let gid = self.check_partition(partition)?;
+        let g = self
+            .group(gid)
+            .ok_or_else(|| LogError::Invalid(format!("partition {partition} has no replica on this node")))?;
+        Ok(g.reader.subscribe())
+    }
+
+    /// Committed records of `partition` from `from_offset` on, in order, for as long as the
+    /// returned receiver is held. Each item is a batch of consecutive records.
+    pub fn tail(
+        &self,
+        partition: u32,
+        from_offset: u64,
+    ) -> Result<mpsc::Receiver<Result<ReadResult, LogError>>, LogError> {
+        let mut watch = self.watch_partition(partition)?;
+        let (tx, rx) = mpsc::channel(16);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut next = from_offset;
+            loop {
+                match this.read(partition, next, 4096) {
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                    Ok(r) if !r.records.is_empty() => {
+                        next = r.records.last().map(|x| x.offset + 1).unwrap_or(next);
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {
+                        tokio::select! {
+                            changed = watch.changed() => if changed.is_err() { return },
+                            () = tx.closed() => return,
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Asks each peer for its status (short timeout); returns the replies that came.
+    pub(crate) async fn probe_peers(&self) -> Vec<pb::StatusReply> {
+        let mut out = Vec::new();
+        for (id, addr) in &self.inner.members {
+            if *id == self.node_id() {
+                continue;
+            }
+            let Ok(ch) = self.inner.peers.channel(*id, addr) else {
+                continue;
+            };
+            let mut c = GrpcLogClient::new(ch);
+            let mut req = tonic::Request::new(pb::StatusRequest {});
+            req.set_timeout(Duration::from_millis(500));
+            if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_millis(700), c.status(req)).await {
+                out.push(r.into_inner());
+            }
+        }
+        out
+    }
+
+    /// This node's view of the cluster.
+    pub fn status(&self) -> pb::StatusReply {
+        let inner = &self.inner;
+        let mut groups = Vec::new();
+        for g in inner.groups.iter().flatten() {
+            let m = g.raft.metrics().borrow().clone();
+            let applied = g.reader.applied();
+            let membership = m.membership_config.membership();
+            groups.push(pb::GroupStatus {
+                group: g.id,
+                leader: m.current_leader.unwrap_or(0),
+                term: m.current_term,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+                next_offset: applied.next_offset,
+                start_offset: applied.start_offset,
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+                state: if g.recovering.load(Ordering::SeqCst) {
+                    "Recovering".into()
+                } else {
+                    format!("{:?}", m.state)
+                },
+            });
+        }
+        pb::StatusReply {
+            node_id: inner.config.node_id,
+            members: inner
+                .members
+                .iter()
+                .map(|(id, addr)| pb::MemberInfo {
+                    node_id: *id,
+                    addr: addr.clone(),
+                })
+                .collect(),
+            partitions: inner.config.partitions,
+            groups,
+            initialized: inner.initialized.load(Ordering::SeqCst),
+            fsyncs: inner.store.sync_stats.fsyncs.load(Ordering::Relaxed),
+            fsynced_appends: inner.store.sync_stats.flushed_appends.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until every group hosted here has a leader.
+    pub async fn wait_for_leaders(&self, timeout: Duration) -> Result<(), LogError> {
+        let deadline = Instant::now() + timeout;
+        for g in self.inner.groups.iter().flatten() {
+            let mut m = g.raft.metrics();
+            loop {
+                if m.borrow_and_update().current_leader.is_some() {
+                    break;
+                }
+                match tokio::time::timeout_at(deadline, m.changed()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Err(LogError::ShuttingDown),
+                    Err(_) => {
+                        return Err(LogError::NoLeader {
+                            partition: g.id.saturating_sub(1),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,197 @@
+//! The node's gRPC server: the `Raft` transport between nodes and the `Log` API.
+//!
+//! Every request is checked before it reaches a Raft group: an unknown group, an undecodable
+//! payload or an invalid append gets a gRPC error and a log line, and changes nothing.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use serde::Serialize;
+use thingraft_proto::v1::log_server::{Log, LogServer};
+use thingraft_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
+use thingraft_proto::v1::{self as pb};
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::network::GRPC_MESSAGE_BYTES_MAX;
+use crate::node::{FORWARDED, Group, LogHandle};
+use crate::types::{NodeId, Record, TypeConfig};
+
+/// Both services, ready to serve.
+pub fn router(handle: LogHandle) -> tonic::transport::server::Router {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_connection_window_size(8 << 20)
+        .initial_stream_window_size(4 << 20)
+        .add_service(
+            RaftServer::new(RaftService {
+                handle: handle.clone(),
+            })
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+        .add_service(
+            LogServer::new(LogService { handle })
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+        )
+}
+
+struct RaftService {
+    handle: LogHandle,
+}
+
+impl RaftService {
+    fn group(&self, gid: u32) -> Result<&std::sync::Arc<Group>, Status> {
+        self.handle.group(gid).ok_or_else(|| {
+            tracing::warn!(group = gid, "raft rpc for a group this node does not host");
+            Status::not_found(format!("group {gid} is not hosted on this node"))
+        })
+    }
+}
+
+fn decode<T: for<'de> serde::Deserialize<'de>>(what: &str, gid: u32, payload: &[u8]) -> Result<T, Status> {
+    postcard::from_bytes(payload).map_err(|e| {
+        tracing::warn!(group = gid, error = %e, "malformed {what} rpc rejected");
+        Status::invalid_argument(format!("malformed {what} payload: {e}"))
+    })
+}
+
+fn reply<T: Serialize>(res: &T) -> Result<Response<pb::RaftReply>, Status> {
+    let payload = postcard::to_stdvec(res).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(pb::RaftReply {
+        payload: payload.into(),
+    }))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode("append_entries", r.group, &r.payload)?;
+        reply(&g.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group)?;
+        let rpc: VoteRequest<NodeId> = decode("vote", r.group, &r.payload)?;
+        if g.recovering.load(Ordering::SeqCst) {
+            // This replica lost its data: it may not vote until its log has caught up, or it
+            // could elect a leader that lacks committed entries.
+            return Err(Status::unavailable("replica is recovering; not voting"));
+        }
+        reply(&g.raft.vote(rpc).await)
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftRequest>,
+    ) -> Result<Response<pb::RaftReply>, Status> {
+        let r = req.into_inner();
+        let g = self.group(r.group)?;
+        let rpc: InstallSnapshotRequest<TypeConfig> = decode("install_snapshot", r.group, &r.payload)?;
+        reply(&g.raft.install_snapshot(rpc).await)
+    }
+}
+
+struct LogService {
+    handle: LogHandle,
+}
+
+type ReadReplyStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Send>>;
+
+fn read_reply(r: crate::node::ReadResult) -> pb::ReadReply {
+    pb::ReadReply {
+        records: r
+            .records
+            .into_iter()
+            .map(|x| pb::LogRecord {
+                offset: x.offset,
+                key: x.key,
+                value: x.value,
+                timestamp_ms: x.timestamp_ms,
+            })
+            .collect(),
+        next_offset: r.next_offset,
+        start_offset: r.start_offset,
+    }
+}
+
+#[tonic::async_trait]
+impl Log for LogService {
+    async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let r = req.into_inner();
+        let records: Vec<Record> = r
+            .records
+            .into_iter()
+            .map(|x| Record {
+                key: x.key,
+                value: x.value,
+            })
+            .collect();
+        match self.handle.append_inner(r.partition, records, !forwarded).await {
+            Ok(a) => Ok(Response::new(pb::AppendReply {
+                first_offset: a.first_offset,
+                count: a.count,
+            })),
+            Err(e) => {
+                if !e.retriable() {
+                    tracing::info!(partition = r.partition, error = %e, "append rejected");
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
+        let r = req.into_inner();
+        let max = if r.max_records == 0 {
+            1000
+        } else {
+            r.max_records.min(100_000)
+        } as usize;
+        let res = self.handle.read(r.partition, r.from_offset, max).map_err(|e| {
+            tracing::info!(partition = r.partition, error = %e, "read rejected");
+            Status::from(e)
+        })?;
+        Ok(Response::new(read_reply(res)))
+    }
+
+    type TailStream = ReadReplyStream;
+
+    async fn tail(&self, req: Request<pb::TailRequest>) -> Result<Response<ReadReplyStream>, Status> {
+        let r = req.into_inner();
+        let mut rx = self
+            .handle
+            .tail(r.partition, r.from_offset)
+            .map_err(Status::from)?;
+        let stream = async_stream(move |tx| async move {
+            while let Some(item) = rx.recv().await {
+                if tx.send(item.map(read_reply).map_err(Status::from)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
+        Ok(Response::new(self.handle.status()))
+    }
+}
+
+/// A stream fed by a task through a bounded channel.
+fn async_stream<T, F, Fut>(f: F) -> impl Stream<Item = T>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(f(tx));
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

@@ -1,0 +1,832 @@
+//! RocksDB storage for every Raft group of a node: one database, four column families, one
+//! fsync thread shared by all groups.
+//!
+//! | column family | key | value |
+//! |---|---|---|
+//! | `raft_log` | group (u32 BE) · index (u64 BE) | postcard [`Entry`] |
+//! | `raft_state` | group · tag | vote, committed, last purged log id |
+//! | `sm` | group · tag (· meta key) | applied state, snapshot record, metadata map |
+//! | `records` | group · first offset (u64 BE) | one applied batch: [`batch`] encoding |
+//!
+//! Appends are written to RocksDB (memtable + WAL, no sync) inside `append`, so they are readable
+//! when it returns, and their `LogFlushed` callback goes to the [`Syncer`] thread. The syncer takes
+//! every callback waiting, fsyncs the WAL once, and only then tells openraft the entries are
+//! durable: group commit across all groups of the node.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::io::Cursor;
+use std::ops::{Bound, RangeBounds};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, mpsc};
+
+use bytes::Bytes;
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
+use openraft::{
+    AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
+    SnapshotMeta, StorageIOError, StoredMembership, Vote,
+};
+use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::batch;
+use crate::types::{Command, Entry, GroupId, LogId, Node, NodeId, Response, StorageError, TypeConfig};
+
+const CF_RAFT_LOG: &str = "raft_log";
+const CF_RAFT_STATE: &str = "raft_state";
+const CF_SM: &str = "sm";
+const CF_RECORDS: &str = "records";
+
+const TAG_VOTE: u8 = 0;
+const TAG_COMMITTED: u8 = 1;
+const TAG_PURGED: u8 = 2;
+
+const TAG_APPLIED: u8 = 0;
+const TAG_SNAPSHOT: u8 = 1;
+const TAG_META_KV: u8 = 2;
+
+/// How much of a partition's records a replica keeps; applied deterministically from entry
+/// timestamps, so every replica trims the same batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    pub bytes_max: u64,
+    pub age_ms_max: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            bytes_max: 1 << 30,
+            age_ms_max: 7 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Counters of the shared fsync thread.
+#[derive(Debug, Default)]
+pub struct SyncStats {
+    pub fsyncs: AtomicU64,
+    pub flushed_appends: AtomicU64,
+}
+
+enum SyncJob {
+    Flushed(LogFlushed<TypeConfig>),
+    Stop,
+}
+
+/// One node's RocksDB and its fsync thread.
+pub struct Store {
+    db: Arc<DB>,
+    sync_tx: mpsc::Sender<SyncJob>,
+    sync_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    pub sync_stats: Arc<SyncStats>,
+}
+
+impl Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.db.path()).finish()
+    }
+}
+
+fn key(group: GroupId, n: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn tag_key(group: GroupId, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+fn key_index(k: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&k[4..12]);
+    u64::from_be_bytes(b)
+}
+
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError {
+    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
+}
+
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
+}
+
+impl Store {
+    /// Opens (or creates) the node's database under `path`.
+    pub fn open(path: &Path) -> anyhow::Result<Arc<Store>> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_max_background_jobs(2);
+        let mut records_opts = Options::default();
+        records_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let cfs = vec![
+            ColumnFamilyDescriptor::new(CF_RAFT_LOG, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RAFT_STATE, Options::default()),
+            ColumnFamilyDescriptor::new(CF_SM, Options::default()),
+            ColumnFamilyDescriptor::new(CF_RECORDS, records_opts),
+        ];
+        let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+        let (sync_tx, sync_rx) = mpsc::channel();
+        let sync_stats = Arc::new(SyncStats::default());
+        let thread = {
+            let db = db.clone();
+            let stats = sync_stats.clone();
+            std::thread::Builder::new()
+                .name("log-fsync".into())
+                .spawn(move || run_syncer(&db, &sync_rx, &stats))?
+        };
+        Ok(Arc::new(Store {
+            db,
+            sync_tx,
+            sync_thread: std::sync::Mutex::new(Some(thread)),
+            sync_stats,
+        }))
+    }
+
+    /// The Raft log storage of `group`.
+    pub fn log_store(self: &Arc<Self>, group: GroupId) -> LogStore {
+        LogStore {
+            group,
+            store: self.clone(),
+        }
+    }
+
+    /// The state machine of `group`, loaded from disk.
+    pub fn state_machine(
+        self: &Arc<Self>,
+        group: GroupId,
+        retention: Retention,
+    ) -> Result<StateMachine, StorageError> {
+        StateMachine::load(self.clone(), group, retention)
+    }
+
+    /// Stops the fsync thread after it has flushed what it holds.
+    pub fn close(&self) {
+        let _ = self.sync_tx.send(SyncJob::Stop);
+        if let Ok(mut t) = self.sync_thread.lock()
+            && let Some(t) = t.take()
+        {
+            let _ = t.join();
+        }
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        // The four families are created in `open`; a missing one is a programming error.
+        self.db.cf_handle(name).expect("column family created at open")
+    }
+
+    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(write_err)
+    }
+
+    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, k: &[u8]) -> Result<Option<T>, StorageError> {
+        match self.db.get_pinned_cf(self.cf(cf), k).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => postcard::from_bytes(&v).map(Some).map_err(read_err),
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
+    let mut waiting = Vec::new();
+    loop {
+        let mut stop = false;
+        match rx.recv() {
+            Ok(SyncJob::Flushed(cb)) => waiting.push(cb),
+            Ok(SyncJob::Stop) | Err(_) => stop = true,
+        }
+        while let Ok(job) = rx.try_recv() {
+            match job {
+                SyncJob::Flushed(cb) => waiting.push(cb),
+                SyncJob::Stop => stop = true,
+            }
+        }
+        if !waiting.is_empty() {
+            // Every callback here belongs to a write that completed before it was queued, so one
+            // WAL fsync makes all of them durable.
+            let res = db.flush_wal(true);
+            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            stats
+                .flushed_appends
+                .fetch_add(waiting.len() as u64, Ordering::Relaxed);
+            for cb in waiting.drain(..) {
+                let r = match &res {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                };
+                cb.log_io_completed(r);
+            }
+        }
+        if stop {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raft log
+
+/// Raft log and vote of one group.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    group: GroupId,
+    store: Arc<Store>,
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(x) => x + 1,
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(x) => x.saturating_add(1),
+            Bound::Excluded(x) => *x,
+            Bound::Unbounded => u64::MAX,
+        };
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(key(self.group, end).to_vec());
+        let from = key(self.group, start);
+        let it = self.store.db.iterator_cf_opt(
+            self.store.cf(CF_RAFT_LOG),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        );
+        for kv in it {
+            let (k, v) = kv.map_err(read_err)?;
+            let entry: Entry = postcard::from_bytes(&v).map_err(read_err)?;
+            // Check data after reading it back: the key names the entry it holds.
+            debug_assert_eq!(key_index(&k), entry.log_id.index);
+            out.push(entry);
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_PURGED))?;
+        let upper = key(self.group, u64::MAX);
+        let mut it = self.store.db.iterator_cf(
+            self.store.cf(CF_RAFT_LOG),
+            IteratorMode::From(&upper, Direction::Reverse),
+        );
+        let mut last = None;
+        if let Some(kv) = it.next() {
+            let (k, v) = kv.map_err(read_err)?;
+            if k[..4] == self.group.to_be_bytes() {
+                let entry: Entry = postcard::from_bytes(&v).map_err(read_err)?;
+                last = Some(entry.log_id);
+            }
+        }
+        Ok(LogState {
+            last_purged_log_id: last_purged,
+            last_log_id: last.or(last_purged),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let mut b = WriteBatch::default();
+        let v = postcard::to_stdvec(vote).map_err(write_err)?;
+        b.put_cf(self.store.cf(CF_RAFT_STATE), tag_key(self.group, TAG_VOTE), v);
+        self.store
+            .write(b, true)
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_VOTE))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: a lost `committed` only means re-learning it from the leader.
+        let mut b = WriteBatch::default();
+        let v = postcard::to_stdvec(&committed).map_err(write_err)?;
+        b.put_cf(
+            self.store.cf(CF_RAFT_STATE),
+            tag_key(self.group, TAG_COMMITTED),
+            v,
+        );
+        self.store.write(b, false)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self
+            .store
+            .get::<Option<LogId>>(CF_RAFT_STATE, &tag_key(self.group, TAG_COMMITTED))?
+            .flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let cf = self.store.cf(CF_RAFT_LOG);
+        let mut b = WriteBatch::default();
+        for entry in entries {
+            let v = postcard::to_stdvec(&entry).map_err(write_err)?;
+            b.put_cf(cf, key(self.group, entry.log_id.index), v);
+        }
+        // Readable now (memtable); durable once the syncer has fsynced the WAL.
+        self.store.write(b, false)?;
+        self.store.sync_tx.send(SyncJob::Flushed(callback)).map_err(|e| {
+            io_err(
+                ErrorSubject::Logs,
+                ErrorVerb::Write,
+                std::io::Error::other(e.to_string()),
+            )
+        })
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(
+            self.store.cf(CF_RAFT_LOG),
+            key(self.group, log_id.index),
+            key(self.group, u64::MAX),
+        );
+        b.delete_cf(self.store.cf(CF_RAFT_LOG), key(self.group, u64::MAX));
+        self.store.write(b, true)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut b = WriteBatch::default();
+        let v = postcard::to_stdvec(&log_id).map_err(write_err)?;
+        b.put_cf(self.store.cf(CF_RAFT_STATE), tag_key(self.group, TAG_PURGED), v);
+        b.delete_range_cf(
+            self.store.cf(CF_RAFT_LOG),
+            key(self.group, 0),
+            key(self.group, log_id.index + 1),
+        );
+        self.store.write(b, false)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// State machine
+
+/// The applied state of a group, persisted with every applied batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedState {
+    pub last_applied: Option<LogId>,
+    pub membership: StoredMembership<NodeId, Node>,
+    /// Offset the next appended record will get.
+    pub next_offset: u64,
+    /// First offset still retained.
+    pub start_offset: u64,
+    /// Bytes of record batches retained.
+    pub retained_bytes: u64,
+}
+
+/// A built snapshot: its meta and the state it covers. Records need no copy: offsets are
+/// immutable, so the snapshot's records are exactly the retained batches below `next_offset`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: SnapshotMeta<NodeId, Node>,
+    next_offset: u64,
+    meta_kv: Vec<(String, Bytes)>,
+}
+
+/// The bytes sent to a follower that installs a snapshot.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapshotPayload {
+    next_offset: u64,
+    start_offset: u64,
+    meta_kv: Vec<(String, Bytes)>,
+    batches: Vec<(u64, Bytes)>,
+}
+
+/// What readers of a group share with its state machine.
+#[derive(Debug)]
+pub struct SmShared {
+    pub applied: RwLock<AppliedState>,
+    pub meta_kv: RwLock<BTreeMap<String, Bytes>>,
+    /// `next_offset` after each apply, for tail subscriptions.
+    pub next_offset_tx: watch::Sender<u64>,
+}
+
+/// A record read back from a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    pub offset: u64,
+    pub timestamp_ms: u64,
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+/// Reads of one group's applied state; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct SmReader {
+    group: GroupId,
+    store: Arc<Store>,
+    pub shared: Arc<SmShared>,
+}
+
+impl SmReader {
+    /// The applied state (copy).
+    pub fn applied(&self) -> AppliedState {
+        self.shared.applied.read().expect("applied lock").clone()
+    }
+
+    /// Committed records from `from_offset` (or the first retained one), at most `max`.
+    pub fn read(&self, from_offset: u64, max: usize) -> Result<Vec<StoredRecord>, StorageError> {
+        let (start, next) = {
+            let a = self.shared.applied.read().expect("applied lock");
+            (a.start_offset, a.next_offset)
+        };
+        let from = from_offset.max(start);
+        let mut out = Vec::new();
+        if from >= next || max == 0 {
+            return Ok(out);
+        }
+        let cf = self.store.cf(CF_RECORDS);
+        // The batch holding `from` is the last one whose first offset is <= from.
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(key(self.group, next).to_vec());
+        let seek = key(self.group, from);
+        let mut it = self.store.db.raw_iterator_cf_opt(cf, ro);
+        it.seek_for_prev(seek);
+        if !it.valid() || it.key().is_none_or(|k| k[..4] != self.group.to_be_bytes()) {
+            it.seek(key(self.group, start));
+        }
+        while it.valid() && out.len() < max {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if k[..4] != self.group.to_be_bytes() {
+                break;
+            }
+            let first = key_index(k);
+            let decoded = batch::decode(v).map_err(read_err)?;
+            for (i, rec) in decoded.records.into_iter().enumerate() {
+                let offset = first + i as u64;
+                if offset < from || offset >= next {
+                    continue;
+                }
+                out.push(StoredRecord {
+                    offset,
+                    timestamp_ms: decoded.ts_ms,
+                    key: rec.key,
+                    value: rec.value,
+                });
+                if out.len() == max {
+                    break;
+                }
+            }
+            it.next();
+        }
+        it.status().map_err(read_err)?;
+        Ok(out)
+    }
+
+    /// A value of the metadata map.
+    pub fn meta_get(&self, k: &str) -> Option<Bytes> {
+        self.shared.meta_kv.read().expect("meta lock").get(k).cloned()
+    }
+
+    /// A receiver of `next_offset` after each apply.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.next_offset_tx.subscribe()
+    }
+}
+
+/// The state machine of one group: partition records (or the metadata map) in RocksDB.
+#[derive(Debug, Clone)]
+pub struct StateMachine {
+    reader: SmReader,
+    retention: Retention,
+    snapshot_seq: Arc<AtomicU64>,
+}
+
+impl StateMachine {
+    fn load(store: Arc<Store>, group: GroupId, retention: Retention) -> Result<Self, StorageError> {
+        let applied: AppliedState = store
+            .get(CF_SM, &tag_key(group, TAG_APPLIED))?
+            .unwrap_or_default();
+        let mut meta_kv = BTreeMap::new();
+        let prefix = tag_key(group, TAG_META_KV);
+        for kv in store.db.prefix_iterator_cf(store.cf(CF_SM), prefix) {
+            let (k, v) = kv.map_err(read_err)?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let name = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+            meta_kv.insert(name, Bytes::copy_from_slice(&v));
+        }
+        let (next_offset_tx, _) = watch::channel(applied.next_offset);
+        let shared = Arc::new(SmShared {
+            applied: RwLock::new(applied),
+            meta_kv: RwLock::new(meta_kv),
+            next_offset_tx,
+        });
+        Ok(Self {
+            reader: SmReader { group, store, shared },
+            retention,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// The read side of this state machine.
+    pub fn reader(&self) -> SmReader {
+        self.reader.clone()
+    }
+
+    fn group(&self) -> GroupId {
+        self.reader.group
+    }
+
+    fn store(&self) -> &Arc<Store> {
+        &self.reader.store
+    }
+
+    /// Drops whole batches from the front while the partition is over its retention. Bounded per
+    /// call; runs again on the next apply.
+    fn trim(&self, st: &mut AppliedState, now_ms: u64, b: &mut WriteBatch) -> Result<(), StorageError> {
+        const TRIM_BATCHES_MAX: usize = 256;
+        let store = self.store();
+        let cf = store.cf(CF_RECORDS);
+        let mut it = store.db.raw_iterator_cf(cf);
+        it.seek(key(self.group(), st.start_offset));
+        let mut trimmed = 0;
+        while it.valid() && trimmed < TRIM_BATCHES_MAX {
+            let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                break;
+            };
+            if k[..4] != self.group().to_be_bytes() {
+                break;
+            }
+            let first = key_index(k);
+            let header = batch::header(v).map_err(read_err)?;
+            let too_big = st.retained_bytes > self.retention.bytes_max;
+            let too_old = now_ms.saturating_sub(header.ts_ms) > self.retention.age_ms_max;
+            let end = first + u64::from(header.count);
+            // Never trim the batch that holds the newest record.
+            if !(too_big || too_old) || end >= st.next_offset {
+                break;
+            }
+            b.delete_cf(cf, k);
+            st.retained_bytes = st.retained_bytes.saturating_sub(v.len() as u64);
+            st.start_offset = end;
+            trimmed += 1;
+            it.next();
+        }
+        Ok(())
+    }
+
+    fn snapshot_payload(&self, rec: &SnapshotRecord) -> Result<Vec<u8>, StorageError> {
+        let store = self.store();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(key(self.group(), rec.next_offset).to_vec());
+        let from = key(self.group(), 0);
+        let mut batches = Vec::new();
+        let mut start_offset = None;
+        for kv in store.db.iterator_cf_opt(
+            store.cf(CF_RECORDS),
+            ro,
+            IteratorMode::From(&from, Direction::Forward),
+        ) {
+            let (k, v) = kv.map_err(read_err)?;
+            let first = key_index(&k);
+            start_offset.get_or_insert(first);
+            batches.push((first, Bytes::copy_from_slice(&v)));
+        }
+        let payload = SnapshotPayload {
+            next_offset: rec.next_offset,
+            start_offset: start_offset.unwrap_or(rec.next_offset),
+            meta_kv: rec.meta_kv.clone(),
+            batches,
+        };
+        postcard::to_stdvec(&payload).map_err(read_err)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let applied = self.reader.applied();
+        let meta_kv: Vec<(String, Bytes)> = self
+            .reader
+            .shared
+            .meta_kv
+            .read()
+            .expect("meta lock")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match applied.last_applied {
+            Some(l) => format!("{}-{}-{}-{seq}", self.group(), l.leader_id, l.index),
+            None => format!("{}--{seq}", self.group()),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership.clone(),
+            snapshot_id,
+        };
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            next_offset: applied.next_offset,
+            meta_kv,
+        };
+        let mut b = WriteBatch::default();
+        let v = postcard::to_stdvec(&rec).map_err(write_err)?;
+        b.put_cf(self.store().cf(CF_SM), tag_key(self.group(), TAG_SNAPSHOT), v);
+        self.store().write(b, true)?;
+        // openraft keeps only the meta of a built snapshot; the data is produced when a
+        // follower needs it (`get_current_snapshot`), so building costs O(1).
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(Vec::new())),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+        let a = self.reader.applied();
+        Ok((a.last_applied, a.membership))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut st = self.reader.applied();
+        let group = self.group();
+        let store = self.store().clone();
+        let mut b = WriteBatch::default();
+        let mut replies = Vec::new();
+        let mut meta_updates = Vec::new();
+        let mut latest_ts = None;
+        for entry in entries {
+            st.last_applied = Some(entry.log_id);
+            match entry.payload {
+                EntryPayload::Blank => replies.push(Response::None),
+                EntryPayload::Membership(m) => {
+                    st.membership = StoredMembership::new(Some(entry.log_id), m);
+                    replies.push(Response::None);
+                }
+                EntryPayload::Normal(Command::Append { ts_ms, records }) => {
+                    let count = records.len() as u32;
+                    if count == 0 {
+                        replies.push(Response::Appended {
+                            first_offset: st.next_offset,
+                            count: 0,
+                        });
+                        continue;
+                    }
+                    let v = batch::encode(ts_ms, &records);
+                    b.put_cf(store.cf(CF_RECORDS), key(group, st.next_offset), &v);
+                    replies.push(Response::Appended {
+                        first_offset: st.next_offset,
+                        count,
+                    });
+                    st.next_offset += u64::from(count);
+                    st.retained_bytes += v.len() as u64;
+                    latest_ts = Some(ts_ms);
+                }
+                EntryPayload::Normal(Command::MetaPut { key: k, value }) => {
+                    let mut full = tag_key(group, TAG_META_KV).to_vec();
+                    full.extend_from_slice(k.as_bytes());
+                    b.put_cf(store.cf(CF_SM), full, &value);
+                    meta_updates.push((k, value));
+                    replies.push(Response::None);
+                }
+            }
+        }
+        if let Some(ts) = latest_ts {
+            self.trim(&mut st, ts, &mut b)?;
+        }
+        let v = postcard::to_stdvec(&st).map_err(write_err)?;
+        b.put_cf(store.cf(CF_SM), tag_key(group, TAG_APPLIED), v);
+        // Not synced: the applied state is a fold of the (fsynced) Raft log and is rebuilt by
+        // re-applying after a crash; the batch is atomic, so records and state never disagree.
+        store.write(b, false)?;
+        let next = st.next_offset;
+        *self.reader.shared.applied.write().expect("applied lock") = st;
+        if !meta_updates.is_empty() {
+            let mut kv = self.reader.shared.meta_kv.write().expect("meta lock");
+            kv.extend(meta_updates);
+        }
+        self.reader.shared.next_offset_tx.send_replace(next);
+        Ok(replies)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let payload: SnapshotPayload = postcard::from_bytes(&data)
+            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        let group = self.group();
+        let store = self.store().clone();
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(store.cf(CF_RECORDS), key(group, 0), key(group, u64::MAX));
+        let kv_prefix = tag_key(group, TAG_META_KV);
+        let mut kv_end = kv_prefix;
+        kv_end[4] += 1;
+        b.delete_range_cf(store.cf(CF_SM), kv_prefix, kv_end);
+        let mut retained = 0u64;
+        for (first, v) in &payload.batches {
+            batch::header(v).map_err(read_err)?;
+            b.put_cf(store.cf(CF_RECORDS), key(group, *first), v);
+            retained += v.len() as u64;
+        }
+        for (k, v) in &payload.meta_kv {
+            let mut full = kv_prefix.to_vec();
+            full.extend_from_slice(k.as_bytes());
+            b.put_cf(store.cf(CF_SM), full, v);
+        }
+        let st = AppliedState {
+            last_applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+            next_offset: payload.next_offset,
+            start_offset: payload.start_offset,
+            retained_bytes: retained,
+        };
+        b.put_cf(
+            store.cf(CF_SM),
+            tag_key(group, TAG_APPLIED),
+            postcard::to_stdvec(&st).map_err(write_err)?,
+        );
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            next_offset: payload.next_offset,
+            meta_kv: payload.meta_kv.clone(),
+        };
+        b.put_cf(
+            store.cf(CF_SM),
+            tag_key(group, TAG_SNAPSHOT),
+            postcard::to_stdvec(&rec).map_err(write_err)?,
+        );
+        store.write(b, true)?;
+        let next = st.next_offset;
+        *self.reader.shared.applied.write().expect("applied lock") = st;
+        *self.reader.shared.meta_kv.write().expect("meta lock") = payload.meta_kv.into_iter().collect();
+        self.reader.shared.next_offset_tx.send_replace(next);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let rec: Option<SnapshotRecord> = self.store().get(CF_SM, &tag_key(self.group(), TAG_SNAPSHOT))?;
+        let Some(rec) = rec else { return Ok(None) };
+        let data = self.snapshot_payload(&rec)?;
+        Ok(Some(Snapshot {
+            meta: rec.meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}

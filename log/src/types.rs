@@ -1,0 +1,92 @@
+//! The openraft type configuration and the commands carried by Raft entries.
+
+use std::fmt;
+
+use std::io::Cursor;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+/// A node's id in the cluster; stable for the life of its data directory.
+pub type NodeId = u64;
+
+/// A Raft group inside one process: [`META_GROUP`] or a partition's group.
+pub type GroupId = u32;
+
+/// The metadata group: members, node addresses, placement.
+pub const META_GROUP: GroupId = 0;
+
+/// The Raft group that replicates partition `partition`.
+pub fn partition_group(partition: u32) -> GroupId {
+    partition + 1
+}
+
+/// What openraft knows of a node: where its gRPC server listens.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub addr: String,
+}
+
+impl fmt::Display for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.addr)
+    }
+}
+
+/// One record of a partition: an entity key and an opaque value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub key: Bytes,
+    pub value: Bytes,
+}
+
+impl Record {
+    pub fn new(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
+        Self {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+
+    /// Bytes this record costs in a batch (key + value + framing).
+    pub fn size(&self) -> usize {
+        self.key.len() + self.value.len() + 8
+    }
+}
+
+/// The application data of a Raft entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Records appended to a partition as one group-committed batch. `ts_ms` is stamped by the
+    /// leader that proposed the entry; applying never reads a clock.
+    Append { ts_ms: u64, records: Vec<Record> },
+    /// Metadata group: set one key of the cluster metadata map.
+    MetaPut { key: String, value: Bytes },
+}
+
+/// What applying an entry returns to the proposer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[default]
+    None,
+    /// The batch's records got offsets `first_offset .. first_offset + count`.
+    Appended { first_offset: u64, count: u32 },
+}
+
+openraft::declare_raft_types!(
+    /// thingraft's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = Node,
+);
+
+/// A Raft instance of thingraft.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// A log entry of thingraft.
+pub type Entry = openraft::Entry<TypeConfig>;
+/// openraft's log id with thingraft's node id.
+pub type LogId = openraft::LogId<NodeId>;
+/// openraft's storage error with thingraft's node id.
+pub type StorageError = openraft::StorageError<NodeId>;

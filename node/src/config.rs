@@ -1,0 +1,158 @@
+//! The node's configuration: one typed [`NodeConfig`], each crate owning its section.
+//!
+//! Precedence: embedded defaults < config file (`--config`) < environment (`THINGRAFT_…`) < flags.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use thingraft_log::{LogConfig, NodeId};
+
+/// The commented default configuration, as printed by `thingraft config print`.
+pub const DEFAULT_CONFIG_TOML: &str = include_str!("../thingraft.toml");
+
+/// Everything a node is configured with.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeConfig {
+    pub node: NodeSection,
+    pub log: LogConfig,
+}
+
+/// Settings of the node process itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodeSection {
+    /// Where the gRPC server (Raft between nodes, the log API) listens.
+    pub grpc_listen: String,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        Self {
+            grpc_listen: "127.0.0.1:7400".into(),
+        }
+    }
+}
+
+/// Values given on the command line or in the environment; each overrides the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// This node's id (> 0).
+    #[arg(long, env = "THINGRAFT_NODE_ID")]
+    pub node_id: Option<NodeId>,
+    /// gRPC listen address (host:port).
+    #[arg(long, env = "THINGRAFT_LISTEN")]
+    pub listen: Option<String>,
+    /// Address peers reach this node at; defaults to --listen.
+    #[arg(long, env = "THINGRAFT_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Data directory.
+    #[arg(long, env = "THINGRAFT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of partitions.
+    #[arg(long, env = "THINGRAFT_PARTITIONS")]
+    pub partitions: Option<u32>,
+    /// The cluster's initial members: `1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403`.
+    #[arg(long, env = "THINGRAFT_PEERS")]
+    pub peers: Option<String>,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .with_context(|| format!("peer `{part}` is not id=host:port"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("peer id `{id}`"))?;
+        anyhow::ensure!(addr.contains(':'), "peer address `{addr}` has no port");
+        anyhow::ensure!(
+            out.insert(id, addr.trim().to_string()).is_none(),
+            "peer id {id} given twice"
+        );
+    }
+    Ok(out)
+}
+
+impl NodeConfig {
+    /// Defaults, then the file, then the overrides; validated.
+    pub fn load(file: Option<&Path>, o: &Overrides) -> anyhow::Result<NodeConfig> {
+        let mut c = match file {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", p.display()))?
+            }
+            None => NodeConfig::default(),
+        };
+        if let Some(v) = o.node_id {
+            c.log.node_id = v;
+        }
+        if let Some(v) = &o.listen {
+            c.node.grpc_listen = v.clone();
+            c.log.advertise_addr = v.clone();
+        }
+        if let Some(v) = &o.advertise {
+            c.log.advertise_addr = v.clone();
+        }
+        if let Some(v) = &o.data_dir {
+            c.log.data_dir = v.clone();
+        }
+        if let Some(v) = o.partitions {
+            c.log.partitions = v;
+        }
+        if let Some(v) = &o.peers {
+            c.log.members = parse_peers(v)?;
+            if o.listen.is_none()
+                && let Some(addr) = c.log.members.get(&c.log.node_id)
+            {
+                c.node.grpc_listen = addr.clone();
+                c.log.advertise_addr = addr.clone();
+            }
+        }
+        c.log.validate()?;
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_file_equals_the_defaults() {
+        let parsed: NodeConfig = toml::from_str(DEFAULT_CONFIG_TOML).unwrap();
+        assert_eq!(parsed, NodeConfig::default());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = std::env::temp_dir().join(format!("thingraft-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("c.toml");
+        std::fs::write(&f, "[log]\npartitions = 4\nnode_id = 2\n").unwrap();
+        let o = Overrides {
+            partitions: Some(8),
+            ..Overrides::default()
+        };
+        let c = NodeConfig::load(Some(&f), &o).unwrap();
+        assert_eq!(c.log.partitions, 8);
+        assert_eq!(c.log.node_id, 2);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        assert!(toml::from_str::<NodeConfig>("[log]\npartitons = 4\n").is_err());
+    }
+
+    #[test]
+    fn peers_parse_and_reject_garbage() {
+        let p = parse_peers("1=127.0.0.1:1,2=127.0.0.1:2").unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(parse_peers("1=nohost").is_err());
+        assert!(parse_peers("x=127.0.0.1:1").is_err());
+        assert!(parse_peers("1=a:1,1=b:2").is_err());
+    }
+}

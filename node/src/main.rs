@@ -1,0 +1,200 @@
+//! `thingraft`: the node binary.
+//!
+//! - `serve`: run a node (single node with embedded defaults, or one node of a cluster).
+//! - `status`: print a node's view of the cluster.
+//! - `config print`: print the commented default configuration.
+//! - `bench log` / `bench nats`: load generators (see BENCHMARKS.md).
+
+mod bench;
+mod config;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use thingraft_log::{LogClient, LogNode};
+
+use crate::config::{NodeConfig, Overrides};
+
+#[derive(Parser)]
+#[command(
+    name = "thingraft",
+    version,
+    about = "An IoT platform on a built-in replicated Raft log"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve {
+        /// TOML config file (see `thingraft config print`).
+        #[arg(long, env = "THINGRAFT_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: Overrides,
+    },
+    /// Print a node's view of the cluster: members, partitions, leaders, lag.
+    Status {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        addr: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Load generators.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the commented default configuration.
+    Print,
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Serve { config, overrides } => serve(config, overrides).await,
+            Command::Status { addr, json } => status(&addr, json).await,
+            Command::Config {
+                command: ConfigCommand::Print,
+            } => {
+                print!("{}", config::DEFAULT_CONFIG_TOML);
+                Ok(())
+            }
+            Command::Bench { command } => bench::run(command).await,
+        }
+    })
+}
+
+async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()> {
+    let cfg = NodeConfig::load(file.as_deref(), &overrides)?;
+    let listener = tokio::net::TcpListener::bind(&cfg.node.grpc_listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.node.grpc_listen))?;
+    tracing::info!(
+        node_id = cfg.log.node_id,
+        grpc = %cfg.node.grpc_listen,
+        data_dir = %cfg.log.data_dir.display(),
+        partitions = cfg.log.partitions,
+        members = cfg.log.members.len().max(1),
+        "starting thingraft node"
+    );
+    let node = LogNode::start(cfg.log.clone(), listener).await?;
+    let handle = node.handle();
+    tokio::spawn(async move {
+        if handle.wait_for_leaders(Duration::from_secs(60)).await.is_ok() {
+            tracing::info!("all partitions have a leader; node ready");
+        }
+    });
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
+    let client = LogClient::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    let s = client.status(client.entry_node()).await?;
+    if json {
+        let groups: Vec<_> = s
+            .groups
+            .iter()
+            .map(|g| {
+                serde_json::json!({
+                    "group": g.group, "leader": g.leader, "term": g.term, "state": g.state,
+                    "last_log_index": g.last_log_index, "applied_index": g.applied_index,
+                    "next_offset": g.next_offset, "start_offset": g.start_offset,
+                    "voters": g.voters, "learners": g.learners,
+                })
+            })
+            .collect();
+        let members: Vec<_> = s
+            .members
+            .iter()
+            .map(|m| serde_json::json!({"node_id": m.node_id, "addr": m.addr}))
+            .collect();
+        let v = serde_json::json!({
+            "node_id": s.node_id, "initialized": s.initialized, "partitions": s.partitions,
+            "members": members, "groups": groups,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "node {} (initialized: {}), {} partitions",
+        s.node_id, s.initialized, s.partitions
+    );
+    for m in &s.members {
+        println!("  member {} at {}", m.node_id, m.addr);
+    }
+    println!(
+        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}  state",
+        "group", "leader", "term", "last_log", "applied", "next_offset", "lag"
+    );
+    for g in &s.groups {
+        println!(
+            "{:>6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}  {}",
+            if g.group == 0 {
+                "meta".to_string()
+            } else {
+                format!("p{}", g.group - 1)
+            },
+            g.leader,
+            g.term,
+            g.last_log_index,
+            g.applied_index,
+            g.next_offset,
+            g.last_log_index.saturating_sub(g.applied_index),
+            g.state
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what the build and the tests need on a fresh Debian 12 machine (idempotent).
+# Rust itself must already be installed (rustup); everything else comes from apt and crates.io.
+set -euo pipefail
+need=()
+dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen, for librocksdb-sys
+dpkg -s librocksdb-dev >/dev/null 2>&1 || need+=(librocksdb-dev) # RocksDB 7.8 (linked, not compiled)
+command -v g++ >/dev/null 2>&1 || need+=(g++)                   # RocksDB is C++
+command -v make >/dev/null 2>&1 || need+=(make)
+if [ "${#need[@]}" -gt 0 ]; then
+  echo "installing: ${need[*]}" >&2
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "installing cargo-nextest" >&2
+  cargo install --locked cargo-nextest >/dev/null
+fi

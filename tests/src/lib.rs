@@ -1,0 +1,370 @@
+//! thingraft-tests: fixtures for end-to-end tests over real sockets and real processes.
+//!
+//! - [`thingraft_bin`]: the `thingraft` binary, built on first use.
+//! - [`ProcCluster`]: N `thingraft serve` processes on loopback; kill -9, restart, wipe.
+//! - [`Ledger`]: what a load generator was told (acked, failed, unknown), checked against the
+//!   replicas' logs.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context;
+use thingraft_log::{LogClient, NodeId, Record};
+
+/// The `thingraft` binary of this workspace, built (once per test process) if needed.
+pub fn thingraft_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("THINGRAFT_BIN") {
+            return PathBuf::from(p);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args([
+                "build",
+                "--quiet",
+                "--release",
+                "-p",
+                "thingraft",
+                "--bin",
+                "thingraft",
+                "--message-format=json",
+            ])
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build");
+        assert!(out.status.success(), "cargo build of thingraft failed");
+        let text = String::from_utf8_lossy(&out.stdout);
+        for line in text.lines().rev() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            if v["reason"] == "compiler-artifact"
+                && v["target"]["name"] == "thingraft"
+                && let Some(exe) = v["executable"].as_str()
+            {
+                return PathBuf::from(exe);
+            }
+        }
+        panic!("cargo build did not report the thingraft executable");
+    })
+    .clone()
+}
+
+/// `n` free loopback ports.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<TcpListener> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
+}
+
+/// A cluster of `thingraft serve` processes on loopback.
+pub struct ProcCluster {
+    pub dir: tempfile::TempDir,
+    pub addrs: BTreeMap<NodeId, String>,
+    pub partitions: u32,
+    procs: HashMap<NodeId, Child>,
+}
+
+impl ProcCluster {
+    /// Starts `n` nodes with `partitions` partitions and waits until every partition has a leader.
+    pub async fn start(n: usize, partitions: u32) -> anyhow::Result<ProcCluster> {
+        let ports = free_ports(n);
+        let addrs: BTreeMap<NodeId, String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (i as NodeId + 1, format!("127.0.0.1:{p}")))
+            .collect();
+        let mut c = ProcCluster {
+            dir: tempfile::tempdir()?,
+            addrs,
+            partitions,
+            procs: HashMap::new(),
+        };
+        let ids: Vec<NodeId> = c.addrs.keys().copied().collect();
+        for id in ids {
+            c.spawn(id)?;
+        }
+        c.wait_ready(Duration::from_secs(30)).await?;
+        Ok(c)
+    }
+
+    pub fn data_dir(&self, id: NodeId) -> PathBuf {
+        self.dir.path().join(format!("n{id}"))
+    }
+
+    fn spawn(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let peers: Vec<String> = self.addrs.iter().map(|(i, a)| format!("{i}={a}")).collect();
+        let log = std::fs::File::create(self.dir.path().join(format!("n{id}.log")))?;
+        let child = Command::new(thingraft_bin())
+            .args(["serve", "--node-id", &id.to_string(), "--peers", &peers.join(",")])
+            .arg("--data-dir")
+            .arg(self.data_dir(id))
+            .args(["--partitions", &self.partitions.to_string()])
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("spawning thingraft serve")?;
+        self.procs.insert(id, child);
+        Ok(())
+    }
+
+    /// `kill -9` of node `id`.
+    pub fn kill(&mut self, id: NodeId) {
+        if let Some(mut c) = self.procs.remove(&id) {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `id` again with the same flags and data directory.
+    pub fn restart(&mut self, id: NodeId) -> anyhow::Result<()> {
+        self.kill(id);
+        self.spawn(id)
+    }
+
+    /// Deletes node `id`'s data directory (the node must be stopped).
+    pub fn wipe(&mut self, id: NodeId) -> anyhow::Result<()> {
+        assert!(!self.procs.contains_key(&id), "wipe a stopped node only");
+        std::fs::remove_dir_all(self.data_dir(id)).context("wiping data dir")
+    }
+
+    /// The stderr log of node `id`, for failure messages.
+    pub fn log_of(&self, id: NodeId) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("n{id}.log"))).unwrap_or_default()
+    }
+
+    /// A client through node `id`.
+    pub async fn client(&self, id: NodeId) -> anyhow::Result<LogClient> {
+        LogClient::connect(&self.addrs[&id]).await
+    }
+
+    /// Waits until every running node sees a leader for every group.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let running: Vec<NodeId> = self.procs.keys().copied().collect();
+        for id in running {
+            loop {
+                let ok = match LogClient::connect(&self.addrs[&id]).await {
+                    Ok(c) => match c.status(id).await {
+                        Ok(s) => {
+                            s.groups.len() as u32 == self.partitions + 1
+                                && s.groups.iter().all(|g| g.leader != 0 && g.state != "Recovering")
+                        }
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                };
+                if ok {
+                    break;
+                }
+                anyhow::ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "node {id} not ready in time; its log:\n{}",
+                    self.log_of(id)
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// The leader of `partition` as node `via` sees it.
+    pub async fn leader_of(&self, via: NodeId, partition: u32) -> anyhow::Result<NodeId> {
+        let c = self.client(via).await?;
+        let s = c.status(via).await?;
+        let g = s
+            .groups
+            .iter()
+            .find(|g| g.group == partition + 1)
+            .context("no such group")?;
+        anyhow::ensure!(g.leader != 0, "partition {partition} has no leader");
+        Ok(g.leader)
+    }
+}
+
+impl Drop for ProcCluster {
+    fn drop(&mut self) {
+        for (_, mut c) in self.procs.drain() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// What an append load was told.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    /// (partition, offset) → value of every acknowledged record.
+    pub acked: HashMap<(u32, u64), String>,
+    /// Values whose append failed with an error that certainly did not commit.
+    pub failed: HashSet<String>,
+    /// Values whose outcome is unknown (may or may not be in the log).
+    pub unknown: HashSet<String>,
+}
+
+/// Runs `producers` tasks appending unique values (one record per append) until `stop` is set.
+pub fn spawn_load(
+    client: Arc<LogClient>,
+    partitions: u32,
+    producers: usize,
+    ledger: Arc<Mutex<Ledger>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..producers)
+        .map(|w| {
+            let (client, ledger, stop) = (client.clone(), ledger.clone(), stop.clone());
+            tokio::spawn(async move {
+                let partition = w as u32 % partitions;
+                let mut seq = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let value = format!("w{w}-{seq}");
+                    seq += 1;
+                    let res = client
+                        .append(partition, vec![Record::new(format!("k{w}"), value.clone())])
+                        .await;
+                    {
+                        let mut l = ledger.lock().expect("ledger");
+                        match res {
+                            Ok(a) => {
+                                assert_eq!(a.count, 1);
+                                let prev = l.acked.insert((partition, a.first_offset), value);
+                                assert!(
+                                    prev.is_none(),
+                                    "offset {partition}/{} acknowledged twice",
+                                    a.first_offset
+                                );
+                            }
+                            Err(e) if e.retriable() => {
+                                l.failed.insert(value);
+                            }
+                            Err(_) => {
+                                l.unknown.insert(value);
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            })
+        })
+        .collect()
+}
+
+/// Reads every record of `partition` from node `node`'s own replica.
+pub async fn read_replica(
+    client: &LogClient,
+    node: NodeId,
+    partition: u32,
+) -> anyhow::Result<Vec<(u64, String)>> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    loop {
+        let r = client.read_from(node, partition, from, 10_000).await?;
+        if r.records.is_empty() {
+            return Ok(out);
+        }
+        for rec in r.records {
+            anyhow::ensure!(
+                rec.offset == from,
+                "node {node} p{partition}: offset gap at {from} (got {})",
+                rec.offset
+            );
+            out.push((rec.offset, String::from_utf8_lossy(&rec.value).into_owned()));
+            from += 1;
+        }
+    }
+}
+
+/// Waits until every node has applied the same number of records in each partition, then checks
+/// the replicas record by record and against the ledger:
+/// - all replicas hold identical logs (same offsets, same values, in order);
+/// - every acknowledged record is present, exactly once, at the offset it was acknowledged with;
+/// - no value appears twice; no value whose append certainly failed appears at all.
+///
+/// Returns the number of records checked per replica.
+pub async fn check_replicas(
+    client: &LogClient,
+    nodes: &[NodeId],
+    partitions: u32,
+    ledger: &Ledger,
+    timeout: Duration,
+) -> anyhow::Result<usize> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    // Converged: every node reports the same next_offset for every partition, twice in a row.
+    let mut last = None;
+    loop {
+        let mut offsets = Vec::new();
+        for &n in nodes {
+            let s = client.status(n).await;
+            offsets.push(
+                s.map(|s| {
+                    s.groups
+                        .iter()
+                        .map(|g| (g.group, g.next_offset))
+                        .collect::<Vec<_>>()
+                })
+                .ok(),
+            );
+        }
+        let same = offsets.iter().all(|o| o.is_some() && *o == offsets[0]);
+        if same && last.as_ref() == Some(&offsets) {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "replicas did not converge: {offsets:?}"
+        );
+        last = Some(offsets);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut total = 0;
+    for p in 0..partitions {
+        let reference = read_replica(client, nodes[0], p).await?;
+        for &n in &nodes[1..] {
+            let other = read_replica(client, n, p).await?;
+            anyhow::ensure!(
+                other.len() == reference.len(),
+                "p{p}: node {n} has {} records, node {} has {}",
+                other.len(),
+                nodes[0],
+                reference.len()
+            );
+            for (a, b) in reference.iter().zip(&other) {
+                anyhow::ensure!(a == b, "p{p}: replicas differ at offset {}: {a:?} vs {b:?}", a.0);
+            }
+        }
+        let mut seen = HashSet::new();
+        for (off, v) in &reference {
+            anyhow::ensure!(
+                seen.insert(v.clone()),
+                "p{p}: value {v} appears twice (second at offset {off})"
+            );
+            anyhow::ensure!(
+                !ledger.failed.contains(v),
+                "p{p}: value {v} was reported failed but is in the log"
+            );
+        }
+        total += reference.len();
+    }
+    for ((p, off), v) in &ledger.acked {
+        let r = client.read_from(nodes[0], *p, *off, 1).await?;
+        let got = r
+            .records
+            .first()
+            .map(|x| String::from_utf8_lossy(&x.value).into_owned());
+        anyhow::ensure!(
+            got.as_deref() == Some(v.as_str()),
+            "acked record p{p}@{off} = {v} is missing (found {got:?})"
+        );
+    }
+    Ok(total)
+}

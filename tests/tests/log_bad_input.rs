@@ -1,0 +1,113 @@
+//! Bad input to a node's gRPC API gets a clear error code; the node stays up and its data is
+//! unchanged.
+
+use std::time::Duration;
+
+use thingraft_log::{LogConfig, LogNode};
+use thingraft_proto::v1::log_client::LogClient;
+use thingraft_proto::v1::raft_client::RaftClient;
+use thingraft_proto::v1::{AppendRequest, RaftRequest, Record, StatusRequest};
+use tonic::Code;
+
+async fn offsets(c: &mut LogClient<tonic::transport::Channel>) -> Vec<(u32, u64, u64)> {
+    let s = c.status(StatusRequest {}).await.unwrap().into_inner();
+    s.groups
+        .iter()
+        .map(|g| (g.group, g.next_offset, g.applied_index))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let cfg = LogConfig {
+        advertise_addr: addr.clone(),
+        data_dir: dir.path().to_path_buf(),
+        partitions: 2,
+        record_bytes_max: 1024,
+        batch_bytes_max: 4096,
+        ..LogConfig::default()
+    };
+    let node = LogNode::start(cfg, listener).await.unwrap();
+    node.handle()
+        .wait_for_leaders(Duration::from_secs(10))
+        .await
+        .unwrap();
+    let ch = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut log = LogClient::new(ch.clone());
+    let mut raft = RaftClient::new(ch);
+
+    // One good append so there is data to keep unchanged.
+    let good = AppendRequest {
+        partition: 0,
+        records: vec![Record {
+            key: "k".into(),
+            value: "v".into(),
+        }],
+    };
+    log.append(good.clone()).await.unwrap();
+    let before = offsets(&mut log).await;
+
+    let unknown = AppendRequest {
+        partition: 7,
+        records: good.records.clone(),
+    };
+    assert_eq!(
+        log.append(unknown).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+
+    let big = AppendRequest {
+        partition: 0,
+        records: vec![Record {
+            key: "k".into(),
+            value: vec![0u8; 2000].into(),
+        }],
+    };
+    assert_eq!(log.append(big).await.unwrap_err().code(), Code::OutOfRange);
+
+    let empty = AppendRequest {
+        partition: 0,
+        records: vec![],
+    };
+    assert_eq!(log.append(empty).await.unwrap_err().code(), Code::InvalidArgument);
+
+    let garbage = RaftRequest {
+        group: 1,
+        payload: vec![0xff; 37].into(),
+    };
+    assert_eq!(
+        raft.append_entries(garbage.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        raft.vote(garbage.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    assert_eq!(
+        raft.install_snapshot(garbage).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let stray = RaftRequest {
+        group: 999,
+        payload: vec![].into(),
+    };
+    assert_eq!(
+        raft.append_entries(stray).await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(offsets(&mut log).await, before, "bad input changed stored state");
+
+    // Still up and serving.
+    let r = log.append(good).await.unwrap().into_inner();
+    assert_eq!(r.first_offset, 1);
+    node.shutdown().await;
+}
