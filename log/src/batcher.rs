@@ -115,9 +115,12 @@ impl Batcher {
                     }
                 }
                 Ok(rx) => {
+                    let metrics = self.metrics.clone();
+                    let proposed = std::time::Instant::now();
                     tokio::spawn(async move {
                         let outcome = rx.await;
                         drop(permit);
+                        metrics.observe_commit(proposed.elapsed().as_micros() as u64);
                         let result = match outcome {
                             Ok(Ok(resp)) => match resp.data {
                                 Response::Appended { first_offset, .. } => Ok(first_offset),

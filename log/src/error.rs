@@ -103,9 +103,14 @@ impl LogError {
             tonic::Code::Unavailable if s.message().starts_with("node is shutting down") => {
                 LogError::ShuttingDown
             }
-            // Transport failures before the request was sent surface as Unavailable with no
-            // server message; anything else Unavailable is treated as unreachable too.
-            tonic::Code::Unavailable => LogError::Unreachable(s.message().to_string()),
+            // A connection that could not be made never carried the request: safe to retry.
+            // A connection that broke while the request was out may have delivered it.
+            tonic::Code::Unavailable if is_connect_failure(s.message()) => {
+                LogError::Unreachable(s.message().to_string())
+            }
+            tonic::Code::Unavailable => LogError::Ambiguous {
+                reason: s.message().to_string(),
+            },
             tonic::Code::InvalidArgument | tonic::Code::OutOfRange => {
                 LogError::Invalid(s.message().to_string())
             }
@@ -117,4 +122,10 @@ impl LogError {
             },
         }
     }
+}
+
+/// Whether a transport error happened while connecting (the request was never sent).
+fn is_connect_failure(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("tcp connect") || m.contains("connection refused") || m.contains("error trying to connect")
 }

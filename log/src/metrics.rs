@@ -9,6 +9,8 @@ pub struct PartitionMetrics {
     pub batched_records: AtomicU64,
     pub batched_bytes: AtomicU64,
     pub batch_records_max_seen: AtomicU64,
+    /// Sum over batches of microseconds from proposal to commit-and-apply.
+    pub commit_us_total: AtomicU64,
 }
 
 impl PartitionMetrics {
@@ -18,5 +20,11 @@ impl PartitionMetrics {
         self.batched_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
         self.batch_records_max_seen
             .fetch_max(records as u64, Ordering::Relaxed);
+    }
+}
+
+impl PartitionMetrics {
+    pub fn observe_commit(&self, us: u64) {
+        self.commit_us_total.fetch_add(us, Ordering::Relaxed);
     }
 }

@@ -52,9 +52,12 @@ pub(crate) struct Inner {
     pub groups: Vec<Option<Arc<Group>>>,
     pub initialized: AtomicBool,
     shutdown: watch::Sender<bool>,
+    /// Background tasks (batchers, bootstrap, metadata), aborted at shutdown.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
-/// The log API of a running node; cheap to clone.
+/// The log API of a running node; cheap to clone. A handle keeps the node's storage open: drop
+/// every handle after [`LogNode::shutdown`] before starting the node again in the same process.
 #[derive(Clone)]
 pub struct LogHandle {
     pub(crate) inner: Arc<Inner>,
@@ -115,6 +118,7 @@ impl LogNode {
         };
 
         let mut groups = Vec::new();
+        let mut tasks = Vec::new();
         for gid in 0..=config.partitions {
             let replicas = if gid == META_GROUP {
                 member_ids.clone()
@@ -146,7 +150,7 @@ impl LogNode {
                     limits,
                     metrics: metrics.clone(),
                 };
-                tokio::spawn(b.run());
+                tasks.push(tokio::spawn(b.run()));
                 Some(tx)
             };
             groups.push(Some(Arc::new(Group {
@@ -172,6 +176,7 @@ impl LogNode {
                 groups,
                 initialized: AtomicBool::new(initialized),
                 shutdown,
+                tasks: std::sync::Mutex::new(tasks),
             }),
         };
 
@@ -186,8 +191,11 @@ impl LogNode {
             }
         });
 
-        tokio::spawn(bootstrap(handle.clone()));
-        tokio::spawn(publish_metadata(handle.clone()));
+        {
+            let mut t = handle.inner.tasks.lock().expect("tasks lock");
+            t.push(tokio::spawn(bootstrap(handle.clone())));
+            t.push(tokio::spawn(publish_metadata(handle.clone())));
+        }
         Ok(LogNode { handle, server })
     }
 
@@ -196,16 +204,36 @@ impl LogNode {
         self.handle.clone()
     }
 
-    /// Stops the server and every Raft group, then closes storage.
+    /// Stops the server and every Raft group, then closes storage (once the node's own tasks
+    /// have let go of it; handles held elsewhere keep it open, see [`LogHandle`]).
     pub async fn shutdown(self) {
         let inner = &self.handle.inner;
         let _ = inner.shutdown.send(true);
+        self.server.abort();
+        let _ = self.server.await;
         for g in inner.groups.iter().flatten() {
             let _ = g.raft.shutdown().await;
         }
-        self.server.abort();
-        let _ = self.server.await;
+        let tasks: Vec<_> = inner.tasks.lock().expect("tasks lock").drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
         inner.store.close();
+        // openraft drops its storage handles as its tasks wind down; what is left then is ours
+        // (`inner.store` and each group's reader), dropped with this node.
+        let ours = 1 + inner.groups.iter().flatten().count();
+        for _ in 0..100 {
+            if Arc::strong_count(&self.handle.inner) == 1 && Arc::strong_count(&inner.store) <= ours {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::debug!(
+            inner = Arc::strong_count(&self.handle.inner),
+            store = Arc::strong_count(&inner.store),
+            "node shut down"
+        );
     }
 }
 
@@ -489,6 +517,23 @@ impl LogHandle {
         may_forward: bool,
     ) -> Result<Appended, LogError> {
         let bytes = self.validate(partition, &records)?;
+        // Waits below (for a leader, a commit, a retry) end at shutdown, so that requests in
+        // flight do not keep the node's storage open.
+        let mut stop = self.inner.shutdown.subscribe();
+        tokio::select! {
+            r = self.append_attempts(partition, records, bytes, may_forward) => r,
+            // The append may already be proposed: its outcome is unknown, not a safe retry.
+            _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
+        }
+    }
+
+    async fn append_attempts(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        bytes: usize,
+        may_forward: bool,
+    ) -> Result<Appended, LogError> {
         let gid = partition_group(partition);
         let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
         let mut attempt = 0u32;
@@ -665,6 +710,7 @@ impl LogHandle {
         let mut watch = self.watch_partition(partition)?;
         let (tx, rx) = mpsc::channel(16);
         let this = self.clone();
+        let mut stop = self.inner.shutdown.subscribe();
         tokio::spawn(async move {
             let mut next = from_offset;
             loop {
@@ -683,6 +729,7 @@ impl LogHandle {
                         tokio::select! {
                             changed = watch.changed() => if changed.is_err() { return },
                             () = tx.closed() => return,
+                            _ = stop.wait_for(|s| *s) => return,
                         }
                     }
                 }
@@ -729,6 +776,9 @@ impl LogHandle {
                 start_offset: applied.start_offset,
                 voters: membership.voter_ids().collect(),
                 learners: membership.learner_ids().collect(),
+                batches: g.metrics.batches.load(Ordering::Relaxed),
+                batched_records: g.metrics.batched_records.load(Ordering::Relaxed),
+                commit_us_total: g.metrics.commit_us_total.load(Ordering::Relaxed),
                 state: if g.recovering.load(Ordering::SeqCst) {
                     "Recovering".into()
                 } else {
@@ -751,6 +801,7 @@ impl LogHandle {
             initialized: inner.initialized.load(Ordering::SeqCst),
             fsyncs: inner.store.sync_stats.fsyncs.load(Ordering::Relaxed),
             fsynced_appends: inner.store.sync_stats.flushed_appends.load(Ordering::Relaxed),
+            fsync_us_total: inner.store.sync_stats.fsync_us_total.load(Ordering::Relaxed),
         }
     }
 

@@ -15,36 +15,51 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::network::GRPC_MESSAGE_BYTES_MAX;
-use crate::node::{FORWARDED, Group, LogHandle};
+use std::sync::{Arc, Weak};
+
+use crate::node::{FORWARDED, Group, Inner, LogHandle};
 use crate::types::{NodeId, Record, TypeConfig};
 
 /// Both services, ready to serve.
+/// The services hold the node weakly: connections that outlive a shutdown must not keep its
+/// storage open.
 pub fn router(handle: LogHandle) -> tonic::transport::server::Router {
+    let node = NodeRef(Arc::downgrade(&handle.inner));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_connection_window_size(8 << 20)
         .initial_stream_window_size(4 << 20)
         .add_service(
-            RaftServer::new(RaftService {
-                handle: handle.clone(),
-            })
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
+            RaftServer::new(RaftService { node: node.clone() })
+                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
         .add_service(
-            LogServer::new(LogService { handle })
+            LogServer::new(LogService { node })
                 .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
                 .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX),
         )
 }
 
+#[derive(Clone)]
+struct NodeRef(Weak<Inner>);
+
+impl NodeRef {
+    fn handle(&self) -> Result<LogHandle, Status> {
+        self.0
+            .upgrade()
+            .map(|inner| LogHandle { inner })
+            .ok_or_else(|| Status::unavailable("node is shutting down"))
+    }
+}
+
 struct RaftService {
-    handle: LogHandle,
+    node: NodeRef,
 }
 
 impl RaftService {
-    fn group(&self, gid: u32) -> Result<&std::sync::Arc<Group>, Status> {
-        self.handle.group(gid).ok_or_else(|| {
+    fn group(&self, gid: u32) -> Result<Arc<Group>, Status> {
+        self.node.handle()?.group(gid).cloned().ok_or_else(|| {
             tracing::warn!(group = gid, "raft rpc for a group this node does not host");
             Status::not_found(format!("group {gid} is not hosted on this node"))
         })
@@ -98,7 +113,7 @@ impl RaftRpc for RaftService {
 }
 
 struct LogService {
-    handle: LogHandle,
+    node: NodeRef,
 }
 
 type ReadReplyStream = Pin<Box<dyn Stream<Item = Result<pb::ReadReply, Status>> + Send>>;
@@ -133,7 +148,12 @@ impl Log for LogService {
                 value: x.value,
             })
             .collect();
-        match self.handle.append_inner(r.partition, records, !forwarded).await {
+        match self
+            .node
+            .handle()?
+            .append_inner(r.partition, records, !forwarded)
+            .await
+        {
             Ok(a) => Ok(Response::new(pb::AppendReply {
                 first_offset: a.first_offset,
                 count: a.count,
@@ -154,10 +174,14 @@ impl Log for LogService {
         } else {
             r.max_records.min(100_000)
         } as usize;
-        let res = self.handle.read(r.partition, r.from_offset, max).map_err(|e| {
-            tracing::info!(partition = r.partition, error = %e, "read rejected");
-            Status::from(e)
-        })?;
+        let res = self
+            .node
+            .handle()?
+            .read(r.partition, r.from_offset, max)
+            .map_err(|e| {
+                tracing::info!(partition = r.partition, error = %e, "read rejected");
+                Status::from(e)
+            })?;
         Ok(Response::new(read_reply(res)))
     }
 
@@ -166,7 +190,8 @@ impl Log for LogService {
     async fn tail(&self, req: Request<pb::TailRequest>) -> Result<Response<ReadReplyStream>, Status> {
         let r = req.into_inner();
         let mut rx = self
-            .handle
+            .node
+            .handle()?
             .tail(r.partition, r.from_offset)
             .map_err(Status::from)?;
         let stream = async_stream(move |tx| async move {
@@ -180,7 +205,7 @@ impl Log for LogService {
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
-        Ok(Response::new(self.handle.status()))
+        Ok(Response::new(self.node.handle()?.status()))
     }
 }
 

@@ -13,6 +13,10 @@
 //! every callback waiting, fsyncs the WAL once, and only then tells openraft the entries are
 //! durable: group commit across all groups of the node.
 
+// openraft's traits fix the error type (`StorageError`, ~224 bytes); helpers return it too so
+// that `?` works without conversions. Errors here are rare and end the Raft group anyway.
+#![allow(clippy::result_large_err)]
+
 use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::io::Cursor;
@@ -36,11 +40,11 @@ use crate::types::{Command, Entry, GroupId, LogId, Node, NodeId, Response, Stora
 
 const CF_RAFT_LOG: &str = "raft_log";
 const CF_RAFT_STATE: &str = "raft_state";
+/// Records and the applied state of every group: one column family, so one memtable flush
+/// persists a consistent prefix of applies (they are written without the WAL).
 const CF_SM: &str = "sm";
-const CF_RECORDS: &str = "records";
 
 const TAG_VOTE: u8 = 0;
-const TAG_COMMITTED: u8 = 1;
 const TAG_PURGED: u8 = 2;
 
 const TAG_APPLIED: u8 = 0;
@@ -69,6 +73,7 @@ impl Default for Retention {
 pub struct SyncStats {
     pub fsyncs: AtomicU64,
     pub flushed_appends: AtomicU64,
+    pub fsync_us_total: AtomicU64,
 }
 
 enum SyncJob {
@@ -104,6 +109,15 @@ fn tag_key(group: GroupId, tag: u8) -> [u8; 5] {
     k
 }
 
+/// Keys of a group's state-machine metadata in `sm`: after every record key, which starts with
+/// the group id (< 2^32 - 1).
+fn sm_key(group: GroupId, tag: u8) -> [u8; 9] {
+    let mut k = [0xffu8; 9];
+    k[4..8].copy_from_slice(&group.to_be_bytes());
+    k[8] = tag;
+    k
+}
+
 fn key_index(k: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&k[4..12]);
@@ -133,13 +147,15 @@ impl Store {
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
-        let mut records_opts = Options::default();
-        records_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Writers from many tasks meet in RocksDB's write thread; adaptive yield spins and
+        // calls sched_yield while they wait, which burns the few cores we have.
+        opts.set_enable_write_thread_adaptive_yield(false);
+        let mut sm_opts = Options::default();
+        sm_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let cfs = vec![
             ColumnFamilyDescriptor::new(CF_RAFT_LOG, Options::default()),
             ColumnFamilyDescriptor::new(CF_RAFT_STATE, Options::default()),
-            ColumnFamilyDescriptor::new(CF_SM, Options::default()),
-            ColumnFamilyDescriptor::new(CF_RECORDS, records_opts),
+            ColumnFamilyDescriptor::new(CF_SM, sm_opts),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
         let (sync_tx, sync_rx) = mpsc::channel();
@@ -164,6 +180,7 @@ impl Store {
         LogStore {
             group,
             store: self.clone(),
+            recent: Default::default(),
         }
     }
 
@@ -176,8 +193,11 @@ impl Store {
         StateMachine::load(self.clone(), group, retention)
     }
 
-    /// Stops the fsync thread after it has flushed what it holds.
+    /// Stops the fsync thread after it has flushed what it holds, and persists applied state.
     pub fn close(&self) {
+        if let Err(e) = self.flush_applied() {
+            tracing::warn!(error = %e, "flushing applied state at close");
+        }
         let _ = self.sync_tx.send(SyncJob::Stop);
         if let Ok(mut t) = self.sync_thread.lock()
             && let Some(t) = t.take()
@@ -195,6 +215,20 @@ impl Store {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo).map_err(write_err)
+    }
+
+    /// A write to `sm` that skips the WAL: applied state is a fold of the fsynced Raft log, so
+    /// after a crash it restarts from the last memtable flush and openraft re-applies the rest
+    /// (log entries are purged only behind a snapshot, and building one flushes `sm` first).
+    fn write_applied(&self, batch: WriteBatch) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.db.write_opt(batch, &wo).map_err(write_err)
+    }
+
+    /// Persists every applied state written so far.
+    fn flush_applied(&self) -> Result<(), StorageError> {
+        self.db.flush_cf(self.cf(CF_SM)).map_err(write_err)
     }
 
     fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, k: &[u8]) -> Result<Option<T>, StorageError> {
@@ -228,7 +262,11 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
         if !waiting.is_empty() {
             // Every callback here belongs to a write that completed before it was queued, so one
             // WAL fsync makes all of them durable.
+            let t0 = std::time::Instant::now();
             let res = db.flush_wal(true);
+            stats
+                .fsync_us_total
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
             stats.fsyncs.fetch_add(1, Ordering::Relaxed);
             stats
                 .flushed_appends
@@ -255,6 +293,74 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
 pub struct LogStore {
     group: GroupId,
     store: Arc<Store>,
+    recent: Arc<std::sync::Mutex<RecentEntries>>,
+}
+
+/// The newest entries of a group's log, so that replication and apply (which read back what
+/// was just appended) do not go to RocksDB. Bounded by count and bytes.
+#[derive(Debug, Default)]
+struct RecentEntries {
+    entries: std::collections::VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl RecentEntries {
+    const ENTRIES_MAX: usize = 1024;
+    const BYTES_MAX: usize = 16 << 20;
+
+    fn push(&mut self, entry: Entry, bytes: usize) {
+        if self
+            .entries
+            .back()
+            .is_some_and(|(e, _)| e.log_id.index + 1 != entry.log_id.index)
+        {
+            self.clear();
+        }
+        self.bytes += bytes;
+        self.entries.push_back((entry, bytes));
+        while self.entries.len() > Self::ENTRIES_MAX || self.bytes > Self::BYTES_MAX {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, b)) = self.entries.pop_front() {
+            self.bytes -= b;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops entries at `index` and after.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            if let Some((_, b)) = self.entries.pop_back() {
+                self.bytes -= b;
+            }
+        }
+    }
+
+    /// Drops entries up to and including `index`.
+    fn purge(&mut self, index: u64) {
+        while self.entries.front().is_some_and(|(e, _)| e.log_id.index <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// Entries `start..end` if all of them are here.
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        let first = self.entries.front()?.0.log_id.index;
+        let last = self.entries.back()?.0.log_id.index;
+        if start < first || end > last + 1 {
+            return None;
+        }
+        let from = (start - first) as usize;
+        let to = (end - first) as usize;
+        Some(self.entries.range(from..to).map(|(e, _)| e.clone()).collect())
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -275,6 +381,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         if start >= end {
             return Ok(out);
+        }
+        if end != u64::MAX
+            && let Some(hit) = self.recent.lock().expect("recent entries lock").get(start, end)
+        {
+            return Ok(hit);
         }
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(key(self.group, end).to_vec());
@@ -336,25 +447,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_VOTE))
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Not synced: a lost `committed` only means re-learning it from the leader.
-        let mut b = WriteBatch::default();
-        let v = postcard::to_stdvec(&committed).map_err(write_err)?;
-        b.put_cf(
-            self.store.cf(CF_RAFT_STATE),
-            tag_key(self.group, TAG_COMMITTED),
-            v,
-        );
-        self.store.write(b, false)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .store
-            .get::<Option<LogId>>(CF_RAFT_STATE, &tag_key(self.group, TAG_COMMITTED))?
-            .flatten())
-    }
-
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
@@ -362,12 +454,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let cf = self.store.cf(CF_RAFT_LOG);
         let mut b = WriteBatch::default();
+        let mut recent = Vec::new();
         for entry in entries {
             let v = postcard::to_stdvec(&entry).map_err(write_err)?;
-            b.put_cf(cf, key(self.group, entry.log_id.index), v);
+            b.put_cf(cf, key(self.group, entry.log_id.index), &v);
+            recent.push((entry, v.len()));
         }
         // Readable now (memtable); durable once the syncer has fsynced the WAL.
         self.store.write(b, false)?;
+        {
+            let mut r = self.recent.lock().expect("recent entries lock");
+            for (entry, bytes) in recent {
+                r.push(entry, bytes);
+            }
+        }
         self.store.sync_tx.send(SyncJob::Flushed(callback)).map_err(|e| {
             io_err(
                 ErrorSubject::Logs,
@@ -378,6 +478,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent
+            .lock()
+            .expect("recent entries lock")
+            .truncate(log_id.index);
         let mut b = WriteBatch::default();
         b.delete_range_cf(
             self.store.cf(CF_RAFT_LOG),
@@ -389,6 +493,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        self.recent
+            .lock()
+            .expect("recent entries lock")
+            .purge(log_id.index);
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(&log_id).map_err(write_err)?;
         b.put_cf(self.store.cf(CF_RAFT_STATE), tag_key(self.group, TAG_PURGED), v);
@@ -415,6 +523,8 @@ pub struct AppliedState {
     pub start_offset: u64,
     /// Bytes of record batches retained.
     pub retained_bytes: u64,
+    /// Leader-stamped time of the oldest retained batch (0: none).
+    pub start_ts_ms: u64,
 }
 
 /// A built snapshot: its meta and the state it covers. Records need no copy: offsets are
@@ -478,7 +588,7 @@ impl SmReader {
         if from >= next || max == 0 {
             return Ok(out);
         }
-        let cf = self.store.cf(CF_RECORDS);
+        let cf = self.store.cf(CF_SM);
         // The batch holding `from` is the last one whose first offset is <= from.
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(key(self.group, next).to_vec());
@@ -539,11 +649,9 @@ pub struct StateMachine {
 
 impl StateMachine {
     fn load(store: Arc<Store>, group: GroupId, retention: Retention) -> Result<Self, StorageError> {
-        let applied: AppliedState = store
-            .get(CF_SM, &tag_key(group, TAG_APPLIED))?
-            .unwrap_or_default();
+        let applied: AppliedState = store.get(CF_SM, &sm_key(group, TAG_APPLIED))?.unwrap_or_default();
         let mut meta_kv = BTreeMap::new();
-        let prefix = tag_key(group, TAG_META_KV);
+        let prefix = sm_key(group, TAG_META_KV);
         for kv in store.db.prefix_iterator_cf(store.cf(CF_SM), prefix) {
             let (k, v) = kv.map_err(read_err)?;
             if !k.starts_with(&prefix) {
@@ -583,7 +691,7 @@ impl StateMachine {
     fn trim(&self, st: &mut AppliedState, now_ms: u64, b: &mut WriteBatch) -> Result<(), StorageError> {
         const TRIM_BATCHES_MAX: usize = 256;
         let store = self.store();
-        let cf = store.cf(CF_RECORDS);
+        let cf = store.cf(CF_SM);
         let mut it = store.db.raw_iterator_cf(cf);
         it.seek(key(self.group(), st.start_offset));
         let mut trimmed = 0;
@@ -601,6 +709,7 @@ impl StateMachine {
             let end = first + u64::from(header.count);
             // Never trim the batch that holds the newest record.
             if !(too_big || too_old) || end >= st.next_offset {
+                st.start_ts_ms = header.ts_ms;
                 break;
             }
             b.delete_cf(cf, k);
@@ -619,11 +728,10 @@ impl StateMachine {
         let from = key(self.group(), 0);
         let mut batches = Vec::new();
         let mut start_offset = None;
-        for kv in store.db.iterator_cf_opt(
-            store.cf(CF_RECORDS),
-            ro,
-            IteratorMode::From(&from, Direction::Forward),
-        ) {
+        for kv in store
+            .db
+            .iterator_cf_opt(store.cf(CF_SM), ro, IteratorMode::From(&from, Direction::Forward))
+        {
             let (k, v) = kv.map_err(read_err)?;
             let first = key_index(&k);
             start_offset.get_or_insert(first);
@@ -666,9 +774,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             next_offset: applied.next_offset,
             meta_kv,
         };
+        // Everything up to this snapshot must survive a crash before openraft purges the log
+        // entries behind it.
+        self.store().flush_applied()?;
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(&rec).map_err(write_err)?;
-        b.put_cf(self.store().cf(CF_SM), tag_key(self.group(), TAG_SNAPSHOT), v);
+        b.put_cf(self.store().cf(CF_SM), sm_key(self.group(), TAG_SNAPSHOT), v);
         self.store().write(b, true)?;
         // openraft keeps only the meta of a built snapshot; the data is produced when a
         // follower needs it (`get_current_snapshot`), so building costs O(1).
@@ -719,17 +830,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         continue;
                     }
                     let v = batch::encode(ts_ms, &records);
-                    b.put_cf(store.cf(CF_RECORDS), key(group, st.next_offset), &v);
+                    b.put_cf(store.cf(CF_SM), key(group, st.next_offset), &v);
                     replies.push(Response::Appended {
                         first_offset: st.next_offset,
                         count,
                     });
+                    if st.retained_bytes == 0 {
+                        st.start_ts_ms = ts_ms;
+                    }
                     st.next_offset += u64::from(count);
                     st.retained_bytes += v.len() as u64;
                     latest_ts = Some(ts_ms);
                 }
                 EntryPayload::Normal(Command::MetaPut { key: k, value }) => {
-                    let mut full = tag_key(group, TAG_META_KV).to_vec();
+                    let mut full = sm_key(group, TAG_META_KV).to_vec();
                     full.extend_from_slice(k.as_bytes());
                     b.put_cf(store.cf(CF_SM), full, &value);
                     meta_updates.push((k, value));
@@ -737,14 +851,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
         }
-        if let Some(ts) = latest_ts {
+        if let Some(ts) = latest_ts
+            && (st.retained_bytes > self.retention.bytes_max
+                || ts.saturating_sub(st.start_ts_ms) > self.retention.age_ms_max)
+        {
             self.trim(&mut st, ts, &mut b)?;
         }
         let v = postcard::to_stdvec(&st).map_err(write_err)?;
-        b.put_cf(store.cf(CF_SM), tag_key(group, TAG_APPLIED), v);
-        // Not synced: the applied state is a fold of the (fsynced) Raft log and is rebuilt by
-        // re-applying after a crash; the batch is atomic, so records and state never disagree.
-        store.write(b, false)?;
+        b.put_cf(store.cf(CF_SM), sm_key(group, TAG_APPLIED), v);
+        // The batch is atomic and in one column family, so records and state never disagree.
+        store.write_applied(b)?;
         let next = st.next_offset;
         *self.reader.shared.applied.write().expect("applied lock") = st;
         if !meta_updates.is_empty() {
@@ -774,15 +890,19 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let group = self.group();
         let store = self.store().clone();
         let mut b = WriteBatch::default();
-        b.delete_range_cf(store.cf(CF_RECORDS), key(group, 0), key(group, u64::MAX));
-        let kv_prefix = tag_key(group, TAG_META_KV);
+        b.delete_range_cf(store.cf(CF_SM), key(group, 0), key(group, u64::MAX));
+        let kv_prefix = sm_key(group, TAG_META_KV);
         let mut kv_end = kv_prefix;
-        kv_end[4] += 1;
+        kv_end[8] += 1;
         b.delete_range_cf(store.cf(CF_SM), kv_prefix, kv_end);
         let mut retained = 0u64;
+        let mut start_ts_ms = 0;
         for (first, v) in &payload.batches {
-            batch::header(v).map_err(read_err)?;
-            b.put_cf(store.cf(CF_RECORDS), key(group, *first), v);
+            let h = batch::header(v).map_err(read_err)?;
+            if retained == 0 {
+                start_ts_ms = h.ts_ms;
+            }
+            b.put_cf(store.cf(CF_SM), key(group, *first), v);
             retained += v.len() as u64;
         }
         for (k, v) in &payload.meta_kv {
@@ -796,10 +916,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             next_offset: payload.next_offset,
             start_offset: payload.start_offset,
             retained_bytes: retained,
+            start_ts_ms,
         };
         b.put_cf(
             store.cf(CF_SM),
-            tag_key(group, TAG_APPLIED),
+            sm_key(group, TAG_APPLIED),
             postcard::to_stdvec(&st).map_err(write_err)?,
         );
         let rec = SnapshotRecord {
@@ -809,7 +930,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         b.put_cf(
             store.cf(CF_SM),
-            tag_key(group, TAG_SNAPSHOT),
+            sm_key(group, TAG_SNAPSHOT),
             postcard::to_stdvec(&rec).map_err(write_err)?,
         );
         store.write(b, true)?;
@@ -821,7 +942,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let rec: Option<SnapshotRecord> = self.store().get(CF_SM, &tag_key(self.group(), TAG_SNAPSHOT))?;
+        let rec: Option<SnapshotRecord> = self.store().get(CF_SM, &sm_key(self.group(), TAG_SNAPSHOT))?;
         let Some(rec) = rec else { return Ok(None) };
         let data = self.snapshot_payload(&rec)?;
         Ok(Some(Snapshot {

@@ -56,6 +56,7 @@ async fn offsets_are_dense_ordered_and_survive_a_restart() {
     );
     // The other partition is untouched.
     assert!(h.read(0, 0, 10).unwrap().records.is_empty());
+    drop(h);
     node.shutdown().await;
 
     let node = start(cfg).await;
@@ -112,6 +113,8 @@ async fn tail_yields_committed_records_in_order_from_any_offset() {
     writer.await.unwrap();
     let want: Vec<_> = (4..30).map(|i| (i as u64, format!("v{i}"))).collect();
     assert_eq!(seen, want);
+    drop(tail);
+    drop(h);
 
     // The same through the gRPC client.
     let client = LogClient::connect(&a).await.unwrap();
@@ -151,5 +154,6 @@ async fn retention_drops_old_batches_but_never_renumbers() {
     assert_eq!(r.records.last().map(|x| x.offset), Some(99));
     let kept: usize = r.records.iter().map(|x| x.value.len() + x.key.len()).sum();
     assert!(kept <= 4_000 + 300, "retained {kept} bytes");
+    drop(h);
     node.shutdown().await;
 }

@@ -79,7 +79,10 @@ async fn leader_crash_and_restart_under_load_keeps_every_acked_record_once() {
         h.await.unwrap();
     }
 
-    let ledger = ledger.lock().unwrap();
+    let ledger = Arc::try_unwrap(ledger)
+        .expect("load finished")
+        .into_inner()
+        .unwrap();
     assert!(acked_before > 0, "load was acknowledged before the crash");
     assert!(
         ledger.acked.len() > acked_before,

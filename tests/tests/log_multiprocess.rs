@@ -34,7 +34,10 @@ async fn kill_9_of_the_leader_under_load_loses_no_acknowledged_record() {
     for h in load {
         h.await.unwrap();
     }
-    let ledger = ledger.lock().unwrap();
+    let ledger = Arc::try_unwrap(ledger)
+        .expect("load finished")
+        .into_inner()
+        .unwrap();
     assert!(before > 0, "nothing acknowledged before the kill");
     assert!(during > before, "the survivors kept acknowledging after the kill");
     assert!(
@@ -70,7 +73,10 @@ async fn a_node_that_lost_its_data_is_rebuilt_from_its_peers() {
         .wait_ready(Duration::from_secs(30))
         .await
         .unwrap_or_else(|e| panic!("{e:#}"));
-    let ledger = ledger.lock().unwrap();
+    let ledger = Arc::try_unwrap(ledger)
+        .expect("load finished")
+        .into_inner()
+        .unwrap();
     assert!(!ledger.acked.is_empty());
     let total = check_replicas(&client, &[1, 2, 3], PARTITIONS, &ledger, Duration::from_secs(30))
         .await

@@ -30,6 +30,9 @@ pub struct Args {
     /// Most records per append request.
     #[arg(long, default_value_t = 1024)]
     request_records_max: usize,
+    /// Append requests in flight per partition.
+    #[arg(long, default_value_t = 2)]
+    requests_per_partition: usize,
     /// Use only the first N partitions (0: all).
     #[arg(long, default_value_t = 0)]
     partitions: u32,
@@ -37,8 +40,20 @@ pub struct Args {
 
 type Job = (Record, oneshot::Sender<Result<(), LogError>>);
 
-async fn partition_sender(client: Arc<LogClient>, partition: u32, mut rx: mpsc::Receiver<Job>, max: usize) {
+/// Sends one partition's waiting records: at most `requests_max` requests in flight, each
+/// carrying every record that queued meanwhile (like Kafka's max.in.flight.requests).
+async fn partition_sender(
+    client: Arc<LogClient>,
+    partition: u32,
+    mut rx: mpsc::Receiver<Job>,
+    max: usize,
+    requests_max: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(requests_max));
     while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let mut records = vec![first.0];
         let mut replies = vec![first.1];
         while records.len() < max {
@@ -53,6 +68,7 @@ async fn partition_sender(client: Arc<LogClient>, partition: u32, mut rx: mpsc::
         let client = client.clone();
         tokio::spawn(async move {
             let res = client.append(partition, records).await.map(|_| ());
+            drop(permit);
             for tx in replies {
                 let _ = tx.send(res.clone());
             }
@@ -72,7 +88,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let mut senders = Vec::new();
     for p in 0..partitions {
         let (tx, rx) = mpsc::channel(a.inflight.max(16));
-        tokio::spawn(partition_sender(client.clone(), p, rx, a.request_records_max));
+        tokio::spawn(partition_sender(
+            client.clone(),
+            p,
+            rx,
+            a.request_records_max,
+            a.requests_per_partition.max(1),
+        ));
         senders.push(tx);
     }
     let measuring = Arc::new(AtomicBool::new(false));
@@ -119,13 +141,13 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         }));
     }
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
-    let fsync_before = fsyncs(&client).await;
+    let before = server_counters(&client).await;
     measuring.store(true, Ordering::Relaxed);
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(a.seconds)).await;
     measuring.store(false, Ordering::Relaxed);
     let elapsed = t0.elapsed().as_secs_f64();
-    let fsync_after = fsyncs(&client).await;
+    let after = server_counters(&client).await;
     stop.store(true, Ordering::Relaxed);
     let mut h = super::histogram();
     for w in workers {
@@ -133,17 +155,20 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     let acked = h.len();
     let nodes = client.node_ids().len();
-    let fs = fsync_after.saturating_sub(fsync_before);
+    let d = |i: usize| after[i].saturating_sub(before[i]);
+    let (fs, batches, batched, commit_us, fsync_us) = (d(0), d(1), d(2), d(3), d(4));
+    let per = |a: f64, b: u64| if b > 0 { a / b as f64 } else { 0.0 };
     let extra = format!(
-        "nodes: {nodes}, partitions used: {partitions}, in flight: {}, record: {} B, errors: {}, fsyncs (all nodes): {fs}, records per fsync per node: {:.1}",
+        "nodes: {nodes}, partitions used: {partitions}, in flight: {}, record: {} B, errors: {}\n\
+         server: fsyncs (all nodes) {fs}, records per fsync per node {:.1}, raft entries {batches}, \
+         records per entry {:.1}, mean proposal-to-commit {:.0} µs, mean fsync {:.0} µs",
         a.inflight,
         a.size,
         errors.load(Ordering::Relaxed),
-        if fs > 0 {
-            acked as f64 * nodes as f64 / fs as f64
-        } else {
-            0.0
-        }
+        per(acked as f64 * nodes as f64, fs),
+        per(batched as f64, batches),
+        per(commit_us as f64, batches),
+        per(fsync_us as f64, fs),
     );
     super::report(
         &format!("thingraft-log nodes={nodes}"),
@@ -155,12 +180,19 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn fsyncs(client: &LogClient) -> u64 {
-    let mut total = 0;
+/// Summed over nodes: fsyncs, batches, batched records, commit µs, fsync µs.
+async fn server_counters(client: &LogClient) -> [u64; 5] {
+    let mut c = [0u64; 5];
     for id in client.node_ids() {
         if let Ok(s) = client.status(id).await {
-            total += s.fsyncs;
+            c[0] += s.fsyncs;
+            c[4] += s.fsync_us_total;
+            for g in &s.groups {
+                c[1] += g.batches;
+                c[2] += g.batched_records;
+                c[3] += g.commit_us_total;
+            }
         }
     }
-    total
+    c
 }
