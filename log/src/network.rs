@@ -13,8 +13,9 @@ use openraft::raft::{
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use thingraft_proto::v1::RaftRequest;
 use thingraft_proto::v1::raft_client::RaftClient;
+use thingraft_proto::v1::{RaftBatchRequest, RaftCallResult, RaftReply, RaftRequest};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{GroupId, Node, NodeId, TypeConfig};
@@ -22,24 +23,101 @@ use crate::types::{GroupId, Node, NodeId, TypeConfig};
 /// Largest gRPC message a node accepts or sends (a Raft batch, a snapshot chunk, a read).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
 
-/// Channels to the other nodes, one per peer.
+/// Links to the other nodes, one per peer: a tonic channel (HTTP/2, multiplexed) and the
+/// batcher that packs AppendEntries of all groups bound for that peer into one RPC.
 #[derive(Debug, Clone, Default)]
 pub struct Peers {
-    inner: Arc<Mutex<HashMap<NodeId, (String, Channel)>>>,
+    inner: Arc<Mutex<HashMap<NodeId, (String, PeerLink)>>>,
 }
 
+type BatchCall = (RaftRequest, oneshot::Sender<Result<RaftReply, tonic::Status>>);
+
+/// The connection to one peer.
+#[derive(Debug, Clone)]
+pub struct PeerLink {
+    pub channel: Channel,
+    batch_tx: mpsc::Sender<BatchCall>,
+}
+
+/// AppendEntries batches to one peer in flight at once.
+const BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// Calls in one batch.
+const BATCH_CALLS: usize = 256;
+
 impl Peers {
-    /// The channel to `id` at `addr`, created on first use (connects lazily, reconnects by itself).
-    pub fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+    /// The link to `id` at `addr`, created on first use (connects lazily, reconnects by itself).
+    pub fn link(&self, id: NodeId, addr: &str) -> Result<PeerLink, tonic::transport::Error> {
         let mut map = self.inner.lock().expect("peers lock");
-        if let Some((a, ch)) = map.get(&id)
+        if let Some((a, link)) = map.get(&id)
             && a == addr
         {
-            return Ok(ch.clone());
+            return Ok(link.clone());
         }
-        let ch = endpoint(addr)?.connect_lazy();
-        map.insert(id, (addr.to_string(), ch.clone()));
-        Ok(ch)
+        let channel = endpoint(addr)?.connect_lazy();
+        let (batch_tx, rx) = mpsc::channel(4096);
+        tokio::spawn(run_batch_sender(raft_client(channel.clone()), rx));
+        let link = PeerLink { channel, batch_tx };
+        map.insert(id, (addr.to_string(), link.clone()));
+        Ok(link)
+    }
+
+    /// The channel to `id` at `addr`.
+    pub fn channel(&self, id: NodeId, addr: &str) -> Result<Channel, tonic::transport::Error> {
+        self.link(id, addr).map(|l| l.channel)
+    }
+}
+
+fn raft_client(ch: Channel) -> RaftClient<Channel> {
+    RaftClient::new(ch)
+        .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+}
+
+/// Sends whatever AppendEntries calls are waiting for one peer as one `AppendEntriesBatch`,
+/// keeping at most `BATCHES_IN_FLIGHT_MAX` batches in flight.
+async fn run_batch_sender(client: RaftClient<Channel>, mut rx: mpsc::Receiver<BatchCall>) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+    while let Some(first) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut calls = vec![first];
+        while calls.len() < BATCH_CALLS {
+            match rx.try_recv() {
+                Ok(c) => calls.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            let (reqs, txs): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+            let res = client
+                .append_entries_batch(RaftBatchRequest { calls: reqs })
+                .await;
+            drop(permit);
+            match res {
+                Ok(r) => {
+                    let mut results = r.into_inner().results.into_iter();
+                    for tx in txs {
+                        let out = match results.next() {
+                            Some(RaftCallResult {
+                                reply: Some(reply), ..
+                            }) => Ok(reply),
+                            Some(RaftCallResult { code, message, .. }) => {
+                                Err(tonic::Status::new(tonic::Code::from(code), message))
+                            }
+                            None => Err(tonic::Status::internal("batch reply is missing results")),
+                        };
+                        let _ = tx.send(out);
+                    }
+                }
+                Err(s) => {
+                    for tx in txs {
+                        let _ = tx.send(Err(s.clone()));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -70,15 +148,15 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerConnection;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
-        let client = self.peers.channel(target, &node.addr).map(|ch| {
-            RaftClient::new(ch)
-                .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-        });
+        let link = self
+            .peers
+            .link(target, &node.addr)
+            .map(|l| (raft_client(l.channel.clone()), l))
+            .map_err(|e| e.to_string());
         PeerConnection {
             group: self.group,
             target,
-            client: client.map_err(|e| e.to_string()),
+            link,
         }
     }
 }
@@ -87,7 +165,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub struct PeerConnection {
     group: GroupId,
     target: NodeId,
-    client: Result<RaftClient<Channel>, String>,
+    link: Result<(RaftClient<Channel>, PeerLink), String>,
 }
 
 #[derive(Clone, Copy)]
@@ -113,8 +191,8 @@ impl PeerConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let client = match &mut self.client {
-            Ok(c) => c,
+        let (client, link) = match &mut self.link {
+            Ok((c, l)) => (c, l),
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
         };
         let payload = postcard::to_stdvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
@@ -124,7 +202,15 @@ impl PeerConnection {
         };
         let fut = async {
             match rpc {
-                Rpc::AppendEntries => client.append_entries(request).await,
+                Rpc::AppendEntries => {
+                    let (tx, rx) = oneshot::channel();
+                    if link.batch_tx.send((request, tx)).await.is_err() {
+                        return Err(tonic::Status::unavailable("peer link closed"));
+                    }
+                    rx.await
+                        .unwrap_or_else(|_| Err(tonic::Status::unavailable("peer link dropped the call")))
+                        .map(tonic::Response::new)
+                }
                 Rpc::Vote => client.vote(request).await,
                 Rpc::InstallSnapshot => client.install_snapshot(request).await,
             }

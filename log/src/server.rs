@@ -57,6 +57,9 @@ struct RaftService {
     node: NodeRef,
 }
 
+/// Most calls one `AppendEntriesBatch` may carry (one per group, at most).
+pub const BATCH_CALLS_MAX: usize = 4097;
+
 impl RaftService {
     fn group(&self, gid: u32) -> Result<Arc<Group>, Status> {
         self.node.handle()?.group(gid).cloned().ok_or_else(|| {
@@ -80,8 +83,47 @@ fn reply<T: Serialize>(res: &T) -> Result<Response<pb::RaftReply>, Status> {
     }))
 }
 
+impl RaftService {
+    async fn append_one(&self, r: pb::RaftRequest) -> Result<Response<pb::RaftReply>, Status> {
+        let g = self.group(r.group)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode("append_entries", r.group, &r.payload)?;
+        reply(&g.raft.append_entries(rpc).await)
+    }
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
+    async fn append_entries_batch(
+        &self,
+        req: Request<pb::RaftBatchRequest>,
+    ) -> Result<Response<pb::RaftBatchReply>, Status> {
+        let calls = req.into_inner().calls;
+        if calls.len() > BATCH_CALLS_MAX {
+            tracing::warn!(calls = calls.len(), "oversized raft batch rejected");
+            return Err(Status::invalid_argument(format!(
+                "more than {BATCH_CALLS_MAX} calls in one batch"
+            )));
+        }
+        // Groups are independent: run their calls concurrently, answer in request order.
+        let results = futures::future::join_all(calls.into_iter().map(|c| self.append_one(c))).await;
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(reply) => pb::RaftCallResult {
+                    reply: Some(reply.into_inner()),
+                    code: 0,
+                    message: String::new(),
+                },
+                Err(s) => pb::RaftCallResult {
+                    reply: None,
+                    code: s.code() as i32,
+                    message: s.message().to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::RaftBatchReply { results }))
+    }
+
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
         let g = self.group(r.group)?;

@@ -38,6 +38,7 @@ pub struct Args {
 }
 
 async fn read_msg<R: AsyncBufReadExt + Unpin>(
+    ping: &AtomicBool,
     rd: &mut R,
     line: &mut String,
 ) -> anyhow::Result<Option<(String, Vec<u8>)>> {
@@ -55,8 +56,15 @@ async fn read_msg<R: AsyncBufReadExt + Unpin>(
         payload.truncate(len);
         return Ok(Some((subject, payload)));
     }
+    if l == "PING" {
+        // The server drops clients that do not answer its PINGs; the writer sends the PONG.
+        ping.store(true, Ordering::Relaxed);
+    }
     if l.starts_with("-ERR") {
         anyhow::bail!("server error: {l}");
+    }
+    if std::env::var_os("THINGRAFT_NATS_DEBUG").is_some() {
+        eprintln!("nats: {l}");
     }
     Ok(None) // +OK, PING, PONG, INFO
 }
@@ -98,7 +106,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     .await?;
     wr.flush().await?;
     let created = loop {
-        if let Some((_, p)) = read_msg(&mut rd, &mut line).await? {
+        if let Some((_, p)) = read_msg(&AtomicBool::new(false), &mut rd, &mut line).await? {
             break String::from_utf8_lossy(&p).into_owned();
         }
     };
@@ -109,6 +117,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let start = Instant::now();
+    let pending_pong = Arc::new(AtomicBool::new(false));
     let permits = Arc::new(Semaphore::new(a.inflight));
     let stop = Arc::new(AtomicBool::new(false));
     let measuring = Arc::new(AtomicBool::new(false));
@@ -117,7 +126,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let subject = format!("{}.x", a.stream);
 
     let writer = {
-        let (permits, stop) = (permits.clone(), stop.clone());
+        let (permits, stop, pong) = (permits.clone(), stop.clone(), pending_pong.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let p = match permits.try_acquire() {
@@ -131,6 +140,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                     }
                 };
                 p.forget();
+                if pong.swap(false, Ordering::Relaxed) {
+                    wr.write_all(b"PONG\r\n").await?;
+                }
                 let t = start.elapsed().as_nanos();
                 wr.write_all(format!("PUB {subject} _INBOX.b.{t} {}\r\n", payload.len()).as_bytes())
                     .await?;
@@ -141,20 +153,24 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             anyhow::Ok(())
         })
     };
+    let hist = Arc::new(std::sync::Mutex::new(super::histogram()));
     let reader = {
-        let (permits, stop, measuring, errors) =
-            (permits.clone(), stop.clone(), measuring.clone(), errors.clone());
+        let (permits, stop, measuring, errors, pending_pong) = (
+            permits.clone(),
+            stop.clone(),
+            measuring.clone(),
+            errors.clone(),
+            pending_pong.clone(),
+        );
+        let hist = hist.clone();
         tokio::spawn(async move {
-            let mut h = super::histogram();
             let mut line = String::new();
+            // Never cancel a read half-way (that would desynchronise the protocol); the task is
+            // aborted once the run is over.
             while !stop.load(Ordering::Relaxed) {
-                let msg = match tokio::time::timeout(Duration::from_millis(200), read_msg(&mut rd, &mut line))
-                    .await
-                {
-                    Err(_) => continue,
-                    Ok(m) => m?,
+                let Some((subj, p)) = read_msg(&pending_pong, &mut rd, &mut line).await? else {
+                    continue;
                 };
-                let Some((subj, p)) = msg else { continue };
                 let Some(t) = subj
                     .strip_prefix("_INBOX.b.")
                     .and_then(|t| t.parse::<u128>().ok())
@@ -164,14 +180,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
                 if p.windows(5).any(|w| w == b"\"seq\"") {
                     if measuring.load(Ordering::Relaxed) {
                         let us = (start.elapsed().as_nanos().saturating_sub(t) / 1000) as u64;
-                        h.saturating_record(us);
+                        hist.lock().expect("histogram lock").saturating_record(us);
                     }
                 } else {
                     errors.fetch_add(1, Ordering::Relaxed);
                 }
                 permits.add_permits(1);
             }
-            anyhow::Ok(h)
+            anyhow::Ok(())
         })
     };
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
@@ -182,9 +198,19 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let elapsed = t0.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     permits.close();
-    let h = tokio::time::timeout(Duration::from_secs(5), reader)
-        .await
-        .context("reader did not stop")???;
+    // A reader error before the end is a failed run; after it, the server closing our
+    // half-closed connection is expected.
+    anyhow::ensure!(
+        !reader.is_finished() || writer.is_finished(),
+        "reader stopped early"
+    );
+    reader.abort();
+    if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(1), reader).await
+        && h_len(&hist) == 0
+    {
+        anyhow::bail!("reader failed: {e:#}");
+    }
+    let h = hist.lock().expect("histogram lock").clone();
     writer.abort();
     let extra = format!(
         "stream: {} (R{}, file), in flight: {}, message: {} B, errors: {}",
@@ -202,4 +228,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         &extra,
     );
     Ok(())
+}
+
+fn h_len(h: &std::sync::Mutex<hdrhistogram::Histogram<u64>>) -> u64 {
+    h.lock().expect("histogram lock").len()
 }
