@@ -31,5 +31,9 @@ CONF
   echo "nats cluster did not elect a meta leader" >&2; exit 1 ;;
 stop)
   for i in 1 2 3; do [ -f "$dir/n$i.pid" ] && kill "$(cat "$dir/n$i.pid")" 2>/dev/null || true; done
-  sleep 1; rm -rf "$dir" ;;
+  for i in 1 2 3; do
+    [ -f "$dir/n$i.pid" ] || continue
+    for _ in $(seq 1 100); do kill -0 "$(cat "$dir/n$i.pid")" 2>/dev/null || break; sleep 0.1; done
+  done
+  rm -rf "$dir" ;;
 esac

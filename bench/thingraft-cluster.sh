@@ -19,7 +19,7 @@ start)
     if "$BIN" status --addr 127.0.0.1:7401 --json 2>/dev/null | python3 -c '
 import json,sys
 s=json.load(sys.stdin)
-sys.exit(0 if s["groups"] and all(g["leader"] for g in s["groups"]) else 1)'; then
+sys.exit(0 if s["groups"] and all(g["leader"] for g in s["groups"]) else 1)' 2>/dev/null; then
       echo "thingraft cluster of $n up"; exit 0
     fi
     sleep 0.2
@@ -28,5 +28,11 @@ sys.exit(0 if s["groups"] and all(g["leader"] for g in s["groups"]) else 1)'; th
 stop)
   dir=${2:?state dir}
   for f in "$dir"/n*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
-  sleep 1; rm -rf "$dir" ;;
+  # Wait for a clean exit (it flushes applied state), so the ports are free for the next start.
+  for f in "$dir"/n*.pid; do
+    [ -f "$f" ] || continue
+    for _ in $(seq 1 100); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$(cat "$f")" 2>/dev/null || true
+  done
+  rm -rf "$dir" ;;
 esac

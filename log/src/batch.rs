@@ -88,6 +88,20 @@ fn take<'a>(buf: &'a [u8], pos: &mut usize) -> Result<&'a [u8], CorruptBatch> {
     Ok(s)
 }
 
+/// Checks that a batch holds exactly what its header says, without copying its records.
+pub fn validate(buf: &[u8]) -> Result<Header, CorruptBatch> {
+    let h = header(buf)?;
+    let mut pos = HEADER_BYTES;
+    for _ in 0..h.count {
+        take(buf, &mut pos)?;
+        take(buf, &mut pos)?;
+    }
+    if pos != buf.len() {
+        return Err(CorruptBatch("trailing bytes"));
+    }
+    Ok(h)
+}
+
 /// Decodes a whole batch, checking that it holds exactly what its header says.
 pub fn decode(buf: &[u8]) -> Result<Decoded, CorruptBatch> {
     let h = header(buf)?;
@@ -136,8 +150,13 @@ mod tests {
         for cut in 0..buf.len() {
             assert!(decode(&buf[..cut]).is_err(), "cut at {cut} must not decode");
         }
+        for cut in 0..buf.len() {
+            assert!(validate(&buf[..cut]).is_err(), "cut at {cut} must not validate");
+        }
         let mut padded = buf.clone();
         padded.push(0);
         assert!(decode(&padded).is_err());
+        assert!(validate(&padded).is_err());
+        assert_eq!(validate(&buf).unwrap(), header(&buf).unwrap());
     }
 }

@@ -103,8 +103,7 @@ impl Batcher {
             match self
                 .raft
                 .client_write_ff(Command::Append {
-                    ts_ms: now_ms(),
-                    records,
+                    batch: crate::batch::encode(now_ms(), &records).into(),
                 })
                 .await
             {

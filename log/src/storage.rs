@@ -820,27 +820,23 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     st.membership = StoredMembership::new(Some(entry.log_id), m);
                     replies.push(Response::None);
                 }
-                EntryPayload::Normal(Command::Append { ts_ms, records }) => {
-                    let count = records.len() as u32;
-                    if count == 0 {
-                        replies.push(Response::Appended {
-                            first_offset: st.next_offset,
-                            count: 0,
-                        });
-                        continue;
-                    }
-                    let v = batch::encode(ts_ms, &records);
-                    b.put_cf(store.cf(CF_SM), key(group, st.next_offset), &v);
+                EntryPayload::Normal(Command::Append { batch: v }) => {
+                    // Check the whole batch before it becomes part of the partition.
+                    let h = batch::validate(&v).map_err(write_err)?;
                     replies.push(Response::Appended {
                         first_offset: st.next_offset,
-                        count,
+                        count: h.count,
                     });
-                    if st.retained_bytes == 0 {
-                        st.start_ts_ms = ts_ms;
+                    if h.count == 0 {
+                        continue;
                     }
-                    st.next_offset += u64::from(count);
+                    b.put_cf(store.cf(CF_SM), key(group, st.next_offset), &v);
+                    if st.retained_bytes == 0 {
+                        st.start_ts_ms = h.ts_ms;
+                    }
+                    st.next_offset += u64::from(h.count);
                     st.retained_bytes += v.len() as u64;
-                    latest_ts = Some(ts_ms);
+                    latest_ts = Some(h.ts_ms);
                 }
                 EntryPayload::Normal(Command::MetaPut { key: k, value }) => {
                     let mut full = sm_key(group, TAG_META_KV).to_vec();
