@@ -13,7 +13,7 @@ use tonic::transport::Channel;
 use crate::batcher::Appended;
 use crate::error::LogError;
 use crate::network::{GRPC_MESSAGE_BYTES_MAX, endpoint};
-use crate::types::{NodeId, Record, partition_group};
+use crate::types::{NodeId, Record};
 
 /// A client of a thingraft cluster's log.
 pub struct LogClient {
@@ -178,10 +178,5 @@ impl LogClient {
             .await
             .map(|r| r.into_inner())
             .map_err(|s| LogError::from_status(0, &s))
-    }
-
-    /// The group id of a partition, as `Status` reports it.
-    pub fn group_of(partition: u32) -> u32 {
-        partition_group(partition)
     }
 }

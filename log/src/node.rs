@@ -452,15 +452,6 @@ impl LogHandle {
         self.inner.groups.get(gid as usize).and_then(|g| g.as_ref())
     }
 
-    /// fsyncs done by this node's storage, and appends they made durable.
-    pub fn fsync_counts(&self) -> (u64, u64) {
-        let s = &self.inner.store.sync_stats;
-        (
-            s.fsyncs.load(Ordering::Relaxed),
-            s.flushed_appends.load(Ordering::Relaxed),
-        )
-    }
-
     fn check_partition(&self, partition: u32) -> Result<GroupId, LogError> {
         if partition >= self.partitions() {
             return Err(LogError::UnknownPartition {

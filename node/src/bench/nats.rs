@@ -63,9 +63,6 @@ async fn read_msg<R: AsyncBufReadExt + Unpin>(
     if l.starts_with("-ERR") {
         anyhow::bail!("server error: {l}");
     }
-    if std::env::var_os("THINGRAFT_NATS_DEBUG").is_some() {
-        eprintln!("nats: {l}");
-    }
     Ok(None) // +OK, PING, PONG, INFO
 }
 
