@@ -776,7 +776,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         };
         // Everything up to this snapshot must survive a crash before openraft purges the log
         // entries behind it.
-        self.store().flush_applied()?;
+        // A flush waits for disk; keep it off the async workers.
+        let store = self.store().clone();
+        tokio::task::spawn_blocking(move || store.flush_applied())
+            .await
+            .map_err(|e| write_err(std::io::Error::other(e.to_string())))??;
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(&rec).map_err(write_err)?;
         b.put_cf(self.store().cf(CF_SM), sm_key(self.group(), TAG_SNAPSHOT), v);
