@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -40,7 +40,62 @@ pub struct Group {
     /// Set while this replica's log is being rebuilt from its peers after its data was lost:
     /// it neither campaigns nor grants votes until it has caught up.
     pub recovering: AtomicBool,
-    recover_target: AtomicU64,
+    /// While recovering: the peers' newest (last log term, last log index) and current term
+    /// when this node came back; `u64::MAX` index while unknown.
+    recover_target: std::sync::Mutex<RecoverTarget>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RecoverTarget {
+    last_log: (u64, u64),
+    term: u64,
+}
+
+impl RecoverTarget {
+    const UNKNOWN: RecoverTarget = RecoverTarget {
+        last_log: (u64::MAX, u64::MAX),
+        term: u64::MAX,
+    };
+
+    fn from_replies(gid: GroupId, replies: &[pb::StatusReply]) -> Option<RecoverTarget> {
+        let groups = replies
+            .iter()
+            .flat_map(|r| r.groups.iter())
+            .filter(|s| s.group == gid);
+        groups.fold(None, |acc: Option<RecoverTarget>, s| {
+            let t = RecoverTarget {
+                last_log: (s.last_log_term, s.last_log_index),
+                term: s.term,
+            };
+            Some(match acc {
+                None => t,
+                Some(a) => RecoverTarget {
+                    last_log: a.last_log.max(t.last_log),
+                    term: a.term.max(t.term),
+                },
+            })
+        })
+    }
+}
+
+impl Group {
+    /// Whether this replica may grant `req` while it is recovering. Its own log and vote are
+    /// gone, so it only helps elect a candidate whose log is at least as up to date as every
+    /// peer's was when it came back (so the candidate holds every committed entry) and whose
+    /// term is newer than any term it could have voted in before (so it never votes twice in
+    /// one term). Without this, a cluster formed while this node was starting could never
+    /// elect a leader.
+    pub fn may_vote_while_recovering(&self, req: &openraft::raft::VoteRequest<NodeId>) -> bool {
+        let t = *self.recover_target.lock().expect("recover target lock");
+        if t.term == u64::MAX {
+            return false;
+        }
+        let candidate_log = req
+            .last_log_id
+            .map(|l| (l.leader_id.term, l.index))
+            .unwrap_or((0, 0));
+        req.vote.leader_id.term > t.term && candidate_log >= t.last_log
+    }
 }
 
 pub(crate) struct Inner {
@@ -161,7 +216,7 @@ impl LogNode {
                 batcher,
                 metrics,
                 recovering: AtomicBool::new(false),
-                recover_target: AtomicU64::new(0),
+                recover_target: std::sync::Mutex::new(RecoverTarget::UNKNOWN),
             })));
         }
 
@@ -326,14 +381,8 @@ async fn rejoin(handle: &LogHandle, replies: &[pb::StatusReply]) {
     for g in inner.groups.iter().flatten() {
         g.recovering.store(true, Ordering::SeqCst);
         g.raft.runtime_config().elect(false);
-        let target = replies
-            .iter()
-            .flat_map(|r| r.groups.iter())
-            .filter(|s| s.group == g.id)
-            .map(|s| s.last_log_index)
-            .max()
-            .unwrap_or(u64::MAX);
-        g.recover_target.store(target, Ordering::SeqCst);
+        let target = RecoverTarget::from_replies(g.id, replies).unwrap_or(RecoverTarget::UNKNOWN);
+        *g.recover_target.lock().expect("recover target lock") = target;
     }
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -346,23 +395,17 @@ async fn rejoin(handle: &LogHandle, replies: &[pb::StatusReply]) {
             if !g.recovering.load(Ordering::SeqCst) {
                 continue;
             }
-            let mut target = g.recover_target.load(Ordering::SeqCst);
-            if target == u64::MAX {
+            let mut target = *g.recover_target.lock().expect("recover target lock");
+            if target.term == u64::MAX {
                 // No peer reported this group yet; ask again.
                 let replies = handle.probe_peers().await;
-                if let Some(t) = replies
-                    .iter()
-                    .flat_map(|r| r.groups.iter())
-                    .filter(|s| s.group == g.id)
-                    .map(|s| s.last_log_index)
-                    .max()
-                {
-                    g.recover_target.store(t, Ordering::SeqCst);
+                if let Some(t) = RecoverTarget::from_replies(g.id, &replies) {
+                    *g.recover_target.lock().expect("recover target lock") = t;
                     target = t;
                 }
             }
             let applied = g.reader.applied().last_applied.map(|l| l.index);
-            if applied.is_some_and(|a| a >= target) {
+            if target.term != u64::MAX && applied.is_some_and(|a| a >= target.last_log.1) {
                 tracing::info!(group = g.id, applied = ?applied, "replica recovered; voting again");
                 g.recovering.store(false, Ordering::SeqCst);
                 g.raft.runtime_config().elect(true);
@@ -762,6 +805,13 @@ impl LogHandle {
                 leader: m.current_leader.unwrap_or(0),
                 term: m.current_term,
                 last_log_index: m.last_log_index.unwrap_or(0),
+                last_log_term: g
+                    .raft
+                    .data_metrics()
+                    .borrow()
+                    .last_log
+                    .map(|l| l.leader_id.term)
+                    .unwrap_or(0),
                 applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
                 next_offset: applied.next_offset,
                 start_offset: applied.start_offset,

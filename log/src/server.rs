@@ -135,7 +135,7 @@ impl RaftRpc for RaftService {
         let r = req.into_inner();
         let g = self.group(r.group)?;
         let rpc: VoteRequest<NodeId> = decode("vote", r.group, &r.payload)?;
-        if g.recovering.load(Ordering::SeqCst) {
+        if g.recovering.load(Ordering::SeqCst) && !g.may_vote_while_recovering(&rpc) {
             // This replica lost its data: it may not vote until its log has caught up, or it
             // could elect a leader that lacks committed entries.
             return Err(Status::unavailable("replica is recovering; not voting"));
