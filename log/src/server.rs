@@ -125,10 +125,7 @@ impl RaftRpc for RaftService {
     }
 
     async fn append_entries(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
-        let r = req.into_inner();
-        let g = self.group(r.group)?;
-        let rpc: AppendEntriesRequest<TypeConfig> = decode("append_entries", r.group, &r.payload)?;
-        reply(&g.raft.append_entries(rpc).await)
+        self.append_one(req.into_inner()).await
     }
 
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
