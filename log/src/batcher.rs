@@ -53,7 +53,10 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn client_write_error(partition: u32, e: ClientWriteError<NodeId, crate::types::Node>) -> LogError {
+pub(crate) fn client_write_error(
+    partition: u32,
+    e: ClientWriteError<NodeId, crate::types::Node>,
+) -> LogError {
     match e {
         // openraft answers ForwardToLeader only for entries it never appended or truncated, so
         // the append did not commit and may be retried.

@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
+use bytes::Bytes;
 use openraft::{ServerState, SnapshotPolicy};
 use thingraft_proto::v1::log_client::LogClient as GrpcLogClient;
 use thingraft_proto::v1::{self as pb};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use crate::batcher::{AppendJob, Appended, BatchLimits, Batcher};
@@ -21,7 +22,9 @@ use crate::metrics::PartitionMetrics;
 use crate::network::{GRPC_MESSAGE_BYTES_MAX, NetworkFactory, Peers};
 use crate::placement;
 use crate::storage::{SmReader, Store, StoredRecord};
-use crate::types::{Command, GroupId, META_GROUP, Node, NodeId, Raft, Record, partition_group};
+use crate::types::{
+    Command, GroupId, META_GROUP, MetaTxn, Node, NodeId, Raft, Record, Response, partition_group,
+};
 
 /// gRPC metadata key set on an append that one node forwards to another; the receiver answers
 /// `NotLeader` instead of forwarding again.
@@ -123,6 +126,19 @@ pub struct LogNode {
     handle: LogHandle,
     server: tokio::task::JoinHandle<()>,
 }
+
+/// The outcome of a metadata transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxnResult {
+    /// False when a check failed; then nothing was written.
+    pub applied: bool,
+    pub failed_check: Option<u32>,
+    /// Log index of the metadata entry that carried it.
+    pub index: u64,
+}
+
+/// Stands for the metadata group where errors name a partition.
+pub const META_PARTITION: u32 = u32::MAX;
 
 /// The result of a read.
 #[derive(Debug, Clone)]
@@ -703,6 +719,134 @@ impl LogHandle {
                 })
             }
             Err(s) => Err(LogError::from_status(partition, &s)),
+        }
+    }
+
+    /// Appends like [`LogHandle::append`] but only if this node leads the partition now; never
+    /// forwards. For writers whose records are only valid from the current leader.
+    pub async fn append_as_leader(&self, partition: u32, records: Vec<Record>) -> Result<Appended, LogError> {
+        self.append_inner(partition, records, false).await
+    }
+
+    /// The Raft term in which this node leads `partition`, if it does.
+    pub fn leader_term(&self, partition: u32) -> Option<u64> {
+        let g = self.group(partition_group(partition))?;
+        let m = g.raft.metrics().borrow().clone();
+        (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
+    }
+
+    fn meta_group(&self) -> &Arc<Group> {
+        self.group(META_GROUP)
+            .expect("every node holds a replica of the metadata group")
+    }
+
+    /// A value of the metadata map, from this node's replica.
+    pub fn meta_get(&self, key: &str) -> Option<Bytes> {
+        self.meta_group().reader.meta_get(key)
+    }
+
+    /// Entries of the metadata map under `prefix`, from this node's replica.
+    pub fn meta_scan(&self, prefix: &str, max: usize) -> Vec<(String, Bytes)> {
+        self.meta_group().reader.meta_scan(prefix, max)
+    }
+
+    /// Keys of the metadata map changed by each apply on this replica (an empty list or a
+    /// lagged receiver: anything may have changed).
+    pub fn meta_changes(&self) -> broadcast::Receiver<Arc<Vec<String>>> {
+        self.meta_group().reader.shared.meta_changes.subscribe()
+    }
+
+    /// Commits `txn` through the metadata group (forwarding to its leader) and returns once
+    /// this node's replica has applied it, so that a read here sees the outcome.
+    pub async fn meta_txn(&self, txn: MetaTxn) -> Result<TxnResult, LogError> {
+        self.meta_txn_inner(txn, true).await
+    }
+
+    pub(crate) async fn meta_txn_inner(
+        &self,
+        txn: MetaTxn,
+        may_forward: bool,
+    ) -> Result<TxnResult, LogError> {
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+        let mut attempt = 0u32;
+        let res = loop {
+            let res = match self.route(META_GROUP, META_PARTITION, deadline).await {
+                Err(e) => Err(e),
+                Ok(Route::Local(g)) => match g.raft.client_write(Command::MetaTxn(txn.clone())).await {
+                    Ok(r) => match r.data {
+                        Response::Txn {
+                            applied,
+                            failed_check,
+                        } => Ok(TxnResult {
+                            applied,
+                            failed_check,
+                            index: r.log_id.index,
+                        }),
+                        other => Err(LogError::Internal(format!("unexpected reply {other:?}"))),
+                    },
+                    Err(openraft::error::RaftError::APIError(e)) => {
+                        Err(crate::batcher::client_write_error(META_PARTITION, e))
+                    }
+                    Err(openraft::error::RaftError::Fatal(e)) => Err(LogError::Internal(e.to_string())),
+                },
+                Ok(Route::Remote(id, addr)) if may_forward => {
+                    self.meta_forward(id, &addr, &txn, deadline).await
+                }
+                Ok(Route::Remote(id, addr)) => Err(LogError::NotLeader {
+                    partition: META_PARTITION,
+                    leader: Some((id, addr)),
+                }),
+            };
+            match res {
+                Err(e) if may_forward && e.retriable() && Instant::now() < deadline && attempt < 50 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(u64::from(attempt.min(10)) * 20)).await;
+                }
+                r => break r?,
+            }
+        };
+        let timeout = deadline.saturating_duration_since(Instant::now());
+        self.meta_group()
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(res.index), "metadata transaction")
+            .await
+            .map_err(|e| LogError::Ambiguous {
+                reason: format!("committed at index {} but not applied here: {e}", res.index),
+            })?;
+        Ok(res)
+    }
+
+    async fn meta_forward(
+        &self,
+        id: NodeId,
+        addr: &str,
+        txn: &MetaTxn,
+        deadline: Instant,
+    ) -> Result<TxnResult, LogError> {
+        let ch = self
+            .inner
+            .peers
+            .channel(id, addr)
+            .map_err(|e| LogError::Unreachable(e.to_string()))?;
+        let mut client = GrpcLogClient::new(ch)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let body = postcard::to_stdvec(txn).map_err(|e| LogError::Invalid(e.to_string()))?;
+        let mut req = tonic::Request::new(pb::MetaWriteRequest { txn: body.into() });
+        req.metadata_mut()
+            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
+        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        match client.meta_write(req).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok(TxnResult {
+                    applied: r.applied,
+                    failed_check: r.failed_check,
+                    index: r.index,
+                })
+            }
+            Err(s) => Err(LogError::from_status(META_PARTITION, &s)),
         }
     }
 

@@ -206,6 +206,23 @@ impl Log for LogService {
         }
     }
 
+    async fn meta_write(
+        &self,
+        req: Request<pb::MetaWriteRequest>,
+    ) -> Result<Response<pb::MetaWriteReply>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let txn: crate::types::MetaTxn = postcard::from_bytes(&req.into_inner().txn).map_err(|e| {
+            tracing::info!(error = %e, "malformed metadata transaction rejected");
+            Status::invalid_argument(format!("malformed metadata transaction: {e}"))
+        })?;
+        let r = self.node.handle()?.meta_txn_inner(txn, !forwarded).await?;
+        Ok(Response::new(pb::MetaWriteReply {
+            applied: r.applied,
+            failed_check: r.failed_check,
+            index: r.index,
+        }))
+    }
+
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadReply>, Status> {
         let r = req.into_inner();
         let max = if r.max_records == 0 {

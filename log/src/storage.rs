@@ -33,10 +33,13 @@ use openraft::{
 };
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::batch;
-use crate::types::{Command, Entry, GroupId, LogId, Node, NodeId, Response, StorageError, TypeConfig};
+use crate::types::{
+    Command, Entry, GroupId, LogId, MetaCheck, MetaOp, MetaTxn, Node, NodeId, Response, StorageError,
+    TypeConfig,
+};
 
 const CF_RAFT_LOG: &str = "raft_log";
 const CF_RAFT_STATE: &str = "raft_state";
@@ -550,6 +553,9 @@ struct SnapshotPayload {
 pub struct SmShared {
     pub applied: RwLock<AppliedState>,
     pub meta_kv: RwLock<BTreeMap<String, Bytes>>,
+    /// Keys of the metadata map changed by each apply (for caches); a lagging receiver must
+    /// assume everything changed.
+    pub meta_changes: broadcast::Sender<Arc<Vec<String>>>,
     /// `next_offset` after each apply, for tail subscriptions.
     pub next_offset_tx: watch::Sender<u64>,
 }
@@ -633,10 +639,41 @@ impl SmReader {
         self.shared.meta_kv.read().expect("meta lock").get(k).cloned()
     }
 
+    /// Entries of the metadata map whose key starts with `prefix`, in key order, at most `max`.
+    pub fn meta_scan(&self, prefix: &str, max: usize) -> Vec<(String, Bytes)> {
+        let kv = self.shared.meta_kv.read().expect("meta lock");
+        kv.range::<str, _>((Bound::Included(prefix), Bound::Unbounded))
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .take(max)
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
     /// A receiver of `next_offset` after each apply.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.next_offset_tx.subscribe()
     }
+}
+
+/// The index of the first check of `txn` that fails against the map (`kv` overlaid with
+/// `pending`), or `None` if all hold.
+fn check_txn(
+    txn: &MetaTxn,
+    kv: &BTreeMap<String, Bytes>,
+    pending: &BTreeMap<String, Option<Bytes>>,
+) -> Option<u32> {
+    let get = |k: &str| match pending.get(k) {
+        Some(v) => v.clone(),
+        None => kv.get(k).cloned(),
+    };
+    txn.checks
+        .iter()
+        .position(|c| match c {
+            MetaCheck::Absent(k) => get(k).is_some(),
+            MetaCheck::Present(k) => get(k).is_none(),
+            MetaCheck::Equals(k, v) => get(k).as_ref() != Some(v),
+        })
+        .map(|i| i as u32)
 }
 
 /// The state machine of one group: partition records (or the metadata map) in RocksDB.
@@ -664,6 +701,7 @@ impl StateMachine {
         let shared = Arc::new(SmShared {
             applied: RwLock::new(applied),
             meta_kv: RwLock::new(meta_kv),
+            meta_changes: broadcast::channel(1024).0,
             next_offset_tx,
         });
         Ok(Self {
@@ -814,7 +852,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let store = self.store().clone();
         let mut b = WriteBatch::default();
         let mut replies = Vec::new();
-        let mut meta_updates = Vec::new();
+        // Writes of this apply call, visible to later transactions of the same call.
+        let mut meta_updates: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
         let mut latest_ts = None;
         for entry in entries {
             st.last_applied = Some(entry.log_id);
@@ -846,8 +885,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     let mut full = sm_key(group, TAG_META_KV).to_vec();
                     full.extend_from_slice(k.as_bytes());
                     b.put_cf(store.cf(CF_SM), full, &value);
-                    meta_updates.push((k, value));
+                    meta_updates.insert(k, Some(value));
                     replies.push(Response::None);
+                }
+                EntryPayload::Normal(Command::MetaTxn(txn)) => {
+                    let kv = self.reader.shared.meta_kv.read().expect("meta lock");
+                    let verdict = check_txn(&txn, &kv, &meta_updates);
+                    drop(kv);
+                    if verdict.is_none() {
+                        for op in txn.ops {
+                            let mut full = sm_key(group, TAG_META_KV).to_vec();
+                            full.extend_from_slice(op.key().as_bytes());
+                            match op {
+                                MetaOp::Put(k, v) => {
+                                    b.put_cf(store.cf(CF_SM), full, &v);
+                                    meta_updates.insert(k, Some(v));
+                                }
+                                MetaOp::Delete(k) => {
+                                    b.delete_cf(store.cf(CF_SM), full);
+                                    meta_updates.insert(k, None);
+                                }
+                            }
+                        }
+                    }
+                    replies.push(Response::Txn {
+                        applied: verdict.is_none(),
+                        failed_check: verdict,
+                    });
                 }
             }
         }
@@ -865,7 +929,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         *self.reader.shared.applied.write().expect("applied lock") = st;
         if !meta_updates.is_empty() {
             let mut kv = self.reader.shared.meta_kv.write().expect("meta lock");
-            kv.extend(meta_updates);
+            let changed: Vec<String> = meta_updates.keys().cloned().collect();
+            for (k, v) in meta_updates {
+                match v {
+                    Some(v) => kv.insert(k, v),
+                    None => kv.remove(&k),
+                };
+            }
+            drop(kv);
+            let _ = self.reader.shared.meta_changes.send(Arc::new(changed));
         }
         self.reader.shared.next_offset_tx.send_replace(next);
         Ok(replies)
@@ -937,6 +1009,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let next = st.next_offset;
         *self.reader.shared.applied.write().expect("applied lock") = st;
         *self.reader.shared.meta_kv.write().expect("meta lock") = payload.meta_kv.into_iter().collect();
+        // Anything may have changed.
+        let _ = self.reader.shared.meta_changes.send(Arc::new(Vec::new()));
         self.reader.shared.next_offset_tx.send_replace(next);
         Ok(())
     }

@@ -64,6 +64,40 @@ pub enum Command {
     Append { batch: Bytes },
     /// Metadata group: set one key of the cluster metadata map.
     MetaPut { key: String, value: Bytes },
+    /// Metadata group: check some keys, then apply all of `ops` or none of them.
+    MetaTxn(MetaTxn),
+}
+
+/// An atomic compare-and-write of the metadata map (the entity registry is built on it: a
+/// create is "these keys are absent, then put them all"). Evaluated at apply, in log order, so
+/// every replica reaches the same verdict.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaTxn {
+    pub checks: Vec<MetaCheck>,
+    pub ops: Vec<MetaOp>,
+}
+
+/// A condition on one key of the metadata map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaCheck {
+    Absent(String),
+    Present(String),
+    Equals(String, Bytes),
+}
+
+/// A write to the metadata map.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MetaOp {
+    Put(String, Bytes),
+    Delete(String),
+}
+
+impl MetaOp {
+    pub fn key(&self) -> &str {
+        match self {
+            MetaOp::Put(k, _) | MetaOp::Delete(k) => k,
+        }
+    }
 }
 
 /// What applying an entry returns to the proposer.
@@ -73,6 +107,11 @@ pub enum Response {
     None,
     /// The batch's records got offsets `first_offset .. first_offset + count`.
     Appended { first_offset: u64, count: u32 },
+    /// A [`MetaTxn`] was applied (`applied`) or refused because check `failed_check` failed.
+    Txn {
+        applied: bool,
+        failed_check: Option<u32>,
+    },
 }
 
 openraft::declare_raft_types!(

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogConfig, NodeId};
+use thingraft_transport_mqtt::MqttConfig;
 
 /// The commented default configuration, as printed by `thingraft config print`.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../thingraft.toml");
@@ -18,6 +19,67 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../thingraft.toml");
 pub struct NodeConfig {
     pub node: NodeSection,
     pub log: LogConfig,
+    pub mqtt: MqttConfig,
+    pub http: HttpSection,
+    pub seed: SeedSection,
+}
+
+/// The REST API's listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpSection {
+    /// Where the REST API listens; empty disables it.
+    pub listen: String,
+}
+
+impl Default for HttpSection {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+/// Accounts created by the first start of a cluster (ThingsBoard's demo credentials).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SeedSection {
+    pub sysadmin_email: String,
+    pub sysadmin_password: String,
+    pub tenant_admin_email: String,
+    pub tenant_admin_password: String,
+    pub customer_user_email: String,
+    pub customer_user_password: String,
+}
+
+impl Default for SeedSection {
+    fn default() -> Self {
+        let s = thingraft_engine::registry::Seed::default();
+        Self {
+            sysadmin_email: s.sysadmin.0,
+            sysadmin_password: s.sysadmin.1,
+            tenant_admin_email: s.tenant_admin.0,
+            tenant_admin_password: s.tenant_admin.1,
+            customer_user_email: s.customer_user.0,
+            customer_user_password: s.customer_user.1,
+        }
+    }
+}
+
+impl SeedSection {
+    pub fn seed(&self) -> thingraft_engine::registry::Seed {
+        thingraft_engine::registry::Seed {
+            sysadmin: (self.sysadmin_email.clone(), self.sysadmin_password.clone()),
+            tenant_admin: (
+                self.tenant_admin_email.clone(),
+                self.tenant_admin_password.clone(),
+            ),
+            customer_user: (
+                self.customer_user_email.clone(),
+                self.customer_user_password.clone(),
+            ),
+        }
+    }
 }
 
 /// Settings of the node process itself.
@@ -57,6 +119,12 @@ pub struct Overrides {
     /// The cluster's initial members: `1=127.0.0.1:7401,2=127.0.0.1:7402,3=127.0.0.1:7403`.
     #[arg(long, env = "THINGRAFT_PEERS")]
     pub peers: Option<String>,
+    /// MQTT listen address (host:port).
+    #[arg(long, env = "THINGRAFT_MQTT_LISTEN")]
+    pub mqtt_listen: Option<String>,
+    /// REST API listen address (host:port).
+    #[arg(long, env = "THINGRAFT_HTTP_LISTEN")]
+    pub http_listen: Option<String>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -111,7 +179,14 @@ impl NodeConfig {
                 c.log.advertise_addr = addr.clone();
             }
         }
+        if let Some(v) = &o.mqtt_listen {
+            c.mqtt.listen = v.clone();
+        }
+        if let Some(v) = &o.http_listen {
+            c.http.listen = v.clone();
+        }
         c.log.validate()?;
+        c.mqtt.validate()?;
         Ok(c)
     }
 }

@@ -7,6 +7,7 @@
 
 mod bench;
 mod config;
+mod rest;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -105,15 +106,79 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         members = cfg.log.members.len().max(1),
         "starting thingraft node"
     );
+    // Bind every listener first, so a taken port fails the start at once.
+    let mqtt_listener = match cfg.mqtt.listen.as_str() {
+        "" => None,
+        a => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding MQTT {a}"))?,
+        ),
+    };
+    let http_listener = match cfg.http.listen.as_str() {
+        "" => None,
+        a => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding HTTP {a}"))?,
+        ),
+    };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
-    tokio::spawn(async move {
-        if handle.wait_for_leaders(Duration::from_secs(60)).await.is_ok() {
-            tracing::info!("all partitions have a leader; node ready");
-        }
-    });
+    let engine = thingraft_engine::Engine::start(handle.clone(), &cfg.log.data_dir.join("store"))?;
+    let eh = engine.handle();
+    let mqtt = thingraft_transport_mqtt::Transport::new(cfg.mqtt.clone(), handle.clone());
+    if let Some(l) = mqtt_listener {
+        tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");
+        tokio::spawn(mqtt.clone().serve(l));
+    }
+    let ready = {
+        let handle = handle.clone();
+        let eh = eh.clone();
+        let seed = cfg.seed.seed();
+        tokio::spawn(async move {
+            if handle.wait_for_leaders(Duration::from_secs(60)).await.is_ok() {
+                tracing::info!("all partitions have a leader");
+            }
+            // The cluster may still be forming: retry until the registry is reachable.
+            let secret = loop {
+                let seeded = eh.registry.seed(&seed, rest::auth::hash_password).await;
+                match (seeded, eh.registry.shared_secret("jwt").await) {
+                    (Ok(_), Ok(s)) => break s,
+                    (a, b) => {
+                        tracing::info!(seed = ?a.err(), secret = ?b.err(), "registry not ready; retrying");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            };
+            tracing::info!("node ready");
+            secret
+        })
+    };
+    let http = if let Some(l) = http_listener {
+        let addr = cfg.http.listen.clone();
+        let eh = eh.clone();
+        Some(tokio::spawn(async move {
+            let Ok(secret) = ready.await else { return };
+            let app = rest::router(rest::AppState {
+                engine: eh,
+                secret: std::sync::Arc::new(secret),
+            });
+            tracing::info!(%addr, "REST API listening");
+            if let Err(e) = axum::serve(l, app).await {
+                tracing::error!(error = %e, "REST server failed");
+            }
+        }))
+    } else {
+        None
+    };
     shutdown_signal().await;
     tracing::info!("shutting down");
+    mqtt.shutdown();
+    if let Some(h) = http {
+        h.abort();
+    }
+    engine.shutdown().await;
     node.shutdown().await;
     Ok(())
 }

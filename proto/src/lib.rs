@@ -4,7 +4,9 @@
 //!   (`Raft` service), generated from `proto/thingraft.proto`.
 //! - [`error`]: [`ErrorClass`], mapped to gRPC, HTTP, MQTT 5 and CoAP codes in one place.
 
+pub mod device;
 pub mod error;
+pub mod records;
 
 pub use error::ErrorClass;
 

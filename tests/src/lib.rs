@@ -2,6 +2,8 @@
 //!
 //! - [`thingraft_bin`]: the `thingraft` binary, built on first use.
 //! - [`ProcCluster`]: N `thingraft serve` processes on loopback; kill -9, restart, wipe.
+//! - [`Rest`]: the REST API through `curl`, logged in.
+//! - [`mosquitto_pub`]: Debian's MQTT client.
 //! - [`Ledger`]: what a load generator was told (acked, failed, unknown), checked against the
 //!   replicas' logs.
 
@@ -69,7 +71,12 @@ pub fn free_ports(n: usize) -> Vec<u16> {
 /// A cluster of `thingraft serve` processes on loopback.
 pub struct ProcCluster {
     pub dir: tempfile::TempDir,
+    /// gRPC address of each node.
     pub addrs: BTreeMap<NodeId, String>,
+    /// MQTT address of each node.
+    pub mqtt: BTreeMap<NodeId, String>,
+    /// REST address of each node.
+    pub http: BTreeMap<NodeId, String>,
     pub partitions: u32,
     procs: HashMap<NodeId, Child>,
 }
@@ -77,15 +84,17 @@ pub struct ProcCluster {
 impl ProcCluster {
     /// Starts `n` nodes with `partitions` partitions and waits until every partition has a leader.
     pub async fn start(n: usize, partitions: u32) -> anyhow::Result<ProcCluster> {
-        let ports = free_ports(n);
-        let addrs: BTreeMap<NodeId, String> = ports
-            .iter()
-            .enumerate()
-            .map(|(i, p)| (i as NodeId + 1, format!("127.0.0.1:{p}")))
-            .collect();
+        let ports = free_ports(3 * n);
+        let addrs_of = |k: usize| -> BTreeMap<NodeId, String> {
+            (0..n)
+                .map(|i| (i as NodeId + 1, format!("127.0.0.1:{}", ports[k * n + i])))
+                .collect()
+        };
         let mut c = ProcCluster {
             dir: tempfile::tempdir()?,
-            addrs,
+            addrs: addrs_of(0),
+            mqtt: addrs_of(1),
+            http: addrs_of(2),
             partitions,
             procs: HashMap::new(),
         };
@@ -109,6 +118,7 @@ impl ProcCluster {
             .arg("--data-dir")
             .arg(self.data_dir(id))
             .args(["--partitions", &self.partitions.to_string()])
+            .args(["--mqtt-listen", &self.mqtt[&id], "--http-listen", &self.http[&id]])
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
@@ -367,4 +377,127 @@ pub async fn check_replicas(
         );
     }
     Ok(total)
+}
+
+/// The REST API of a node, called through `curl` as a user would.
+#[derive(Clone)]
+pub struct Rest {
+    pub base: String,
+    pub token: Option<String>,
+}
+
+impl Rest {
+    pub fn new(addr: &str) -> Rest {
+        Rest {
+            base: format!("http://{addr}"),
+            token: None,
+        }
+    }
+
+    /// Logs in as `user`, retrying while the node is still starting.
+    pub async fn login(addr: &str, user: &str, password: &str) -> anyhow::Result<Rest> {
+        let mut r = Rest::new(addr);
+        let body = serde_json::json!({"username": user, "password": password}).to_string();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match r.call("POST", "/api/auth/login", Some(&body)) {
+                Ok((200, v)) => {
+                    r.token = v["token"].as_str().map(String::from);
+                    anyhow::ensure!(r.token.is_some(), "login reply without token: {v}");
+                    return Ok(r);
+                }
+                other if std::time::Instant::now() > deadline => anyhow::bail!("login failed: {other:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// `method path` with an optional JSON body; returns the status and the parsed body
+    /// (`Null` when empty, a string when not JSON).
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> anyhow::Result<(u16, serde_json::Value)> {
+        let mut cmd = Command::new("curl");
+        cmd.args([
+            "-s",
+            "-X",
+            method,
+            "-H",
+            "Content-Type: application/json",
+            "-w",
+            "\n%{http_code}",
+        ]);
+        if let Some(t) = &self.token {
+            cmd.args(["-H", &format!("X-Authorization: Bearer {t}")]);
+        }
+        if let Some(b) = body {
+            cmd.args(["--data-binary", b]);
+        }
+        cmd.arg(format!("{}{}", self.base, path));
+        let out = cmd.output().context("running curl")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let code: u16 = code
+            .trim()
+            .parse()
+            .with_context(|| format!("curl output {text:?}"))?;
+        anyhow::ensure!(code != 0, "no HTTP answer from {}", self.base);
+        let v = if body.trim().is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(body).unwrap_or_else(|_| serde_json::Value::String(body.to_string()))
+        };
+        Ok((code, v))
+    }
+
+    /// Creates a device with the given access token; returns its id.
+    pub fn create_device(&self, name: &str, token: &str) -> anyhow::Result<String> {
+        let body = serde_json::json!({"name": name, "type": "default"}).to_string();
+        let (code, v) = self.call("POST", &format!("/api/device?accessToken={token}"), Some(&body))?;
+        anyhow::ensure!(code == 200, "device create: {code} {v}");
+        v["id"]["id"].as_str().map(String::from).context("device id")
+    }
+
+    /// Latest telemetry of a device (values as ThingsBoard's strings).
+    pub fn latest(&self, device: &str) -> anyhow::Result<serde_json::Value> {
+        let (code, v) = self.call(
+            "GET",
+            &format!("/api/plugins/telemetry/DEVICE/{device}/values/timeseries"),
+            None,
+        )?;
+        anyhow::ensure!(code == 200, "latest: {code} {v}");
+        Ok(v)
+    }
+
+    /// Polls `f` on the latest telemetry until it holds (true) or `timeout` passes (false).
+    pub async fn wait_latest(
+        &self,
+        device: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let v = self.latest(device)?;
+            if f(&v) || std::time::Instant::now() > deadline {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// Runs Debian's `mosquitto_pub` against `addr` with `args`; returns its exit code (for MQTT 5
+/// refusals it is the CONNACK reason code).
+pub fn mosquitto_pub(addr: &str, args: &[&str]) -> anyhow::Result<i32> {
+    let (host, port) = addr.rsplit_once(':').context("addr has no port")?;
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port])
+        .args(args)
+        .output()
+        .context("running mosquitto_pub (apt-get install mosquitto-clients)")?;
+    Ok(out.status.code().unwrap_or(-1))
 }

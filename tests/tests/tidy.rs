@@ -9,10 +9,31 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     BTreeMap::from([
         ("thingraft-proto", BTreeSet::new()),
         ("thingraft-log", BTreeSet::from(["thingraft-proto"])),
-        ("thingraft", BTreeSet::from(["thingraft-proto", "thingraft-log"])),
+        (
+            "thingraft-engine",
+            BTreeSet::from(["thingraft-proto", "thingraft-log"]),
+        ),
+        (
+            "thingraft-transport-mqtt",
+            BTreeSet::from(["thingraft-proto", "thingraft-log"]),
+        ),
+        (
+            "thingraft",
+            BTreeSet::from([
+                "thingraft-proto",
+                "thingraft-log",
+                "thingraft-engine",
+                "thingraft-transport-mqtt",
+            ]),
+        ),
         (
             "thingraft-tests",
-            BTreeSet::from(["thingraft-proto", "thingraft-log"]),
+            BTreeSet::from([
+                "thingraft-proto",
+                "thingraft-log",
+                "thingraft-engine",
+                "thingraft-transport-mqtt",
+            ]),
         ),
     ])
 }

@@ -1,0 +1,119 @@
+//! thingraft-engine: what the platform does with committed device messages.
+//!
+//! - [`registry`]: tenants, users, device profiles, devices, credentials — in the metadata
+//!   group's map.
+//! - [`shard`]: per partition, processing at the leader (outcomes) and applying on every
+//!   replica.
+//! - [`store`]: the local store (RocksDB) the shards fold into; latest values, history,
+//!   attributes.
+
+pub mod registry;
+pub mod shard;
+pub mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use thingraft_log::{Appended, LogError, LogHandle, Record};
+use thingraft_proto::records::{Ingest, PartitionRecord};
+use tokio::sync::watch;
+
+pub use registry::Registry;
+pub use store::Store;
+
+/// The engine of one node: a shard for each partition replica it holds.
+pub struct Engine {
+    log: LogHandle,
+    registry: Registry,
+    store: Arc<Store>,
+    applied: Vec<watch::Receiver<u64>>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The engine's API; cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    pub log: LogHandle,
+    pub registry: Registry,
+    pub store: Arc<Store>,
+    applied: Arc<Vec<watch::Receiver<u64>>>,
+}
+
+impl Engine {
+    /// Opens the local store under `dir` and starts a shard for every partition replica here.
+    pub fn start(log: LogHandle, dir: &Path) -> anyhow::Result<Engine> {
+        std::fs::create_dir_all(dir)?;
+        let store = Store::open(dir)?;
+        let (shutdown, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let mut applied = Vec::new();
+        for p in 0..log.partitions() {
+            let (tx, rx) = watch::channel(0);
+            applied.push(rx);
+            if log.watch_partition(p).is_err() {
+                continue; // no replica of this partition here
+            }
+            let shard = shard::Shard {
+                partition: p,
+                log: log.clone(),
+                store: store.clone(),
+                applied_tx: tx,
+            };
+            tasks.push(tokio::spawn(shard.run(shutdown.subscribe())));
+        }
+        Ok(Engine {
+            registry: Registry::new(log.clone()),
+            log,
+            store,
+            applied,
+            shutdown,
+            tasks,
+        })
+    }
+
+    pub fn handle(&self) -> EngineHandle {
+        EngineHandle {
+            log: self.log.clone(),
+            registry: self.registry.clone(),
+            store: self.store.clone(),
+            applied: Arc::new(self.applied.clone()),
+        }
+    }
+
+    pub async fn shutdown(self) {
+        self.shutdown.send_replace(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Appends an ingest record to its device's partition; returns once committed.
+    pub async fn submit(&self, ingest: &Ingest) -> Result<Appended, LogError> {
+        let p = self.log.partition_for_key(&ingest.device);
+        let rec = PartitionRecord::Ingest(ingest.clone()).encode();
+        self.log
+            .append(p, vec![Record::new(ingest.device.to_vec(), rec)])
+            .await
+    }
+
+    /// Waits until this replica has applied the partition of `device` past `offset`.
+    pub async fn wait_applied(&self, device: &[u8; 16], offset: u64, timeout: std::time::Duration) -> bool {
+        let p = self.log.partition_for_key(device) as usize;
+        let Some(rx) = self.applied.get(p) else {
+            return false;
+        };
+        let mut rx = rx.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|v| *v > offset))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// Resolves once `rx` reads true (or its sender is gone). The borrow of the value ends inside,
+/// so callers' futures stay `Send`.
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

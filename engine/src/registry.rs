@@ -1,0 +1,568 @@
+//! The entity registry: tenants, customers, users, device profiles, devices and their
+//! credentials, held in the metadata group's map (DESIGN invariant 5), so every node reads it
+//! locally and every change is a committed, atomic [`MetaTxn`].
+//!
+//! Uniqueness (a device name per tenant, an access token, a user's email) is enforced by
+//! index keys that a transaction requires to be absent; the check runs at apply, in log order,
+//! so two nodes creating the same name at once cannot both succeed.
+//!
+//! Keys: `reg/tenant/<id>`, `reg/customer/<id>`, `reg/user/<id>`, `reg/email/<email>`,
+//! `reg/profile/<id>`, `reg/profile_name/<tenant>/<name>`, `reg/device/<id>`,
+//! `reg/device_name/<tenant>/<name>`, `reg/cred/<device id>`, `reg/token/<token>`,
+//! `reg/seeded`.
+
+use bytes::Bytes;
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use thingraft_log::{LogError, LogHandle, MetaCheck, MetaOp, MetaTxn};
+use thingraft_proto::records::{DeviceRef, token_key};
+use uuid::Uuid;
+
+/// ThingsBoard's id of "no customer".
+pub const NULL_UUID: Uuid = Uuid::from_u128(0x13814000_1dd2_11b2_8080_808080808080);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Authority {
+    SysAdmin,
+    TenantAdmin,
+    CustomerUser,
+}
+
+impl Authority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Authority::SysAdmin => "SYS_ADMIN",
+            Authority::TenantAdmin => "TENANT_ADMIN",
+            Authority::CustomerUser => "CUSTOMER_USER",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tenant {
+    pub id: Uuid,
+    pub title: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Customer {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub title: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub id: Uuid,
+    /// [`Uuid::nil`] for the system administrator.
+    pub tenant_id: Uuid,
+    /// [`NULL_UUID`] unless a customer user.
+    pub customer_id: Uuid,
+    pub email: String,
+    pub authority: Authority,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub password_hash: String,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceProfile {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub name: String,
+    pub description: Option<String>,
+    pub is_default: bool,
+    pub created_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Device {
+    pub id: Uuid,
+    pub tenant_id: Uuid,
+    pub customer_id: Uuid,
+    pub name: String,
+    /// The device profile's name (ThingsBoard's `type`).
+    pub device_type: String,
+    pub label: Option<String>,
+    pub profile_id: Uuid,
+    /// JSON text of `additionalInfo` (`null` when absent).
+    pub additional_info: String,
+    pub created_ms: i64,
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CredentialsType {
+    AccessToken,
+    MqttBasic,
+    X509Certificate,
+}
+
+impl CredentialsType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CredentialsType::AccessToken => "ACCESS_TOKEN",
+            CredentialsType::MqttBasic => "MQTT_BASIC",
+            CredentialsType::X509Certificate => "X509_CERTIFICATE",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub id: Uuid,
+    pub device_id: Uuid,
+    pub kind: CredentialsType,
+    /// The access token (ACCESS_TOKEN) or the lookup hash (MQTT_BASIC, X509).
+    pub credentials_id: String,
+    /// JSON text of the value (MQTT_BASIC), PEM (X509), or `None`.
+    pub value: Option<String>,
+    pub created_ms: i64,
+    pub version: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Log(#[from] LogError),
+}
+
+/// A new device, as the REST API asks for it.
+#[derive(Debug, Clone, Default)]
+pub struct NewDevice {
+    pub tenant_id: Uuid,
+    pub customer_id: Option<Uuid>,
+    pub name: String,
+    pub device_type: Option<String>,
+    pub label: Option<String>,
+    pub profile_id: Option<Uuid>,
+    pub additional_info: Option<String>,
+    pub access_token: Option<String>,
+}
+
+fn enc<T: Serialize>(v: &T) -> Bytes {
+    postcard::to_stdvec(v).expect("postcard encode").into()
+}
+
+fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
+    match postcard::from_bytes(b) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            tracing::error!(error = %e, "undecodable registry entry");
+            None
+        }
+    }
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// ThingsBoard's default access token: 20 random alphanumerics.
+pub fn random_token() -> String {
+    const CHARS: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..20)
+        .map(|_| CHARS[rng.random_range(0..CHARS.len())] as char)
+        .collect()
+}
+
+/// Seed accounts of a first start (ThingsBoard's documented demo credentials by default).
+#[derive(Debug, Clone)]
+pub struct Seed {
+    pub sysadmin: (String, String),
+    pub tenant_admin: (String, String),
+    pub customer_user: (String, String),
+}
+
+impl Default for Seed {
+    fn default() -> Self {
+        Self {
+            sysadmin: ("sysadmin@thingsboard.org".into(), "sysadmin".into()),
+            tenant_admin: ("tenant@thingsboard.org".into(), "tenant".into()),
+            customer_user: ("customer@thingsboard.org".into(), "customer".into()),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Registry {
+    log: LogHandle,
+}
+
+impl Registry {
+    pub fn new(log: LogHandle) -> Self {
+        Self { log }
+    }
+
+    fn get<T: for<'a> Deserialize<'a>>(&self, key: &str) -> Option<T> {
+        self.log.meta_get(key).and_then(|b| dec(&b))
+    }
+
+    fn get_id(&self, key: &str) -> Option<Uuid> {
+        self.get::<Uuid>(key)
+    }
+
+    /// Creates the seed tenant, customer, users and default profile unless a previous start
+    /// (of this node or any other) already did. `hash` turns a password into its stored form.
+    pub async fn seed(&self, seed: &Seed, hash: impl Fn(&str) -> String) -> Result<bool, RegistryError> {
+        if self.log.meta_get("reg/seeded").is_some() {
+            return Ok(false);
+        }
+        let now = now_ms();
+        let tenant = Tenant {
+            id: Uuid::new_v4(),
+            title: "Tenant".into(),
+            created_ms: now,
+        };
+        let customer = Customer {
+            id: Uuid::new_v4(),
+            tenant_id: tenant.id,
+            title: "Customer A".into(),
+            created_ms: now,
+        };
+        let user = |email: &str, pw: &str, authority, tenant_id, customer_id| User {
+            id: Uuid::new_v4(),
+            tenant_id,
+            customer_id,
+            email: email.to_lowercase(),
+            authority,
+            first_name: None,
+            last_name: None,
+            password_hash: hash(pw),
+            created_ms: now,
+        };
+        let users = [
+            user(
+                &seed.sysadmin.0,
+                &seed.sysadmin.1,
+                Authority::SysAdmin,
+                Uuid::nil(),
+                NULL_UUID,
+            ),
+            user(
+                &seed.tenant_admin.0,
+                &seed.tenant_admin.1,
+                Authority::TenantAdmin,
+                tenant.id,
+                NULL_UUID,
+            ),
+            user(
+                &seed.customer_user.0,
+                &seed.customer_user.1,
+                Authority::CustomerUser,
+                tenant.id,
+                customer.id,
+            ),
+        ];
+        let profile = DeviceProfile {
+            id: Uuid::new_v4(),
+            tenant_id: tenant.id,
+            name: "default".into(),
+            description: Some("Default device profile".into()),
+            is_default: true,
+            created_ms: now,
+        };
+        let mut ops = vec![
+            MetaOp::Put("reg/seeded".into(), enc(&now)),
+            MetaOp::Put(format!("reg/tenant/{}", tenant.id), enc(&tenant)),
+            MetaOp::Put(format!("reg/customer/{}", customer.id), enc(&customer)),
+        ];
+        ops.extend(profile_ops(&profile));
+        for u in &users {
+            ops.push(MetaOp::Put(format!("reg/user/{}", u.id), enc(u)));
+            ops.push(MetaOp::Put(format!("reg/email/{}", u.email), enc(&u.id)));
+        }
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Absent("reg/seeded".into())],
+                ops,
+            })
+            .await?;
+        if r.applied {
+            tracing::info!(tenant = %tenant.id, "registry seeded");
+        }
+        Ok(r.applied)
+    }
+
+    /// A random secret shared by the whole cluster (created by the first node that asks).
+    pub async fn shared_secret(&self, name: &str) -> Result<Vec<u8>, RegistryError> {
+        let key = format!("reg/secret/{name}");
+        if let Some(v) = self.log.meta_get(&key) {
+            return Ok(v.to_vec());
+        }
+        let mut secret = vec![0u8; 64];
+        rand::rng().fill(&mut secret[..]);
+        self.log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Absent(key.clone())],
+                ops: vec![MetaOp::Put(key.clone(), secret.into())],
+            })
+            .await?;
+        self.log
+            .meta_get(&key)
+            .map(|v| v.to_vec())
+            .ok_or(RegistryError::NotFound(key))
+    }
+
+    pub fn user_by_email(&self, email: &str) -> Option<User> {
+        let id = self.get_id(&format!("reg/email/{}", email.to_lowercase()))?;
+        self.user(id)
+    }
+
+    pub fn user(&self, id: Uuid) -> Option<User> {
+        self.get(&format!("reg/user/{id}"))
+    }
+
+    pub fn tenant(&self, id: Uuid) -> Option<Tenant> {
+        self.get(&format!("reg/tenant/{id}"))
+    }
+
+    pub fn profile(&self, id: Uuid) -> Option<DeviceProfile> {
+        self.get(&format!("reg/profile/{id}"))
+    }
+
+    pub fn profile_by_name(&self, tenant: Uuid, name: &str) -> Option<DeviceProfile> {
+        let id = self.get_id(&format!("reg/profile_name/{tenant}/{name}"))?;
+        self.profile(id)
+    }
+
+    pub fn default_profile(&self, tenant: Uuid) -> Option<DeviceProfile> {
+        self.profile_by_name(tenant, "default")
+    }
+
+    /// Creates a device profile named `name` in `tenant` (or returns the existing one).
+    pub async fn ensure_profile(&self, tenant: Uuid, name: &str) -> Result<DeviceProfile, RegistryError> {
+        if let Some(p) = self.profile_by_name(tenant, name) {
+            return Ok(p);
+        }
+        let p = DeviceProfile {
+            id: Uuid::new_v4(),
+            tenant_id: tenant,
+            name: name.into(),
+            description: None,
+            is_default: false,
+            created_ms: now_ms(),
+        };
+        self.log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Absent(format!("reg/profile_name/{tenant}/{name}"))],
+                ops: profile_ops(&p),
+            })
+            .await?;
+        // Whoever won a race, the profile of that name exists now.
+        self.profile_by_name(tenant, name)
+            .ok_or_else(|| RegistryError::NotFound(format!("device profile {name}")))
+    }
+
+    pub fn device(&self, id: Uuid) -> Option<Device> {
+        self.get(&format!("reg/device/{id}"))
+    }
+
+    pub fn device_by_name(&self, tenant: Uuid, name: &str) -> Option<Device> {
+        let id = self.get_id(&format!("reg/device_name/{tenant}/{name}"))?;
+        self.device(id)
+    }
+
+    /// The devices of a tenant, by name; at most `max`.
+    pub fn devices(&self, tenant: Uuid, max: usize) -> Vec<Device> {
+        self.log
+            .meta_scan(&format!("reg/device_name/{tenant}/"), max)
+            .into_iter()
+            .filter_map(|(_, id)| dec::<Uuid>(&id))
+            .filter_map(|id| self.device(id))
+            .collect()
+    }
+
+    pub fn credentials(&self, device: Uuid) -> Option<Credentials> {
+        self.get(&format!("reg/cred/{device}"))
+    }
+
+    /// The device an access token belongs to.
+    pub fn device_by_token(&self, token: &str) -> Option<DeviceRef> {
+        self.log
+            .meta_get(&token_key(token))
+            .and_then(|b| DeviceRef::decode(&b).ok())
+    }
+
+    pub async fn create_device(&self, new: NewDevice) -> Result<(Device, Credentials), RegistryError> {
+        let name = new.name.trim().to_string();
+        if name.is_empty() {
+            return Err(RegistryError::Invalid("Device name should be specified!".into()));
+        }
+        let profile = match (new.profile_id, &new.device_type) {
+            (Some(id), _) => self
+                .profile(id)
+                .filter(|p| p.tenant_id == new.tenant_id)
+                .ok_or_else(|| RegistryError::Invalid("Device profile is not found!".into()))?,
+            (None, Some(t)) if !t.is_empty() => self.ensure_profile(new.tenant_id, t).await?,
+            _ => self
+                .default_profile(new.tenant_id)
+                .ok_or_else(|| RegistryError::NotFound("default device profile".into()))?,
+        };
+        let token = match new.access_token {
+            Some(t) if t.is_empty() || t.len() > 128 || t.contains('/') => {
+                return Err(RegistryError::Invalid("Invalid access token".into()));
+            }
+            Some(t) => t,
+            None => random_token(),
+        };
+        let now = now_ms();
+        let device = Device {
+            id: Uuid::new_v4(),
+            tenant_id: new.tenant_id,
+            customer_id: new.customer_id.unwrap_or(NULL_UUID),
+            name,
+            device_type: profile.name.clone(),
+            label: new.label,
+            profile_id: profile.id,
+            additional_info: new.additional_info.unwrap_or_else(|| "null".into()),
+            created_ms: now,
+            version: 1,
+        };
+        let creds = Credentials {
+            id: Uuid::new_v4(),
+            device_id: device.id,
+            kind: CredentialsType::AccessToken,
+            credentials_id: token,
+            value: None,
+            created_ms: now,
+            version: 1,
+        };
+        let name_key = format!("reg/device_name/{}/{}", device.tenant_id, device.name);
+        let tk = token_key(&creds.credentials_id);
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Absent(name_key.clone()), MetaCheck::Absent(tk.clone())],
+                ops: vec![
+                    MetaOp::Put(format!("reg/device/{}", device.id), enc(&device)),
+                    MetaOp::Put(name_key, enc(&device.id)),
+                    MetaOp::Put(format!("reg/cred/{}", device.id), enc(&creds)),
+                    MetaOp::Put(tk, device_ref(&device, "").encode().into()),
+                ],
+            })
+            .await?;
+        match r.failed_check {
+            None => Ok((device, creds)),
+            Some(0) => Err(RegistryError::Conflict(
+                "Device with such name already exists!".into(),
+            )),
+            Some(_) => Err(RegistryError::Conflict(
+                "Device credentials are already assigned to another device!".into(),
+            )),
+        }
+    }
+
+    /// Deletes a device, its name index and its credentials; transports drop its sessions when
+    /// they see the token disappear.
+    pub async fn delete_device(&self, id: Uuid) -> Result<Device, RegistryError> {
+        let key = format!("reg/device/{id}");
+        let current = self
+            .log
+            .meta_get(&key)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{id}] is not found")))?;
+        let device: Device = dec(&current).ok_or_else(|| RegistryError::NotFound(key.clone()))?;
+        let mut ops = vec![
+            MetaOp::Delete(key.clone()),
+            MetaOp::Delete(format!("reg/device_name/{}/{}", device.tenant_id, device.name)),
+            MetaOp::Delete(format!("reg/cred/{id}")),
+        ];
+        if let Some(c) = self.credentials(id) {
+            ops.push(MetaOp::Delete(token_key(&c.credentials_id)));
+        }
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Equals(key, current)],
+                ops,
+            })
+            .await?;
+        if !r.applied {
+            return Err(RegistryError::Conflict(
+                "device changed concurrently; retry".into(),
+            ));
+        }
+        Ok(device)
+    }
+
+    /// Replaces a device's access token.
+    pub async fn update_token(&self, device_id: Uuid, token: String) -> Result<Credentials, RegistryError> {
+        if token.is_empty() || token.len() > 128 || token.contains('/') {
+            return Err(RegistryError::Invalid("Invalid access token".into()));
+        }
+        let device = self
+            .device(device_id)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device_id}] is not found")))?;
+        let ckey = format!("reg/cred/{device_id}");
+        let current = self
+            .log
+            .meta_get(&ckey)
+            .ok_or_else(|| RegistryError::NotFound("device credentials".into()))?;
+        let old: Credentials = dec(&current).ok_or_else(|| RegistryError::NotFound(ckey.clone()))?;
+        if old.credentials_id == token {
+            return Ok(old);
+        }
+        let new = Credentials {
+            credentials_id: token,
+            kind: CredentialsType::AccessToken,
+            value: None,
+            version: old.version + 1,
+            ..old.clone()
+        };
+        let tk = token_key(&new.credentials_id);
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![
+                    MetaCheck::Equals(ckey.clone(), current),
+                    MetaCheck::Absent(tk.clone()),
+                ],
+                ops: vec![
+                    MetaOp::Delete(token_key(&old.credentials_id)),
+                    MetaOp::Put(tk, device_ref(&device, "").encode().into()),
+                    MetaOp::Put(ckey, enc(&new)),
+                ],
+            })
+            .await?;
+        match r.failed_check {
+            None => Ok(new),
+            Some(0) => Err(RegistryError::Conflict(
+                "credentials changed concurrently; retry".into(),
+            )),
+            Some(_) => Err(RegistryError::Conflict(
+                "Device credentials are already assigned to another device!".into(),
+            )),
+        }
+    }
+}
+
+fn device_ref(d: &Device, password: &str) -> DeviceRef {
+    DeviceRef {
+        device: *d.id.as_bytes(),
+        tenant: *d.tenant_id.as_bytes(),
+        name: d.name.clone(),
+        device_type: d.device_type.clone(),
+        password: password.into(),
+    }
+}
+
+fn profile_ops(p: &DeviceProfile) -> Vec<MetaOp> {
+    vec![
+        MetaOp::Put(format!("reg/profile/{}", p.id), enc(p)),
+        MetaOp::Put(format!("reg/profile_name/{}/{}", p.tenant_id, p.name), enc(&p.id)),
+    ]
+}

@@ -1,0 +1,329 @@
+//! Devices, their credentials and the default device profile.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use thingraft_engine::registry::{Authority, Credentials, Device, DeviceProfile, NewDevice, RegistryError};
+use uuid::Uuid;
+
+use super::auth::ApiError;
+use super::{AppState, Caller, entity_id};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/device", post(save_device))
+        .route("/api/device/{id}", get(get_device).delete(delete_device))
+        .route("/api/device/{id}/credentials", get(get_credentials))
+        .route("/api/device/credentials", post(update_credentials))
+        .route("/api/tenant/devices", get(tenant_devices))
+        .route("/api/tenant/device", get(tenant_device))
+        .route("/api/deviceProfileInfo/default", get(default_profile_info))
+}
+
+pub fn device_json(d: &Device) -> Value {
+    let info: Value = serde_json::from_str(&d.additional_info).unwrap_or(Value::Null);
+    json!({
+        "id": entity_id("DEVICE", d.id),
+        "createdTime": d.created_ms,
+        "tenantId": entity_id("TENANT", d.tenant_id),
+        "customerId": entity_id("CUSTOMER", d.customer_id),
+        "name": d.name,
+        "type": d.device_type,
+        "label": d.label,
+        "deviceProfileId": entity_id("DEVICE_PROFILE", d.profile_id),
+        "deviceData": {"configuration": {"type": "DEFAULT"}, "transportConfiguration": {"type": "DEFAULT"}},
+        "firmwareId": null,
+        "softwareId": null,
+        "externalId": null,
+        "additionalInfo": info,
+        "version": d.version,
+    })
+}
+
+fn credentials_json(c: &Credentials) -> Value {
+    json!({
+        "id": {"id": c.id.to_string()},
+        "createdTime": c.created_ms,
+        "deviceId": entity_id("DEVICE", c.device_id),
+        "credentialsType": c.kind.as_str(),
+        "credentialsId": c.credentials_id,
+        "credentialsValue": c.value,
+        "version": c.version,
+    })
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Conflict(m) | RegistryError::Invalid(m) => ApiError::bad_request(m),
+        RegistryError::NotFound(m) => ApiError::not_found(m),
+        RegistryError::Log(e) => {
+            tracing::warn!(error = %e, "registry write failed");
+            ApiError::status(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("cluster unavailable: {e}"),
+                2,
+            )
+        }
+    }
+}
+
+fn parse_uuid(s: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("Invalid UUID string: {s}")))
+}
+
+fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
+    body.map(|Json(v)| v)
+        .map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
+async fn save_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    if caller.authority != Authority::TenantAdmin {
+        return Err(ApiError::forbidden(
+            "You don't have permission to perform this operation!",
+        ));
+    }
+    let body = json_body(body)?;
+    let name = body
+        .get("name")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Device name should be specified!"))?;
+    if body.get("id").and_then(|v| v.get("id")).is_some() {
+        // Updating an existing device is not offered yet; say so instead of creating a copy.
+        return Err(ApiError::bad_request("updating a device is not supported yet"));
+    }
+    let profile_id = match body
+        .get("deviceProfileId")
+        .and_then(|v| v.get("id"))
+        .and_then(Value::as_str)
+    {
+        Some(s) => Some(parse_uuid(s)?),
+        None => None,
+    };
+    let new = NewDevice {
+        tenant_id: caller.tenant_id,
+        customer_id: None,
+        name: name.to_string(),
+        device_type: body.get("type").and_then(Value::as_str).map(str::to_string),
+        label: body.get("label").and_then(Value::as_str).map(str::to_string),
+        profile_id,
+        additional_info: body
+            .get("additionalInfo")
+            .filter(|v| !v.is_null())
+            .map(Value::to_string),
+        access_token: q.get("accessToken").cloned(),
+    };
+    let (device, _) = state
+        .engine
+        .registry
+        .create_device(new)
+        .await
+        .map_err(registry_error)?;
+    tracing::info!(device = %device.id, name = %device.name, "device created");
+    Ok(Json(device_json(&device)))
+}
+
+async fn get_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let d = caller.device(&state, parse_uuid(&id)?)?;
+    Ok(Json(device_json(&d)))
+}
+
+async fn delete_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<(), ApiError> {
+    if caller.authority != Authority::TenantAdmin {
+        return Err(ApiError::forbidden(
+            "You don't have permission to perform this operation!",
+        ));
+    }
+    let d = caller.device(&state, parse_uuid(&id)?)?;
+    state
+        .engine
+        .registry
+        .delete_device(d.id)
+        .await
+        .map_err(registry_error)?;
+    tracing::info!(device = %d.id, "device deleted");
+    Ok(())
+}
+
+async fn get_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let d = caller.device(&state, parse_uuid(&id)?)?;
+    let c = state
+        .engine
+        .registry
+        .credentials(d.id)
+        .ok_or_else(|| ApiError::not_found("Device credentials are not found"))?;
+    Ok(Json(credentials_json(&c)))
+}
+
+async fn update_credentials(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    if caller.authority != Authority::TenantAdmin {
+        return Err(ApiError::forbidden(
+            "You don't have permission to perform this operation!",
+        ));
+    }
+    let body = json_body(body)?;
+    let device_id = body
+        .get("deviceId")
+        .and_then(|v| v.get("id"))
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("deviceId should be specified!"))?;
+    let d = caller.device(&state, parse_uuid(device_id)?)?;
+    match body.get("credentialsType").and_then(Value::as_str) {
+        Some("ACCESS_TOKEN") | None => {}
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "credentials type {other} is not supported yet"
+            )));
+        }
+    }
+    let token = body
+        .get("credentialsId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::bad_request("Device credentials id should be specified!"))?;
+    let c = state
+        .engine
+        .registry
+        .update_token(d.id, token.to_string())
+        .await
+        .map_err(registry_error)?;
+    Ok(Json(credentials_json(&c)))
+}
+
+fn visible(caller: &Caller, d: &Device) -> bool {
+    d.tenant_id == caller.tenant_id
+        && (caller.authority == Authority::TenantAdmin || d.customer_id == caller.customer_id)
+}
+
+async fn tenant_devices(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    if let Some(name) = q.get("deviceName") {
+        // tb-rest-client 3.x asks for one device by name on this path.
+        return tenant_device_by_name(&state, &caller, name).map(Json);
+    }
+    let page_size: usize = q
+        .get("pageSize")
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ApiError::bad_request("pageSize must be a number"))
+        })
+        .transpose()?
+        .unwrap_or(10);
+    let page: usize = q
+        .get("page")
+        .map(|s| {
+            s.parse()
+                .map_err(|_| ApiError::bad_request("page must be a number"))
+        })
+        .transpose()?
+        .unwrap_or(0);
+    if page_size == 0 {
+        return Err(ApiError::bad_request("pageSize must be positive"));
+    }
+    let text = q.get("textSearch").map(|s| s.to_lowercase());
+    let dtype = q.get("type").filter(|t| !t.is_empty());
+    const LISTED_MAX: usize = 1_000_000;
+    let mut all: Vec<Device> = state
+        .engine
+        .registry
+        .devices(caller.tenant_id, LISTED_MAX)
+        .into_iter()
+        .filter(|d| visible(&caller, d))
+        .filter(|d| dtype.is_none_or(|t| &d.device_type == t))
+        .filter(|d| {
+            text.as_ref()
+                .is_none_or(|t| d.name.to_lowercase().contains(t.as_str()))
+        })
+        .collect();
+    if q.get("sortOrder").is_some_and(|o| o.eq_ignore_ascii_case("DESC")) {
+        all.reverse();
+    }
+    let total = all.len();
+    let data: Vec<Value> = all
+        .iter()
+        .skip(page.saturating_mul(page_size))
+        .take(page_size)
+        .map(device_json)
+        .collect();
+    let total_pages = total.div_ceil(page_size);
+    Ok(Json(json!({
+        "data": data,
+        "totalPages": total_pages,
+        "totalElements": total,
+        "hasNext": (page + 1) < total_pages,
+    })))
+}
+
+fn tenant_device_by_name(state: &AppState, caller: &Caller, name: &str) -> Result<Value, ApiError> {
+    let d = state
+        .engine
+        .registry
+        .device_by_name(caller.tenant_id, name)
+        .filter(|d| visible(caller, d))
+        .ok_or_else(|| ApiError::not_found(format!("Device with name [{name}] is not found")))?;
+    Ok(device_json(&d))
+}
+
+async fn tenant_device(
+    State(state): State<AppState>,
+    caller: Caller,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    let name = q
+        .get("deviceName")
+        .ok_or_else(|| ApiError::bad_request("Required request parameter 'deviceName' is not present"))?;
+    tenant_device_by_name(&state, &caller, name).map(Json)
+}
+
+fn profile_info_json(p: &DeviceProfile) -> Value {
+    json!({
+        "id": entity_id("DEVICE_PROFILE", p.id),
+        "tenantId": entity_id("TENANT", p.tenant_id),
+        "name": p.name,
+        "image": null,
+        "defaultDashboardId": null,
+        "type": "DEFAULT",
+        "transportType": "DEFAULT",
+    })
+}
+
+async fn default_profile_info(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    let p = state
+        .engine
+        .registry
+        .default_profile(caller.tenant_id)
+        .ok_or_else(|| ApiError::not_found("Default device profile is not found"))?;
+    Ok(Json(profile_info_json(&p)))
+}

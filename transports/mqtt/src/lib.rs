@@ -1,0 +1,250 @@
+//! thingraft-transport-mqtt: ThingsBoard's MQTT device API (3.1.1 and 5) over the replicated
+//! log.
+//!
+//! - [`codec`]: MQTT 3.1.1 and 5 packets (on `mqttbytes`) behind one version-neutral type.
+//! - [`session`]: one device connection: auth, publishes → ingest records, PUBACK after
+//!   commit, downlinks.
+//! - this file: [`Transport`] (listener, credential cache, session table).
+//!
+//! Like every transport it depends on the log's append API and on the record formats in
+//! `thingraft-proto`, never on the engine: credentials are read from the metadata map that
+//! the registry writes.
+
+pub mod codec;
+pub mod session;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use thingraft_log::LogHandle;
+use thingraft_proto::records::{DeviceRef, EntityId, token_key};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::codec::{ConnackCode, Connect, DisconnectCode};
+
+/// The `[mqtt]` section of the node's config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Address of the MQTT listener; empty disables it.
+    pub listen: String,
+    /// Largest packet accepted (ThingsBoard: 65536).
+    pub max_packet_bytes: usize,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Messages of one session waiting for their append; at this bound the session stops
+    /// reading from its socket.
+    pub queued_messages_max: usize,
+    /// Credential lookups cached.
+    pub credential_cache_entries: u64,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:1883".into(),
+            max_packet_bytes: 65536,
+            connect_timeout_ms: 10_000,
+            queued_messages_max: 100,
+            credential_cache_entries: 100_000,
+        }
+    }
+}
+
+impl MqttConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.max_packet_bytes >= 1024,
+            "mqtt.max_packet_bytes must be >= 1024"
+        );
+        anyhow::ensure!(
+            self.queued_messages_max >= 1,
+            "mqtt.queued_messages_max must be >= 1"
+        );
+        anyhow::ensure!(
+            self.connect_timeout_ms >= 100,
+            "mqtt.connect_timeout_ms must be >= 100"
+        );
+        Ok(())
+    }
+}
+
+/// Something for a device session to do, sent by the node.
+#[derive(Debug, Clone)]
+pub enum Downlink {
+    Publish { topic: String, payload: bytes::Bytes },
+    Close(DisconnectCode),
+    CloseWith(DisconnectCode, String),
+}
+
+/// Open sessions by device, for downlinks.
+#[derive(Default)]
+pub struct Sessions {
+    by_device: Mutex<HashMap<EntityId, HashMap<u64, mpsc::Sender<Downlink>>>>,
+}
+
+impl Sessions {
+    fn register(&self, device: EntityId, session: u64, tx: mpsc::Sender<Downlink>) {
+        self.by_device
+            .lock()
+            .expect("sessions lock")
+            .entry(device)
+            .or_default()
+            .insert(session, tx);
+    }
+
+    fn unregister(&self, device: &EntityId, session: u64) {
+        let mut m = self.by_device.lock().expect("sessions lock");
+        if let Some(s) = m.get_mut(device) {
+            s.remove(&session);
+            if s.is_empty() {
+                m.remove(device);
+            }
+        }
+    }
+
+    /// Sends `d` to every session of `device`; returns how many took it.
+    pub fn send(&self, device: &EntityId, d: &Downlink) -> usize {
+        let m = self.by_device.lock().expect("sessions lock");
+        m.get(device)
+            .map(|s| s.values().filter(|tx| tx.try_send(d.clone()).is_ok()).count())
+            .unwrap_or(0)
+    }
+
+    pub fn count(&self) -> usize {
+        self.by_device
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(|s| s.len())
+            .sum()
+    }
+}
+
+/// The MQTT transport of one node.
+pub struct Transport {
+    pub config: MqttConfig,
+    pub log: LogHandle,
+    pub sessions: Sessions,
+    /// token → device (`None`: no such token); invalidated by registry changes.
+    credentials: moka::sync::Cache<String, Option<Arc<DeviceRef>>>,
+    session_seq: AtomicU64,
+    pkid_seq: AtomicU16,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Transport {
+    pub fn new(config: MqttConfig, log: LogHandle) -> Arc<Transport> {
+        let credentials = moka::sync::Cache::new(config.credential_cache_entries);
+        let t = Arc::new(Transport {
+            config,
+            log,
+            sessions: Sessions::default(),
+            credentials,
+            session_seq: AtomicU64::new(1),
+            pkid_seq: AtomicU16::new(1),
+            shutdown: watch::channel(false).0,
+        });
+        tokio::spawn(invalidate_on_changes(Arc::downgrade(&t), t.log.meta_changes()));
+        t
+    }
+
+    /// Accepts connections until [`Transport::shutdown`].
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut stop = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        tokio::spawn(session::run(self.clone(), stream, peer));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "MQTT accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                () = stopped(&mut stop) => return,
+            }
+        }
+    }
+
+    /// Closes the listener and every session.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn next_session_id(&self) -> u64 {
+        self.session_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn next_pkid(&self) -> u16 {
+        loop {
+            let p = self.pkid_seq.fetch_add(1, Ordering::Relaxed);
+            if p != 0 {
+                return p;
+            }
+        }
+    }
+
+    fn device_by_token(&self, token: &str) -> Option<Arc<DeviceRef>> {
+        self.credentials.get_with(token.to_string(), || {
+            self.log
+                .meta_get(&token_key(token))
+                .and_then(|b| DeviceRef::decode(&b).ok())
+                .map(Arc::new)
+        })
+    }
+
+    /// Access-token authentication (ThingsBoard: the username is the token); the CONNACK code
+    /// for a refusal follows ThingsBoard's `ReturnCodeResolver`.
+    fn authenticate(&self, c: &Connect) -> Result<DeviceRef, ConnackCode> {
+        if let Some(token) = c.username.as_deref().filter(|u| !u.is_empty())
+            && let Some(d) = self.device_by_token(token)
+        {
+            return Ok((*d).clone());
+        }
+        let user = c.username.as_deref().is_some_and(|u| !u.is_empty());
+        let pass = c.password.as_deref().is_some_and(|p| !p.is_empty());
+        let client = !c.client_id.is_empty();
+        Err(if (user && pass && client) || (user != pass) {
+            ConnackCode::BadUserNamePassword
+        } else if client && !user && !pass {
+            ConnackCode::ClientIdNotValid
+        } else {
+            ConnackCode::NotAuthorized
+        })
+    }
+}
+
+/// Drops cached credentials whose registry keys changed.
+async fn invalidate_on_changes(
+    t: std::sync::Weak<Transport>,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<Vec<String>>>,
+) {
+    loop {
+        let changed = rx.recv().await;
+        let Some(t) = t.upgrade() else { return };
+        match changed {
+            Ok(keys) if !keys.is_empty() => {
+                for k in keys.iter() {
+                    if let Some(token) = k.strip_prefix("reg/token/") {
+                        t.credentials.invalidate(token);
+                    }
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                t.credentials.invalidate_all()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Resolves once `rx` reads true (or its sender is gone). The borrow of the value ends inside,
+/// so callers' futures stay `Send`.
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
