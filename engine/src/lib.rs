@@ -19,6 +19,16 @@ use thingraft_proto::records::{Ingest, PartitionRecord};
 use tokio::sync::watch;
 
 pub use registry::Registry;
+
+/// Where downlinks go: the node's transports and its peers'. `node: Some(id)` sends to that
+/// node only; `None` to every node. Returns how many sessions took it.
+pub trait Downlinks: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        node: Option<u64>,
+        d: thingraft_proto::records::Deliver,
+    ) -> futures::future::BoxFuture<'static, u32>;
+}
 pub use store::Store;
 
 /// The engine of one node: a shard for each partition replica it holds.
@@ -42,7 +52,7 @@ pub struct EngineHandle {
 
 impl Engine {
     /// Opens the local store under `dir` and starts a shard for every partition replica here.
-    pub fn start(log: LogHandle, dir: &Path) -> anyhow::Result<Engine> {
+    pub fn start(log: LogHandle, dir: &Path, downlinks: Arc<dyn Downlinks>) -> anyhow::Result<Engine> {
         std::fs::create_dir_all(dir)?;
         let store = Store::open(dir)?;
         let (shutdown, _) = watch::channel(false);
@@ -59,6 +69,7 @@ impl Engine {
                 log: log.clone(),
                 store: store.clone(),
                 applied_tx: tx,
+                downlinks: downlinks.clone(),
             };
             tasks.push(tokio::spawn(shard.run(shutdown.subscribe())));
         }
@@ -97,6 +108,34 @@ impl EngineHandle {
         self.log
             .append(p, vec![Record::new(ingest.device.to_vec(), rec)])
             .await
+    }
+
+    /// Waits until this replica's state of RPC `uuid` satisfies `done`, or until `deadline`;
+    /// returns the last state seen.
+    pub async fn wait_rpc(
+        &self,
+        device: &[u8; 16],
+        uuid: &[u8; 16],
+        deadline: tokio::time::Instant,
+        done: impl Fn(&store::RpcState) -> bool,
+    ) -> anyhow::Result<Option<store::RpcState>> {
+        let p = self.log.partition_for_key(device) as usize;
+        let mut rx = self
+            .applied
+            .get(p)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no replica of partition {p} here"))?;
+        loop {
+            rx.borrow_and_update();
+            let r = self.store.rpc(uuid)?;
+            if r.as_ref().is_some_and(&done) {
+                return Ok(r);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(r),
+            }
+        }
     }
 
     /// Waits until this replica has applied the partition of `device` past `offset`.

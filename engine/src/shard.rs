@@ -16,10 +16,13 @@ use std::time::Duration;
 
 use thingraft_log::{LogHandle, Record};
 use thingraft_proto::device::Value;
-use thingraft_proto::records::{EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, Scope};
-use tokio::sync::watch;
+use thingraft_proto::records::{
+    Deliver, DownlinkMsg, EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, RpcStatus, Scope, SessionRef,
+};
+use tokio::sync::{mpsc, watch};
 
-use crate::store::{Batch, Progress, Store};
+use crate::Downlinks;
+use crate::store::{Batch, Progress, RpcState, Store};
 
 /// Ingest records held in memory between their commit and their outcome; beyond this the
 /// shard forgets them and re-reads them from the log when their outcome arrives.
@@ -31,6 +34,24 @@ pub struct Shard {
     pub store: Arc<Store>,
     /// `processed_upto` after each apply, for readers that wait for their write.
     pub applied_tx: watch::Sender<u64>,
+    pub downlinks: Arc<dyn Downlinks>,
+}
+
+/// External work an applied input asks for, done by the partition's leader only.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Push shared attributes to the device's subscribed sessions.
+    AttributeUpdate { device: EntityId, json: String },
+    /// Answer a session's attribute request from the store.
+    AttributeResponse {
+        device: EntityId,
+        session: SessionRef,
+        request_id: u32,
+        client_keys: Option<Vec<String>>,
+        shared_keys: Option<Vec<String>>,
+    },
+    /// Deliver a server-side RPC (or queue it until a session subscribes).
+    Rpc(RpcState),
 }
 
 struct State {
@@ -63,6 +84,19 @@ impl Shard {
             last_ingest: None,
         };
         self.applied_tx.send_replace(st.processed_upto);
+        let (actions_tx, actions_rx) = mpsc::channel(1024);
+        let actor = tokio::spawn(
+            Leader {
+                partition: p,
+                log: self.log.clone(),
+                store: self.store.clone(),
+                downlinks: self.downlinks.clone(),
+                queued: Vec::new(),
+                awaiting: Vec::new(),
+            }
+            .run(actions_rx),
+        );
+        let _abort_actor = AbortOnDrop(actor);
         let mut tail = self.log.tail(p, st.processed_upto)?;
         let mut proposed_upto = st.processed_upto;
         let mut in_flight: Option<tokio::task::JoinHandle<bool>> = None;
@@ -73,7 +107,7 @@ impl Shard {
                 batch = tail.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
                     let batch = batch?;
-                    self.absorb(&mut st, batch.records)?;
+                    self.absorb(&mut st, batch.records, &actions_tx).await?;
                 }
                 ok = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     in_flight = None;
@@ -110,9 +144,15 @@ impl Shard {
 
     /// Takes committed records from the tail: keeps ingest records until their outcome, applies
     /// outcomes.
-    fn absorb(&self, st: &mut State, records: Vec<thingraft_log::StoredRecord>) -> anyhow::Result<()> {
+    async fn absorb(
+        &self,
+        st: &mut State,
+        records: Vec<thingraft_log::StoredRecord>,
+        actions_tx: &mpsc::Sender<Action>,
+    ) -> anyhow::Result<()> {
         let mut batch = Batch::default();
         let mut applied_any = false;
+        let mut actions = Vec::new();
         for r in records {
             st.seen_upto = r.offset + 1;
             match PartitionRecord::decode(&r.value) {
@@ -131,7 +171,11 @@ impl Shard {
                     }
                     let from = o.from.max(st.processed_upto);
                     let inputs = self.take(st, from, o.to)?;
-                    apply_default(&self.store, &mut batch, &inputs);
+                    let acts = apply_default(&self.store, &mut batch, &inputs);
+                    // Only the leader that processed the range acts on it, once.
+                    if self.log.leader_term(self.partition) == Some(o.term) {
+                        actions.extend(acts);
+                    }
                     st.processed_upto = o.to;
                     applied_any = true;
                 }
@@ -151,6 +195,12 @@ impl Shard {
             );
             self.store.write(batch)?;
             self.applied_tx.send_replace(st.processed_upto);
+        }
+        for a in actions {
+            // A full queue slows applying down rather than dropping the action.
+            if actions_tx.send(a).await.is_err() {
+                break;
+            }
         }
         Ok(())
     }
@@ -195,10 +245,12 @@ impl Shard {
     }
 }
 
-/// The effect of the default root rule chain on each input, in order.
-fn apply_default(store: &Store, batch: &mut Batch, inputs: &[Ingest]) {
+/// The effect of the default root rule chain on each input, in order; returns the external
+/// actions the leader owes.
+fn apply_default(store: &Store, batch: &mut Batch, inputs: &[Ingest]) -> Vec<Action> {
     // Device activity, once per device per batch: the latest time wins.
     let mut activity: HashMap<EntityId, i64> = HashMap::new();
+    let mut actions = Vec::new();
     for i in inputs {
         let d = &i.device;
         match &i.msg {
@@ -217,6 +269,74 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[Ingest]) {
             IngestMsg::SaveAttributes { scope, values } => {
                 for (k, v) in values {
                     batch.attribute(d, *scope, k, i.ts_ms, v);
+                }
+                if *scope == Scope::Shared {
+                    let obj: serde_json::Map<String, serde_json::Value> =
+                        values.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                    actions.push(Action::AttributeUpdate {
+                        device: *d,
+                        json: serde_json::Value::Object(obj).to_string(),
+                    });
+                }
+            }
+            IngestMsg::AttributeRequest {
+                request_id,
+                client_keys,
+                shared_keys,
+            } => {
+                if let Some(session) = i.session {
+                    actions.push(Action::AttributeResponse {
+                        device: *d,
+                        session,
+                        request_id: *request_id,
+                        client_keys: client_keys.clone(),
+                        shared_keys: shared_keys.clone(),
+                    });
+                }
+            }
+            IngestMsg::RpcRequest {
+                uuid,
+                method,
+                params,
+                oneway,
+                persistent,
+                expiration_ms,
+            } => {
+                if batch.rpc(store, uuid).is_none() {
+                    let r = RpcState {
+                        uuid: *uuid,
+                        device: *d,
+                        tenant: i.tenant,
+                        id: batch.next_rpc_id(store, d),
+                        method: method.clone(),
+                        params: params.clone(),
+                        oneway: *oneway,
+                        persistent: *persistent,
+                        expiration_ms: *expiration_ms,
+                        created_ms: i.ts_ms,
+                        status: RpcStatus::Queued,
+                        response: None,
+                    };
+                    batch.put_rpc(r.clone());
+                    actions.push(Action::Rpc(r));
+                }
+            }
+            IngestMsg::RpcResponse { id, payload } => {
+                if let Some(mut r) = batch.rpc_by_id(store, d, *id)
+                    && !r.status.is_final()
+                {
+                    r.status = RpcStatus::Successful;
+                    r.response = Some(payload.clone());
+                    batch.put_rpc(r);
+                }
+            }
+            IngestMsg::RpcStatus { uuid, status } => {
+                if let Some(mut r) = batch.rpc(store, uuid)
+                    && !r.status.is_final()
+                    && r.status != *status
+                {
+                    r.status = *status;
+                    batch.put_rpc(r);
                 }
             }
             IngestMsg::Connect => {
@@ -246,5 +366,185 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[Ingest]) {
     }
     for (d, ts) in activity {
         batch.attribute(&d, Scope::Server, "lastActivityTime", ts, &Value::Long(ts));
+    }
+    actions
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The partition leader's side of a shard: carries out [`Action`]s and keeps RPCs that no
+/// session could take until one can, or until they expire.
+struct Leader {
+    partition: u32,
+    log: LogHandle,
+    store: Arc<Store>,
+    downlinks: Arc<dyn Downlinks>,
+    /// RPCs no session took yet.
+    queued: Vec<RpcState>,
+    /// Two-way RPCs delivered and waiting for the device's reply.
+    awaiting: Vec<RpcState>,
+}
+
+fn now_ms() -> i64 {
+    crate::registry::now_ms()
+}
+
+impl Leader {
+    async fn run(mut self, mut rx: mpsc::Receiver<Action>) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                a = rx.recv() => match a {
+                    Some(a) => self.act(a).await,
+                    None => return,
+                },
+                _ = tick.tick(), if !self.queued.is_empty() || !self.awaiting.is_empty() => self.retry_queued().await,
+            }
+        }
+    }
+
+    async fn act(&mut self, a: Action) {
+        match a {
+            Action::AttributeUpdate { device, json } => {
+                let d = Deliver {
+                    device,
+                    session: None,
+                    msg: DownlinkMsg::AttributeUpdate(json),
+                };
+                self.downlinks.deliver(None, d).await;
+            }
+            Action::AttributeResponse {
+                device,
+                session,
+                request_id,
+                client_keys,
+                shared_keys,
+            } => {
+                let json = match self.attribute_response(&device, client_keys, shared_keys) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        tracing::warn!(partition = self.partition, error = %e, "attribute response failed");
+                        return;
+                    }
+                };
+                let d = Deliver {
+                    device,
+                    session: Some(session.session),
+                    msg: DownlinkMsg::AttributeResponse { request_id, json },
+                };
+                self.downlinks.deliver(Some(session.node), d).await;
+            }
+            Action::Rpc(r) => {
+                if !self.deliver_rpc(&r).await {
+                    self.queued.push(r);
+                } else if !r.oneway {
+                    self.awaiting.push(r);
+                }
+            }
+        }
+    }
+
+    fn attribute_response(
+        &self,
+        device: &EntityId,
+        client_keys: Option<Vec<String>>,
+        shared_keys: Option<Vec<String>>,
+    ) -> anyhow::Result<String> {
+        let all = client_keys.is_none() && shared_keys.is_none();
+        let mut out = serde_json::Map::new();
+        for (name, scope, keys) in [
+            ("client", Scope::Client, client_keys),
+            ("shared", Scope::Shared, shared_keys),
+        ] {
+            let keys = match keys {
+                Some(k) => k,
+                None if all => Vec::new(),
+                None => continue,
+            };
+            // An empty list asks for nothing, unless nothing at all was asked (then: all).
+            if keys.is_empty() && !all {
+                continue;
+            }
+            let values = self.store.attributes(device, scope, &keys)?;
+            if !values.is_empty() {
+                let obj: serde_json::Map<String, serde_json::Value> = values
+                    .into_iter()
+                    .map(|(k, tv)| (k, tv.value.to_json()))
+                    .collect();
+                out.insert(name.into(), serde_json::Value::Object(obj));
+            }
+        }
+        Ok(serde_json::Value::Object(out).to_string())
+    }
+
+    /// Hands the RPC to the device's sessions; records DELIVERED when one took it.
+    async fn deliver_rpc(&self, r: &RpcState) -> bool {
+        let json = format!(
+            "{{\"method\":{},\"params\":{}}}",
+            serde_json::Value::String(r.method.clone()),
+            r.params
+        );
+        let d = Deliver {
+            device: r.device,
+            session: None,
+            msg: DownlinkMsg::RpcRequest { id: r.id, json },
+        };
+        if self.downlinks.deliver(None, d).await == 0 {
+            return false;
+        }
+        self.record_status(r, RpcStatus::Delivered).await;
+        true
+    }
+
+    async fn record_status(&self, r: &RpcState, status: RpcStatus) {
+        let ingest = Ingest {
+            tenant: r.tenant,
+            device: r.device,
+            ts_ms: now_ms(),
+            session: None,
+            msg: IngestMsg::RpcStatus { uuid: r.uuid, status },
+        };
+        let rec = Record::new(r.device.to_vec(), PartitionRecord::Ingest(ingest).encode());
+        if let Err(e) = self.log.append(self.partition, vec![rec]).await {
+            tracing::warn!(partition = self.partition, error = %e, "rpc status not recorded");
+        }
+    }
+
+    async fn retry_queued(&mut self) {
+        let now = now_ms();
+        let queued = std::mem::take(&mut self.queued);
+        for r in queued {
+            if now >= r.expiration_ms {
+                self.record_status(&r, RpcStatus::Expired).await;
+            } else if !self.deliver_rpc(&r).await {
+                self.queued.push(r);
+            } else if !r.oneway {
+                self.awaiting.push(r);
+            }
+        }
+        let awaiting = std::mem::take(&mut self.awaiting);
+        for r in awaiting {
+            let answered = self
+                .store
+                .rpc(&r.uuid)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.status.is_final());
+            if answered {
+                continue;
+            }
+            if now >= r.expiration_ms {
+                self.record_status(&r, RpcStatus::Timeout).await;
+            } else {
+                self.awaiting.push(r);
+            }
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! - `h` device name ts → historical telemetry value
 //! - `a` device scope name → attribute (last update ts, value)
 //! - `p` partition → [`Progress`]
+//! - `r` rpc uuid → [`RpcState`]; `q` device id(u32) → rpc uuid; `n` device → next rpc id
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use std::sync::Arc;
 use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use thingraft_proto::device::Value;
-use thingraft_proto::records::{EntityId, Scope};
+use thingraft_proto::records::{EntityId, RpcStatus, Scope};
 
 /// How far a replica has folded a partition.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +33,47 @@ pub struct TsValue {
     pub value: Value,
 }
 
+/// A server-side RPC as every replica folds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpcState {
+    pub uuid: EntityId,
+    pub device: EntityId,
+    pub tenant: EntityId,
+    /// The per-device sequence number the device sees in its topic.
+    pub id: u32,
+    pub method: String,
+    /// JSON text.
+    pub params: String,
+    pub oneway: bool,
+    pub persistent: bool,
+    pub expiration_ms: i64,
+    pub created_ms: i64,
+    pub status: RpcStatus,
+    /// The device's reply (SUCCESSFUL).
+    pub response: Option<String>,
+}
+
 pub struct Store {
     db: DB,
+}
+
+fn rpc_key(uuid: &EntityId) -> Vec<u8> {
+    let mut k = vec![b'r'];
+    k.extend_from_slice(uuid);
+    k
+}
+
+fn rpc_id_key(device: &EntityId, id: u32) -> Vec<u8> {
+    let mut k = vec![b'q'];
+    k.extend_from_slice(device);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn rpc_seq_key(device: &EntityId) -> Vec<u8> {
+    let mut k = vec![b'n'];
+    k.extend_from_slice(device);
+    k
 }
 
 fn name_key(prefix: u8, device: &EntityId, extra: &[u8], name: &str) -> Vec<u8> {
@@ -193,6 +233,30 @@ impl Store {
         Ok(out)
     }
 
+    pub fn rpc(&self, uuid: &EntityId) -> anyhow::Result<Option<RpcState>> {
+        self.db.get(rpc_key(uuid))?.map(|v| decode(&v)).transpose()
+    }
+
+    /// RPCs of a device, newest id first, at most `max`.
+    pub fn rpcs_of(&self, device: &EntityId, max: usize) -> anyhow::Result<Vec<RpcState>> {
+        let mut prefix = vec![b'q'];
+        prefix.extend_from_slice(device);
+        let mut out = Vec::new();
+        for kv in self.db.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = kv?;
+            if !k.starts_with(&prefix) {
+                break;
+            }
+            let uuid: EntityId = decode(&v)?;
+            if let Some(r) = self.rpc(&uuid)? {
+                out.push(r);
+            }
+        }
+        out.reverse();
+        out.truncate(max);
+        Ok(out)
+    }
+
     /// Telemetry keys of a device.
     pub fn telemetry_keys(&self, device: &EntityId) -> anyhow::Result<Vec<String>> {
         Ok(self.latest(device, &[])?.into_iter().map(|(k, _)| k).collect())
@@ -205,9 +269,57 @@ pub struct Batch {
     wb: WriteBatch,
     /// Latest values written earlier in this batch: a later, older sample must not replace them.
     latest: std::collections::HashMap<Vec<u8>, i64>,
+    /// RPC state written earlier in this batch, read before the store.
+    rpcs: std::collections::HashMap<EntityId, RpcState>,
+    rpc_ids: std::collections::HashMap<(EntityId, u32), EntityId>,
+    rpc_seqs: std::collections::HashMap<EntityId, u32>,
 }
 
 impl Batch {
+    pub fn rpc(&self, store: &Store, uuid: &EntityId) -> Option<RpcState> {
+        match self.rpcs.get(uuid) {
+            Some(r) => Some(r.clone()),
+            None => store.rpc(uuid).ok().flatten(),
+        }
+    }
+
+    pub fn rpc_by_id(&self, store: &Store, device: &EntityId, id: u32) -> Option<RpcState> {
+        let uuid = match self.rpc_ids.get(&(*device, id)) {
+            Some(u) => *u,
+            None => store
+                .db
+                .get(rpc_id_key(device, id))
+                .ok()
+                .flatten()
+                .and_then(|v| decode(&v).ok())?,
+        };
+        self.rpc(store, &uuid)
+    }
+
+    /// The next RPC id of `device` (0 first), counted in the store.
+    pub fn next_rpc_id(&mut self, store: &Store, device: &EntityId) -> u32 {
+        let next = match self.rpc_seqs.get(device) {
+            Some(n) => *n,
+            None => store
+                .db
+                .get(rpc_seq_key(device))
+                .ok()
+                .flatten()
+                .and_then(|v| decode(&v).ok())
+                .unwrap_or(0),
+        };
+        self.rpc_seqs.insert(*device, next.wrapping_add(1));
+        self.wb.put(rpc_seq_key(device), encode(&next.wrapping_add(1)));
+        next
+    }
+
+    pub fn put_rpc(&mut self, r: RpcState) {
+        self.wb.put(rpc_key(&r.uuid), encode(&r));
+        self.wb.put(rpc_id_key(&r.device, r.id), encode(&r.uuid));
+        self.rpc_ids.insert((r.device, r.id), r.uuid);
+        self.rpcs.insert(r.uuid, r);
+    }
+
     pub fn progress(&mut self, partition: u32, p: Progress) {
         let mut k = vec![b'p'];
         k.extend_from_slice(&partition.to_be_bytes());

@@ -101,7 +101,13 @@ impl Group {
     }
 }
 
+/// Handles [`LogHandle::call_app`] messages from peers: the application's body in, its reply out.
+pub type AppHandler =
+    Arc<dyn Fn(Bytes) -> futures::future::BoxFuture<'static, Result<Bytes, String>> + Send + Sync>;
+
 pub(crate) struct Inner {
+    /// Set once by the application above the log.
+    pub app_handler: std::sync::OnceLock<AppHandler>,
     pub config: LogConfig,
     pub store: Arc<Store>,
     pub peers: Peers,
@@ -240,6 +246,7 @@ impl LogNode {
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         let handle = LogHandle {
             inner: Arc::new(Inner {
+                app_handler: std::sync::OnceLock::new(),
                 config,
                 store,
                 peers,
@@ -733,6 +740,44 @@ impl LogHandle {
         let g = self.group(partition_group(partition))?;
         let m = g.raft.metrics().borrow().clone();
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
+    }
+
+    /// Ids of the cluster's initial members (this node included).
+    pub fn member_ids(&self) -> Vec<NodeId> {
+        self.inner.members.keys().copied().collect()
+    }
+
+    /// Installs the handler of application messages from peers (once; later calls are ignored).
+    pub fn set_app_handler(&self, h: AppHandler) {
+        let _ = self.inner.app_handler.set(h);
+    }
+
+    /// Sends an application message to node `id` and returns its reply.
+    pub async fn call_app(&self, id: NodeId, body: Bytes, timeout: Duration) -> Result<Bytes, LogError> {
+        let addr = self
+            .inner
+            .members
+            .get(&id)
+            .ok_or_else(|| LogError::Invalid(format!("unknown node {id}")))?;
+        let ch = self
+            .inner
+            .peers
+            .channel(id, addr)
+            .map_err(|e| LogError::Unreachable(e.to_string()))?;
+        let mut client = GrpcLogClient::new(ch)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let mut req = tonic::Request::new(pb::AppRequest { body });
+        req.set_timeout(timeout);
+        match tokio::time::timeout(timeout, client.app(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner().body),
+            Ok(Err(s)) => Err(LogError::from_status(META_PARTITION, &s)),
+            Err(_) => Err(LogError::Unreachable(format!("node {id} did not answer in time"))),
+        }
+    }
+
+    pub(crate) fn app_handler(&self) -> Option<AppHandler> {
+        self.inner.app_handler.get().cloned()
     }
 
     fn meta_group(&self) -> &Arc<Group> {

@@ -206,6 +206,21 @@ impl Log for LogService {
         }
     }
 
+    async fn app(&self, req: Request<pb::AppRequest>) -> Result<Response<pb::AppReply>, Status> {
+        let h = self
+            .node
+            .handle()?
+            .app_handler()
+            .ok_or_else(|| Status::unavailable("application not started"))?;
+        match h(req.into_inner().body).await {
+            Ok(body) => Ok(Response::new(pb::AppReply { body })),
+            Err(e) => {
+                tracing::info!(error = %e, "application message refused");
+                Err(Status::invalid_argument(e))
+            }
+        }
+    }
+
     async fn meta_write(
         &self,
         req: Request<pb::MetaWriteRequest>,

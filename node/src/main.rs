@@ -7,6 +7,7 @@
 
 mod bench;
 mod config;
+mod downlinks;
 mod rest;
 
 use std::path::PathBuf;
@@ -125,9 +126,14 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
-    let engine = thingraft_engine::Engine::start(handle.clone(), &cfg.log.data_dir.join("store"))?;
-    let eh = engine.handle();
     let mqtt = thingraft_transport_mqtt::Transport::new(cfg.mqtt.clone(), handle.clone());
+    let downlinks = std::sync::Arc::new(downlinks::ClusterDownlinks {
+        log: handle.clone(),
+        mqtt: mqtt.clone(),
+    });
+    downlinks.install();
+    let engine = thingraft_engine::Engine::start(handle.clone(), &cfg.log.data_dir.join("store"), downlinks)?;
+    let eh = engine.handle();
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");
         tokio::spawn(mqtt.clone().serve(l));

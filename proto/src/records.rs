@@ -124,6 +124,97 @@ pub enum IngestMsg {
         scope: Scope,
         values: Vec<(String, Value)>,
     },
+    /// The device asks for attribute values (`None`: that scope was not asked for; both
+    /// `None`: all client and shared attributes).
+    AttributeRequest {
+        request_id: u32,
+        client_keys: Option<Vec<String>>,
+        shared_keys: Option<Vec<String>>,
+    },
+    /// A server-side RPC, from the REST API. `params` is JSON text.
+    RpcRequest {
+        uuid: EntityId,
+        method: String,
+        params: String,
+        oneway: bool,
+        persistent: bool,
+        expiration_ms: i64,
+    },
+    /// The device's reply to server-side RPC `id` (any text, usually JSON).
+    RpcResponse { id: u32, payload: String },
+    /// What became of a server-side RPC, recorded by the partition's leader.
+    RpcStatus { uuid: EntityId, status: RpcStatus },
+}
+
+/// ThingsBoard's RPC states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RpcStatus {
+    Queued,
+    Sent,
+    Delivered,
+    Successful,
+    Timeout,
+    Expired,
+    Failed,
+    Deleted,
+}
+
+impl RpcStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RpcStatus::Queued => "QUEUED",
+            RpcStatus::Sent => "SENT",
+            RpcStatus::Delivered => "DELIVERED",
+            RpcStatus::Successful => "SUCCESSFUL",
+            RpcStatus::Timeout => "TIMEOUT",
+            RpcStatus::Expired => "EXPIRED",
+            RpcStatus::Failed => "FAILED",
+            RpcStatus::Deleted => "DELETED",
+        }
+    }
+
+    /// No later status replaces this one.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            RpcStatus::Successful
+                | RpcStatus::Timeout
+                | RpcStatus::Expired
+                | RpcStatus::Failed
+                | RpcStatus::Deleted
+        )
+    }
+}
+
+/// A downlink from a partition's leader to a device's sessions on some node (carried by the
+/// log's application messages).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deliver {
+    pub device: EntityId,
+    /// Only this session (on the node that receives the message); `None`: every session.
+    pub session: Option<u64>,
+    pub msg: DownlinkMsg,
+}
+
+/// What a session sends to its device; JSON payloads as text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DownlinkMsg {
+    /// Shared attributes changed (`{"k":v,..,"deleted":[..]}`); to sessions subscribed to them.
+    AttributeUpdate(String),
+    /// The answer to an attribute request of that session.
+    AttributeResponse { request_id: u32, json: String },
+    /// A server-side RPC (`{"method":..,"params":..}`); to sessions subscribed to RPC.
+    RpcRequest { id: u32, json: String },
+}
+
+impl Deliver {
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("postcard encode")
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Self, RecordError> {
+        postcard::from_bytes(b).map_err(|e| RecordError::Malformed(e.to_string()))
+    }
 }
 
 /// The outcome of processing a contiguous range of a partition.

@@ -364,3 +364,128 @@ async fn users_see_only_their_own_devices() -> anyhow::Result<()> {
     assert_eq!(list["data"][0]["name"], "Private");
     Ok(())
 }
+
+/// A device on rumqttc (MQTT 5) that subscribes to shared attributes and RPC.
+async fn subscribed_device(addr: &str, token: &str) -> anyhow::Result<(AsyncClient, EventLoop)> {
+    let (client, mut ev) = v5_client(addr, token);
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    for f in [
+        "v1/devices/me/attributes",
+        "v1/devices/me/rpc/request/+",
+        "v1/devices/me/attributes/response/+",
+    ] {
+        client.subscribe(f, QoS::AtLeastOnce).await?;
+        next_packet(&mut ev, |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
+    }
+    Ok((client, ev))
+}
+
+fn publish_on(p: &Packet, prefix: &str) -> Option<(String, Value)> {
+    match p {
+        Packet::Publish(p) => {
+            let t = String::from_utf8_lossy(&p.topic).into_owned();
+            t.starts_with(prefix)
+                .then(|| (t, serde_json::from_slice(&p.payload).unwrap_or(Value::Null)))
+        }
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_attributes_and_rpc_reach_the_device_and_its_answers_come_back() -> anyhow::Result<()> {
+    let (c, rest) = single_node().await?;
+    let id = rest.create_device("Valve", "TOKEN_V")?;
+    let (client, mut ev) = subscribed_device(&c.mqtt[&1], "TOKEN_V").await?;
+
+    // A shared attribute saved through REST is pushed to the subscribed device.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+        Some(r#"{"targetTemperature":22.5}"#),
+    )?;
+    assert_eq!(code, 200);
+    let (_, pushed) = next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/attributes")).await?;
+    assert_eq!(pushed, serde_json::json!({"targetTemperature": 22.5}));
+
+    // The device asks for its attributes: the answer has the shared section only (no client
+    // attributes yet), on the response topic of its request id.
+    client
+        .publish(
+            "v1/devices/me/attributes/request/7",
+            QoS::AtLeastOnce,
+            false,
+            "{}",
+        )
+        .await?;
+    let (topic, answer) =
+        next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/attributes/response/")).await?;
+    assert_eq!(topic, "v1/devices/me/attributes/response/7");
+    assert_eq!(answer, serde_json::json!({"shared": {"targetTemperature": 22.5}}));
+
+    // A two-way RPC: the device gets it on rpc/request/{id}, answers, and REST returns the answer.
+    let rest2 = rest.clone();
+    let path = format!("/api/plugins/rpc/twoway/{id}");
+    let call = tokio::task::spawn_blocking(move || {
+        rest2.call(
+            "POST",
+            &path,
+            Some(r#"{"method":"setGpio","params":{"pin":7,"value":1}}"#),
+        )
+    });
+    let (topic, req) = next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/rpc/request/")).await?;
+    assert_eq!(
+        req,
+        serde_json::json!({"method": "setGpio", "params": {"pin": 7, "value": 1}})
+    );
+    let rpc_id = topic.rsplit('/').next().unwrap().to_string();
+    client
+        .publish(
+            format!("v1/devices/me/rpc/response/{rpc_id}"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"pin":7,"value":1}"#,
+        )
+        .await?;
+    // Keep the connection serviced while REST waits.
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let (code, body) = call.await??;
+    assert_eq!((code, body), (200, serde_json::json!({"pin": 7, "value": 1})));
+    pump.abort();
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() -> anyhow::Result<()> {
+    let (c, rest) = single_node().await?;
+    let id = rest.create_device("Mute", "TOKEN_M")?;
+    let body = r#"{"method":"ping","params":{},"timeout":5000}"#;
+    // No session: v1 answers 409 (no active connection), v2 504.
+    let r1 = rest.clone();
+    let p1 = format!("/api/plugins/rpc/twoway/{id}");
+    let absent_v1 = tokio::task::spawn_blocking(move || r1.call("POST", &p1, Some(body)));
+    let r2 = rest.clone();
+    let p2 = format!("/api/rpc/twoway/{id}");
+    let absent_v2 = tokio::task::spawn_blocking(move || r2.call("POST", &p2, Some(body)));
+    assert_eq!(absent_v1.await??.0, 409);
+    assert_eq!(absent_v2.await??.0, 504);
+    // A subscribed device that never answers: v1 answers 408 (timeout).
+    let (_client, mut ev) = subscribed_device(&c.mqtt[&1], "TOKEN_M").await?;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let r3 = rest.clone();
+    let p3 = format!("/api/plugins/rpc/twoway/{id}");
+    let (code, body) = tokio::task::spawn_blocking(move || r3.call("POST", &p3, Some(body))).await??;
+    assert_eq!(code, 408, "{body}");
+    pump.abort();
+    // A persistent RPC answers at once with its id; its status is tracked.
+    let (code, body) = rest.call(
+        "POST",
+        &format!("/api/rpc/oneway/{id}"),
+        Some(r#"{"method":"later","params":{},"persistent":true,"timeout":5000}"#),
+    )?;
+    assert_eq!(code, 200);
+    let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
+    let (code, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;
+    assert_eq!(code, 200);
+    assert_eq!(status["status"], "QUEUED");
+    Ok(())
+}

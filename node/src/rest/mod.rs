@@ -4,11 +4,13 @@
 //! - [`users`]: login, refresh, current user.
 //! - [`devices`]: devices, credentials, the default device profile.
 //! - [`telemetry`]: telemetry and attributes: save, latest, history, keys.
+//! - [`rpc`]: server-side RPC (v1, v2, persistent).
 //!
 //! Every handler authenticates with [`Caller`] and only ever sees its tenant's entities.
 
 pub mod auth;
 pub mod devices;
+pub mod rpc;
 pub mod telemetry;
 pub mod users;
 
@@ -118,5 +120,6 @@ pub fn router(state: AppState) -> Router {
         .merge(users::routes())
         .merge(devices::routes())
         .merge(telemetry::routes())
+        .merge(rpc::routes())
         .with_state(state)
 }

@@ -14,12 +14,12 @@ pub mod codec;
 pub mod session;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thingraft_log::LogHandle;
-use thingraft_proto::records::{DeviceRef, EntityId, token_key};
+use thingraft_proto::records::{Deliver, DeviceRef, DownlinkMsg, EntityId, token_key};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -80,20 +80,37 @@ pub enum Downlink {
     CloseWith(DisconnectCode, String),
 }
 
+/// The session subscribed to shared-attribute updates.
+pub(crate) const SUB_ATTRIBUTES: u8 = 1;
+/// The session subscribed to server-side RPC.
+pub(crate) const SUB_RPC: u8 = 2;
+
+struct SessionEntry {
+    tx: mpsc::Sender<Downlink>,
+    /// `SUB_*` bits, kept by the session.
+    subscriptions: Arc<AtomicU8>,
+}
+
 /// Open sessions by device, for downlinks.
 #[derive(Default)]
 pub struct Sessions {
-    by_device: Mutex<HashMap<EntityId, HashMap<u64, mpsc::Sender<Downlink>>>>,
+    by_device: Mutex<HashMap<EntityId, HashMap<u64, SessionEntry>>>,
 }
 
 impl Sessions {
-    fn register(&self, device: EntityId, session: u64, tx: mpsc::Sender<Downlink>) {
+    fn register(
+        &self,
+        device: EntityId,
+        session: u64,
+        tx: mpsc::Sender<Downlink>,
+        subscriptions: Arc<AtomicU8>,
+    ) {
         self.by_device
             .lock()
             .expect("sessions lock")
             .entry(device)
             .or_default()
-            .insert(session, tx);
+            .insert(session, SessionEntry { tx, subscriptions });
     }
 
     fn unregister(&self, device: &EntityId, session: u64) {
@@ -106,12 +123,42 @@ impl Sessions {
         }
     }
 
-    /// Sends `d` to every session of `device`; returns how many took it.
-    pub fn send(&self, device: &EntityId, d: &Downlink) -> usize {
+    /// Hands a downlink to the device's sessions that want it (responses go to the session
+    /// named, updates and RPCs to the subscribed ones); returns how many took it.
+    pub fn deliver(&self, d: &Deliver) -> u32 {
+        let (topic, payload, needs) = match &d.msg {
+            DownlinkMsg::AttributeUpdate(json) => {
+                ("v1/devices/me/attributes".to_string(), json, SUB_ATTRIBUTES)
+            }
+            DownlinkMsg::AttributeResponse { request_id, json } => {
+                (format!("v1/devices/me/attributes/response/{request_id}"), json, 0)
+            }
+            DownlinkMsg::RpcRequest { id, json } => {
+                (format!("v1/devices/me/rpc/request/{id}"), json, SUB_RPC)
+            }
+        };
         let m = self.by_device.lock().expect("sessions lock");
-        m.get(device)
-            .map(|s| s.values().filter(|tx| tx.try_send(d.clone()).is_ok()).count())
-            .unwrap_or(0)
+        let Some(sessions) = m.get(&d.device) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (id, s) in sessions {
+            if d.session.is_some_and(|want| want != *id) {
+                continue;
+            }
+            if needs != 0 && s.subscriptions.load(Ordering::Relaxed) & needs == 0 {
+                continue;
+            }
+            let msg = Downlink::Publish {
+                topic: topic.clone(),
+                payload: bytes::Bytes::copy_from_slice(payload.as_bytes()),
+            };
+            // A session whose queue is full is too slow to count as delivered.
+            if s.tx.try_send(msg).is_ok() {
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn count(&self) -> usize {

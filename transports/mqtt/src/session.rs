@@ -9,6 +9,7 @@
 //! reaches the device through TCP.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -101,6 +102,7 @@ struct Session {
     session: SessionRef,
     partition: u32,
     queue: Vec<Queued>,
+    subscriptions: Arc<AtomicU8>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -175,7 +177,10 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         session: transport.next_session_id(),
     };
     let (tx, rx) = mpsc::channel(64);
-    transport.sessions.register(device.device, session.session, tx);
+    let subscriptions = Arc::new(AtomicU8::new(0));
+    transport
+        .sessions
+        .register(device.device, session.session, tx, subscriptions.clone());
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let partition = transport.log.partition_for_key(&device.device);
     let mut s = Session {
@@ -188,6 +193,7 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         session,
         partition,
         queue: Vec::new(),
+        subscriptions,
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.device.name, session = s.session.session);
@@ -238,8 +244,34 @@ impl Session {
         self.queue.push(Queued { record, pkid });
     }
 
-    async fn serve(&mut self, mut downlinks: mpsc::Receiver<Downlink>, keep_alive_s: u16) -> End {
+    async fn serve(&mut self, downlinks: mpsc::Receiver<Downlink>, keep_alive_s: u16) -> End {
         let mut in_flight: Option<tokio::task::JoinHandle<AppendDone>> = None;
+        let end = self.serve_loop(downlinks, keep_alive_s, &mut in_flight).await;
+        if matches!(end, End::ClientDisconnect | End::ClientClosed) {
+            // What the device sent before it left is still its data (QoS 0 messages have no
+            // other chance): append it; nobody is left to acknowledge to.
+            if let Some(h) = in_flight.take() {
+                let _ = h.await;
+            }
+            let queued: Vec<Record> = std::mem::take(&mut self.queue)
+                .into_iter()
+                .map(|q| q.record)
+                .collect();
+            if !queued.is_empty()
+                && let Err(e) = self.transport.log.append(self.partition, queued).await
+            {
+                tracing::info!(error = %e, "messages sent before disconnect not appended");
+            }
+        }
+        end
+    }
+
+    async fn serve_loop(
+        &mut self,
+        mut downlinks: mpsc::Receiver<Downlink>,
+        keep_alive_s: u16,
+        in_flight: &mut Option<tokio::task::JoinHandle<AppendDone>>,
+    ) -> End {
         let mut stop = self.transport.shutdown.subscribe();
         // MQTT: the server may close a connection silent for 1.5 × keep-alive.
         let idle = if keep_alive_s == 0 {
@@ -256,7 +288,7 @@ impl Session {
                     batch.into_iter().map(|q| (q.record, q.pkid)).unzip();
                 let log = self.transport.log.clone();
                 let p = self.partition;
-                in_flight = Some(tokio::spawn(async move {
+                *in_flight = Some(tokio::spawn(async move {
                     let r = log.append(p, records).await.map(|_| ());
                     (r, pkids)
                 }));
@@ -293,7 +325,7 @@ impl Session {
                     }
                 }
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    in_flight = None;
+                    *in_flight = None;
                     match done {
                         Ok((Ok(()), pkids)) => {
                             for pkid in pkids.into_iter().flatten() {
@@ -313,7 +345,10 @@ impl Session {
                 d = downlinks.recv() => {
                     match d {
                         Some(Downlink::Publish { topic, payload }) => {
-                            codec::write_publish(&mut self.wbuf, self.version, &topic, 0, 0, &payload);
+                            // ThingsBoard publishes with the subscription's QoS, 1 if none; every
+                            // filter it grants is QoS 1.
+                            let pkid = self.transport.next_pkid();
+                            codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
                         }
                         Some(Downlink::Close(code)) | Some(Downlink::CloseWith(code, _)) => {
                             codec::write_disconnect(&mut self.wbuf, self.version, code);
@@ -351,6 +386,8 @@ impl Session {
                     .iter()
                     .map(|(f, qos)| {
                         if VALID_FILTERS.contains(&f.as_str()) {
+                            self.subscriptions
+                                .fetch_or(subscription_bit(f), Ordering::Relaxed);
                             Ok((*qos).min(1))
                         } else {
                             tracing::info!(filter = %f, "subscription refused");
@@ -362,6 +399,10 @@ impl Session {
                 None
             }
             Incoming::Unsubscribe { pkid, filters } => {
+                for f in &filters {
+                    self.subscriptions
+                        .fetch_and(!subscription_bit(f), Ordering::Relaxed);
+                }
                 codec::write_unsuback(&mut self.wbuf, self.version, pkid, filters.len());
                 None
             }
@@ -382,6 +423,33 @@ impl Session {
             }
             "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => {
                 device::parse_attributes(payload).map(IngestMsg::ClientAttributes)
+            }
+            _ if topic.starts_with("v1/devices/me/attributes/request/") => {
+                let id = &topic["v1/devices/me/attributes/request/".len()..];
+                match id.parse::<u32>() {
+                    Err(_) => Err(PayloadError::InvalidJson(format!(
+                        "request id {id:?} is not a number"
+                    ))),
+                    Ok(request_id) => parse_attribute_request(payload).map(|(client_keys, shared_keys)| {
+                        IngestMsg::AttributeRequest {
+                            request_id,
+                            client_keys,
+                            shared_keys,
+                        }
+                    }),
+                }
+            }
+            _ if topic.starts_with("v1/devices/me/rpc/response/") => {
+                let id = &topic["v1/devices/me/rpc/response/".len()..];
+                match id.parse::<u32>() {
+                    Err(_) => Err(PayloadError::InvalidJson(format!(
+                        "rpc id {id:?} is not a number"
+                    ))),
+                    Ok(id) => Ok(IngestMsg::RpcResponse {
+                        id,
+                        payload: String::from_utf8_lossy(payload).into_owned(),
+                    }),
+                }
             }
             _ => {
                 if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/")
@@ -434,6 +502,41 @@ impl Session {
             }
         }
     }
+}
+
+/// The downlinks a subscription filter asks for.
+fn subscription_bit(filter: &str) -> u8 {
+    match filter {
+        "v1/devices/me/attributes" | "v2/a" | "v2/a/j" | "v2/a/p" => crate::SUB_ATTRIBUTES,
+        "v1/devices/me/rpc/request/+" | "v2/r/req/+" | "v2/r/req/j/+" | "v2/r/req/p/+" => crate::SUB_RPC,
+        _ => 0,
+    }
+}
+
+type KeyLists = (Option<Vec<String>>, Option<Vec<String>>);
+
+/// `{"clientKeys":"a,b","sharedKeys":"c,d"}` (both optional, comma-separated strings).
+fn parse_attribute_request(payload: &[u8]) -> Result<KeyLists, PayloadError> {
+    let v: serde_json::Value = if payload.iter().all(u8::is_ascii_whitespace) {
+        serde_json::json!({})
+    } else {
+        serde_json::from_slice(payload).map_err(|e| PayloadError::InvalidJson(e.to_string()))?
+    };
+    let list = |k: &str| -> Option<Vec<String>> {
+        v.get(k).and_then(|x| x.as_str()).map(|s| {
+            s.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        })
+    };
+    if !v.is_object() {
+        return Err(PayloadError::InvalidJson(
+            "attribute request must be a JSON object".into(),
+        ));
+    }
+    Ok((list("clientKeys"), list("sharedKeys")))
 }
 
 /// The transport's own answer to `getSessionLimits`, or `None` for any other RPC.
