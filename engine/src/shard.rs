@@ -207,7 +207,7 @@ impl Shard {
 
     /// The ingest records with offsets in `from .. to`, from memory or, if they were dropped,
     /// from the log.
-    fn take(&self, st: &mut State, from: u64, to: u64) -> anyhow::Result<Vec<Ingest>> {
+    fn take(&self, st: &mut State, from: u64, to: u64) -> anyhow::Result<Vec<(u64, Ingest)>> {
         let mut out = Vec::new();
         if from < st.pending_from {
             let mut next = from;
@@ -226,7 +226,7 @@ impl Shard {
                     }
                     next = rec.offset + 1;
                     if let Ok(PartitionRecord::Ingest(i)) = PartitionRecord::decode(&rec.value) {
-                        out.push(i);
+                        out.push((rec.offset, i));
                     }
                 }
             }
@@ -237,7 +237,7 @@ impl Shard {
             }
             let (o, i) = st.pending.pop_front().expect("front exists");
             if o >= from {
-                out.push(i);
+                out.push((o, i));
             }
         }
         st.pending_from = st.pending_from.max(to);
@@ -247,18 +247,16 @@ impl Shard {
 
 /// The effect of the default root rule chain on each input, in order; returns the external
 /// actions the leader owes.
-fn apply_default(store: &Store, batch: &mut Batch, inputs: &[Ingest]) -> Vec<Action> {
+fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> Vec<Action> {
     // Device activity, once per device per batch: the latest time wins.
     let mut activity: HashMap<EntityId, i64> = HashMap::new();
     let mut actions = Vec::new();
-    for i in inputs {
+    for (offset, i) in inputs {
         let d = &i.device;
         match &i.msg {
             IngestMsg::Telemetry(groups) | IngestMsg::SaveTelemetry(groups) => {
                 for g in groups {
-                    for (k, v) in &g.values {
-                        batch.telemetry(store, d, k, g.ts_ms, v);
-                    }
+                    batch.telemetry(store, d, g.ts_ms, *offset, &g.values);
                 }
             }
             IngestMsg::ClientAttributes(values) => {

@@ -5,8 +5,9 @@
 //! shard re-reads the log from the progress that survived.
 //!
 //! Keys (device = 16-byte id; name = u16 length + UTF-8):
-//! - `l` device name → latest telemetry value (ts, value)
-//! - `h` device name ts → historical telemetry value
+//! - `l` device → the device's latest telemetry: key → (ts, value)
+//! - `h` device ts offset → the values of one sample group (one row per message and
+//!   timestamp; a key written twice at one timestamp reads as the later write)
 //! - `a` device scope name → attribute (last update ts, value)
 //! - `p` partition → [`Progress`]
 //! - `r` rpc uuid → [`RpcState`]; `q` device id(u32) → rpc uuid; `n` device → next rpc id
@@ -144,30 +145,31 @@ impl Store {
     }
 
     /// Writes a batch built with [`Batch`]; the WAL is not synced (see the module doc).
-    pub fn write(&self, b: Batch) -> anyhow::Result<()> {
+    pub fn write(&self, mut b: Batch) -> anyhow::Result<()> {
+        b.finish();
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db.write_opt(b.wb, &wo)?;
         Ok(())
     }
 
+    fn latest_map(&self, device: &EntityId) -> anyhow::Result<LatestMap> {
+        Ok(match self.db.get(latest_key(device))? {
+            Some(v) => decode(&v)?,
+            None => LatestMap::new(),
+        })
+    }
+
     /// Latest telemetry of a device: the given keys, or all keys when `keys` is empty.
     pub fn latest(&self, device: &EntityId, keys: &[String]) -> anyhow::Result<Vec<(String, TsValue)>> {
+        let mut m = self.latest_map(device)?;
         if keys.is_empty() {
-            let mut prefix = vec![b'l'];
-            prefix.extend_from_slice(device);
-            return names_after(&self.db, &prefix)?
-                .into_iter()
-                .map(|(n, v)| Ok((n, decode(&v)?)))
-                .collect();
+            return Ok(m.into_iter().collect());
         }
-        let mut out = Vec::new();
-        for k in keys {
-            if let Some(v) = self.db.get(name_key(b'l', device, &[], k))? {
-                out.push((k.clone(), decode(&v)?));
-            }
-        }
-        Ok(out)
+        Ok(keys
+            .iter()
+            .filter_map(|k| m.remove(k).map(|v| (k.clone(), v)))
+            .collect())
     }
 
     /// Telemetry of one key in `[start_ts, end_ts)`, newest first when `desc`, at most `limit`.
@@ -180,31 +182,49 @@ impl Store {
         desc: bool,
         limit: usize,
     ) -> anyhow::Result<Vec<TsValue>> {
-        let base = name_key(b'h', device, &[], key);
-        let mut lo = base.clone();
+        let mut lo = vec![b'h'];
+        lo.extend_from_slice(device);
+        let base = lo.len();
+        let mut hi = lo.clone();
         lo.extend_from_slice(&ts_bytes(start_ts));
-        let mut hi = base.clone();
         hi.extend_from_slice(&ts_bytes(end_ts));
         let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_lower_bound(lo.clone());
-        ro.set_iterate_upper_bound(hi.clone());
+        ro.set_iterate_lower_bound(lo);
+        ro.set_iterate_upper_bound(hi);
         let mode = if desc {
             IteratorMode::End
         } else {
             IteratorMode::Start
         };
-        let mut out = Vec::new();
-        for kv in self.db.iterator_opt(mode, ro) {
-            if out.len() >= limit {
-                break;
+        let mut out: Vec<TsValue> = Vec::new();
+        // Rows of one timestamp come in offset order (reversed when `desc`); the value of the
+        // latest offset is the one that counts.
+        let mut group_ts: Option<i64> = None;
+        let mut group_value: Option<Value> = None;
+        let flush = |ts: Option<i64>, v: Option<Value>, out: &mut Vec<TsValue>| {
+            if let (Some(ts_ms), Some(value)) = (ts, v) {
+                out.push(TsValue { ts_ms, value });
             }
+        };
+        for kv in self.db.iterator_opt(mode, ro) {
             let (k, v) = kv?;
-            let ts = ts_from(&k[base.len()..]);
-            out.push(TsValue {
-                ts_ms: ts,
-                value: decode(&v)?,
-            });
+            let ts = ts_from(&k[base..base + 8]);
+            if group_ts != Some(ts) {
+                flush(group_ts, group_value.take(), &mut out);
+                if out.len() >= limit {
+                    return Ok(out);
+                }
+                group_ts = Some(ts);
+            }
+            let row: Vec<(String, Value)> = decode(&v)?;
+            if let Some((_, val)) = row.into_iter().rev().find(|(n, _)| n == key)
+                && (!desc || group_value.is_none())
+            {
+                group_value = Some(val);
+            }
         }
+        flush(group_ts, group_value, &mut out);
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -263,12 +283,21 @@ impl Store {
     }
 }
 
+/// A device's latest telemetry, key → newest sample.
+type LatestMap = std::collections::BTreeMap<String, TsValue>;
+
+fn latest_key(device: &EntityId) -> Vec<u8> {
+    let mut k = vec![b'l'];
+    k.extend_from_slice(device);
+    k
+}
+
 /// Writes of one apply step, committed atomically by [`Store::write`].
 #[derive(Default)]
 pub struct Batch {
     wb: WriteBatch,
-    /// Latest values written earlier in this batch: a later, older sample must not replace them.
-    latest: std::collections::HashMap<Vec<u8>, i64>,
+    /// Latest telemetry of the devices this batch touched, written once at the end.
+    latest: std::collections::HashMap<EntityId, LatestMap>,
     /// RPC state written earlier in this batch, read before the store.
     rpcs: std::collections::HashMap<EntityId, RpcState>,
     rpc_ids: std::collections::HashMap<(EntityId, u32), EntityId>,
@@ -326,31 +355,45 @@ impl Batch {
         self.wb.put(k, encode(&p));
     }
 
-    /// Saves one telemetry sample: history always, latest if it is not older than the stored one.
-    pub fn telemetry(&mut self, store: &Store, device: &EntityId, key: &str, ts_ms: i64, value: &Value) {
-        let mut hk = name_key(b'h', device, &[], key);
+    /// Saves one group of telemetry values (one message, one timestamp) from the input at
+    /// `offset`: a history row always, and each key's latest value unless a newer one is stored.
+    pub fn telemetry(
+        &mut self,
+        store: &Store,
+        device: &EntityId,
+        ts_ms: i64,
+        offset: u64,
+        values: &[(String, Value)],
+    ) {
+        if values.is_empty() {
+            return;
+        }
+        let mut hk = vec![b'h'];
+        hk.extend_from_slice(device);
         hk.extend_from_slice(&ts_bytes(ts_ms));
-        self.wb.put(hk, encode(value));
-        let lk = name_key(b'l', device, &[], key);
-        let current = match self.latest.get(&lk) {
-            Some(ts) => Some(*ts),
-            None => store
-                .db
-                .get(&lk)
-                .ok()
-                .flatten()
-                .and_then(|v| decode::<TsValue>(&v).ok())
-                .map(|t| t.ts_ms),
-        };
-        if current.is_none_or(|ts| ts_ms >= ts) {
-            self.wb.put(
-                &lk,
-                encode(&TsValue {
-                    ts_ms,
-                    value: value.clone(),
-                }),
-            );
-            self.latest.insert(lk, ts_ms);
+        hk.extend_from_slice(&offset.to_be_bytes());
+        self.wb.put(hk, encode(&values));
+        let latest = self
+            .latest
+            .entry(*device)
+            .or_insert_with(|| store.latest_map(device).unwrap_or_default());
+        for (k, v) in values {
+            if latest.get(k).is_none_or(|cur| ts_ms >= cur.ts_ms) {
+                latest.insert(
+                    k.clone(),
+                    TsValue {
+                        ts_ms,
+                        value: v.clone(),
+                    },
+                );
+            }
+        }
+    }
+
+    /// Adds the latest-telemetry rows; call once before writing.
+    pub fn finish(&mut self) {
+        for (d, m) in self.latest.drain() {
+            self.wb.put(latest_key(&d), encode(&m));
         }
     }
 
@@ -375,11 +418,19 @@ mod tests {
         let s = Store::open(dir.path()).unwrap();
         let d = [7u8; 16];
         let mut b = Batch::default();
-        b.telemetry(&s, &d, "t", 20, &Value::Long(2));
-        b.telemetry(&s, &d, "t", 10, &Value::Long(1));
-        b.telemetry(&s, &d, "t", -5, &Value::Long(0));
+        b.telemetry(&s, &d, 20, 1, &[("t".into(), Value::Long(2))]);
+        b.telemetry(&s, &d, 10, 2, &[("t".into(), Value::Long(1))]);
+        b.telemetry(
+            &s,
+            &d,
+            -5,
+            3,
+            &[("t".into(), Value::Long(0)), ("u".into(), Value::Bool(true))],
+        );
+        // The same timestamp again, later in the log: it wins for the key it carries.
+        b.telemetry(&s, &d, 10, 4, &[("t".into(), Value::Long(11))]);
         s.write(b).unwrap();
-        let l = s.latest(&d, &[]).unwrap();
+        let l = s.latest(&d, &["t".to_string()]).unwrap();
         assert_eq!(
             l,
             vec![(
@@ -390,10 +441,22 @@ mod tests {
                 }
             )]
         );
+        assert_eq!(s.latest(&d, &[]).unwrap().len(), 2);
         let h = s.history(&d, "t", i64::MIN, i64::MAX, true, 10).unwrap();
-        assert_eq!(h.iter().map(|x| x.ts_ms).collect::<Vec<_>>(), vec![20, 10, -5]);
+        let got: Vec<(i64, Value)> = h.into_iter().map(|x| (x.ts_ms, x.value)).collect();
+        assert_eq!(
+            got,
+            vec![(20, Value::Long(2)), (10, Value::Long(11)), (-5, Value::Long(0))]
+        );
         let h = s.history(&d, "t", 0, 20, false, 10).unwrap();
-        assert_eq!(h.iter().map(|x| x.ts_ms).collect::<Vec<_>>(), vec![10]);
+        let got: Vec<(i64, Value)> = h.into_iter().map(|x| (x.ts_ms, x.value)).collect();
+        assert_eq!(got, vec![(10, Value::Long(11))]);
+        let h = s.history(&d, "t", i64::MIN, i64::MAX, false, 2).unwrap();
+        assert_eq!(h.iter().map(|x| x.ts_ms).collect::<Vec<_>>(), vec![-5, 10]);
+        assert_eq!(
+            s.history(&d, "u", i64::MIN, i64::MAX, false, 10).unwrap().len(),
+            1
+        );
         assert!(s.latest(&[8u8; 16], &[]).unwrap().is_empty());
     }
 }

@@ -1,7 +1,10 @@
-//! Load generators: `thingraft bench log` (this log) and `thingraft bench nats` (NATS JetStream,
-//! the peer it is compared with, through a minimal client of our own).
+//! Load generators: `thingraft bench log` (this log), `thingraft bench mqtt` (the device path
+//! end to end) and `thingraft bench nats` (NATS JetStream, the peer the log is compared with,
+//! through a minimal client of our own).
 
+mod http;
 mod log;
+mod mqtt;
 mod nats;
 
 use hdrhistogram::Histogram;
@@ -10,6 +13,8 @@ use hdrhistogram::Histogram;
 pub enum BenchCommand {
     /// Append fixed-size records to a running node or cluster with N records in flight.
     Log(log::Args),
+    /// N MQTT device connections publishing QoS 1 telemetry; acks/s, ack latency, REST lag.
+    Mqtt(mqtt::Args),
     /// Publish to a NATS JetStream stream with N messages in flight (JetStream acks).
     Nats(nats::Args),
 }
@@ -18,6 +23,7 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Log(a) => log::run(a).await,
         BenchCommand::Nats(a) => nats::run(a).await,
+        BenchCommand::Mqtt(a) => mqtt::run(a).await,
     }
 }
 

@@ -1,0 +1,366 @@
+//! `thingraft bench mqtt`: N device connections publish QoS 1 telemetry (3 data points per
+//! message) with a window of unacknowledged messages each; reports acknowledged messages/s, ack
+//! latency percentiles, and the lag until a message is readable through the REST API.
+//!
+//! The devices are created through the REST API first (`bench-<i>`, token `bench-token-<i>`).
+//! The MQTT client is a minimal one of our own (CONNECT, PUBLISH, PUBACK, PINGREQ), so that the
+//! load generator costs little of the machine it shares with the node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use bytes::{Buf, BytesMut};
+use thingraft_transport_mqtt::codec::{self, Version};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{histogram, http};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// MQTT address of a node.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    mqtt: String,
+    /// REST address of a node (devices are created there; the lag probe reads there).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    #[arg(long, default_value = "tenant@thingsboard.org")]
+    user: String,
+    #[arg(long, default_value = "tenant")]
+    password: String,
+    /// Device connections.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Unacknowledged messages per connection.
+    #[arg(long, default_value_t = 32)]
+    inflight: usize,
+    /// Total publish rate (messages/s); 0 = as fast as acknowledgements allow.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+}
+
+struct Shared {
+    measuring: AtomicBool,
+    stop: AtomicBool,
+    acked: AtomicU64,
+    hist: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+pub async fn run(a: Args) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        a.connections > 0 && a.inflight > 0,
+        "connections and inflight must be > 0"
+    );
+    anyhow::ensure!(a.inflight < 60_000, "inflight must be < 60000");
+    let token = http::login(&a.http, &a.user, &a.password).await?;
+    eprintln!(
+        "creating {} devices (existing ones are reused)",
+        a.connections + 1
+    );
+    for i in 0..=a.connections {
+        let body = format!(r#"{{"name":"bench-{i}","type":"bench"}}"#);
+        let (code, resp) = http::request(
+            &a.http,
+            "POST",
+            &format!("/api/device?accessToken=bench-token-{i}"),
+            Some(&token),
+            Some(&body),
+        )
+        .await?;
+        anyhow::ensure!(
+            code == 200 || resp.contains("already exists"),
+            "creating bench-{i}: {code} {resp}"
+        );
+    }
+    let shared = Arc::new(Shared {
+        measuring: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        acked: AtomicU64::new(0),
+        hist: std::sync::Mutex::new(histogram()),
+    });
+    eprintln!("connecting {} devices", a.connections);
+    let mut conns = Vec::with_capacity(a.connections);
+    for i in 0..a.connections {
+        let s = connect(&a.mqtt, &format!("bench-token-{i}"))
+            .await
+            .with_context(|| format!("connecting device {i}"))?;
+        conns.push(s);
+    }
+    let per_conn_rate = (a.rate > 0).then(|| a.rate as f64 / a.connections as f64);
+    let mut tasks = Vec::new();
+    for (i, s) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(publisher(
+            s,
+            i,
+            a.inflight,
+            per_conn_rate,
+            shared.clone(),
+        )));
+    }
+    // The lag probe: its own device, one message at a time, read back through REST.
+    let probe_stream = connect(&a.mqtt, &format!("bench-token-{}", a.connections)).await?;
+    let probe_id = device_id(&a.http, &token, &format!("bench-{}", a.connections)).await?;
+    let probe = tokio::spawn(lag_probe(
+        probe_stream,
+        a.http.clone(),
+        token.clone(),
+        probe_id,
+        shared.clone(),
+    ));
+
+    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
+    let start_acked = shared.acked.load(Ordering::Relaxed);
+    shared.measuring.store(true, Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
+    let acked = shared.acked.load(Ordering::Relaxed) - start_acked;
+    let secs = t0.elapsed().as_secs_f64();
+    shared.measuring.store(false, Ordering::Relaxed);
+    shared.stop.store(true, Ordering::Relaxed);
+    let lag = probe.await??;
+    let mut failed = 0;
+    for t in tasks {
+        if let Ok(Err(e)) = t.await {
+            failed += 1;
+            eprintln!("connection failed: {e:#}");
+        }
+    }
+    let h = shared.hist.lock().expect("hist").clone();
+    let extra = format!(
+        "connections: {} (failed {failed}), in flight per connection: {}, data points per message: 3\n\
+         readable through REST after ack+apply: samples {}, lag µs p50 {} p99 {} max {}",
+        a.connections,
+        a.inflight,
+        lag.len(),
+        lag.value_at_quantile(0.5),
+        lag.value_at_quantile(0.99),
+        lag.max()
+    );
+    super::report("thingraft MQTT QoS 1 telemetry", acked, secs, &h, &extra);
+    Ok(())
+}
+
+async fn device_id(addr: &str, token: &str, name: &str) -> anyhow::Result<String> {
+    let (code, body) = http::request(
+        addr,
+        "GET",
+        &format!("/api/tenant/device?deviceName={name}"),
+        Some(token),
+        None,
+    )
+    .await?;
+    anyhow::ensure!(code == 200, "device {name}: {code} {body}");
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    v["id"]["id"].as_str().map(String::from).context("device id")
+}
+
+/// CONNECT (MQTT 3.1.1, the token as user name) and wait for CONNACK accepted.
+async fn connect(addr: &str, token: &str) -> anyhow::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.set_nodelay(true)?;
+    let mut body = Vec::new();
+    body.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 120]);
+    body.extend_from_slice(&[0, 0]); // empty client id
+    body.extend_from_slice(&(token.len() as u16).to_be_bytes());
+    body.extend_from_slice(token.as_bytes());
+    let mut pkt = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut b = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            b |= 0x80;
+        }
+        pkt.push(b);
+        if len == 0 {
+            break;
+        }
+    }
+    pkt.extend_from_slice(&body);
+    s.write_all(&pkt).await?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut ack)).await??;
+    anyhow::ensure!(ack == [0x20, 2, 0, 0], "CONNACK refused: {ack:?}");
+    Ok(s)
+}
+
+fn payload(seq: u64) -> String {
+    format!(
+        r#"{{"temperature":{}.5,"humidity":{},"pressure":{}}}"#,
+        20 + seq % 10,
+        40 + seq % 20,
+        1000 + seq % 7
+    )
+}
+
+/// Reads PUBACK packet ids from `buf` (skips anything else the server sends).
+fn take_pubacks(buf: &mut BytesMut, out: &mut Vec<u16>) -> anyhow::Result<()> {
+    loop {
+        if buf.len() < 2 {
+            return Ok(());
+        }
+        // Remaining length (at most 4 bytes).
+        let (mut len, mut mult, mut i) = (0usize, 1usize, 1usize);
+        loop {
+            let Some(&b) = buf.get(i) else { return Ok(()) };
+            len += (b & 0x7f) as usize * mult;
+            mult *= 128;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            anyhow::ensure!(i < 5, "malformed remaining length");
+        }
+        if buf.len() < i + len {
+            return Ok(());
+        }
+        let kind = buf[0] >> 4;
+        if kind == 4 && len >= 2 {
+            out.push(u16::from_be_bytes([buf[i], buf[i + 1]]));
+            anyhow::ensure!(
+                len == 2 || buf[i + 2] == 0,
+                "PUBACK with reason {:#x}",
+                buf[i + 2]
+            );
+        }
+        buf.advance(i + len);
+    }
+}
+
+async fn publisher(
+    s: TcpStream,
+    conn: usize,
+    inflight: usize,
+    rate: Option<f64>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<()> {
+    let (mut rd, mut wr) = s.into_split();
+    let mut sent_at: Vec<Option<Instant>> = vec![None; 65536];
+    let mut next_pkid: u16 = 1;
+    let mut outstanding = 0usize;
+    let mut rbuf = BytesMut::with_capacity(4096);
+    let mut wbuf = BytesMut::with_capacity(4096);
+    let mut acks = Vec::new();
+    let mut seq = conn as u64;
+    let start = Instant::now();
+    let mut sent_total = 0u64;
+    loop {
+        if shared.stop.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        // Fill the window (within the rate, if any).
+        let allowed = match rate {
+            Some(r) => ((start.elapsed().as_secs_f64() * r) as u64).saturating_sub(sent_total),
+            None => u64::MAX,
+        };
+        let mut n = 0u64;
+        while outstanding < inflight && n < allowed {
+            let pkid = next_pkid;
+            next_pkid = if next_pkid >= 60_000 { 1 } else { next_pkid + 1 };
+            codec::write_publish(
+                &mut wbuf,
+                Version::V3_1_1,
+                "v1/devices/me/telemetry",
+                1,
+                pkid,
+                payload(seq).as_bytes(),
+            );
+            seq += 1;
+            sent_at[pkid as usize] = Some(Instant::now());
+            outstanding += 1;
+            n += 1;
+        }
+        sent_total += n;
+        if !wbuf.is_empty() {
+            wr.write_all(&wbuf).await?;
+            wbuf.clear();
+        }
+        let read = if outstanding == 0 {
+            // Nothing to wait for: wait for the rate to allow more.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        } else if rate.is_some() && outstanding < inflight {
+            match tokio::time::timeout(Duration::from_millis(1), rd.read_buf(&mut rbuf)).await {
+                Ok(r) => r?,
+                Err(_) => continue,
+            }
+        } else {
+            match tokio::time::timeout(Duration::from_secs(1), rd.read_buf(&mut rbuf)).await {
+                Ok(r) => r?,
+                Err(_) => continue,
+            }
+        };
+        anyhow::ensure!(read > 0, "connection closed by the server");
+        acks.clear();
+        take_pubacks(&mut rbuf, &mut acks)?;
+        let now = Instant::now();
+        let measuring = shared.measuring.load(Ordering::Relaxed);
+        let mut h = measuring.then(|| shared.hist.lock().expect("hist"));
+        for pkid in &acks {
+            if let Some(t) = sent_at[*pkid as usize].take() {
+                outstanding -= 1;
+                if let Some(h) = h.as_mut() {
+                    let _ = h.record(now.duration_since(t).as_micros() as u64);
+                }
+            }
+        }
+        drop(h);
+        shared.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Publishes `{"probe":n}` every 100 ms and measures until REST shows it.
+async fn lag_probe(
+    s: TcpStream,
+    http_addr: String,
+    token: String,
+    device: String,
+    shared: Arc<Shared>,
+) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
+    let (mut rd, mut wr) = s.into_split();
+    let mut h = histogram();
+    let mut n = 0u64;
+    let mut rbuf = BytesMut::new();
+    let path = format!("/api/plugins/telemetry/DEVICE/{device}/values/timeseries?keys=probe");
+    while !shared.stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if !shared.measuring.load(Ordering::Relaxed) {
+            continue;
+        }
+        n += 1;
+        let mut w = BytesMut::new();
+        let body = format!(r#"{{"probe":{n}}}"#);
+        codec::write_publish(
+            &mut w,
+            Version::V3_1_1,
+            "v1/devices/me/telemetry",
+            1,
+            (n % 60_000 + 1) as u16,
+            body.as_bytes(),
+        );
+        let t = Instant::now();
+        wr.write_all(&w).await?;
+        let want = format!("\"{n}\"");
+        loop {
+            let (code, resp) = http::request(&http_addr, "GET", &path, Some(&token), None).await?;
+            if code == 200 && resp.contains(&want) {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                anyhow::bail!("probe {n} not readable after 10 s");
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+        let _ = h.record(t.elapsed().as_micros() as u64);
+        // Drain the PUBACKs.
+        let _ = tokio::time::timeout(Duration::from_millis(1), rd.read_buf(&mut rbuf)).await;
+        rbuf.clear();
+    }
+    Ok(h)
+}
