@@ -193,7 +193,9 @@ impl Shard {
                     processed_upto: st.processed_upto,
                 },
             );
-            self.store.write(batch)?;
+            // A RocksDB write can stall (memtable flush, compaction): let the runtime move other
+            // tasks off this worker meanwhile.
+            tokio::task::block_in_place(|| self.store.write(batch))?;
             self.applied_tx.send_replace(st.processed_upto);
         }
         for a in actions {

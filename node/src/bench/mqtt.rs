@@ -241,7 +241,8 @@ async fn publisher(
     shared: Arc<Shared>,
 ) -> anyhow::Result<()> {
     let (mut rd, mut wr) = s.into_split();
-    let mut sent_at: Vec<Option<Instant>> = vec![None; 65536];
+    let mut sent_at: std::collections::HashMap<u16, Instant> =
+        std::collections::HashMap::with_capacity(inflight);
     let mut next_pkid: u16 = 1;
     let mut outstanding = 0usize;
     let mut rbuf = BytesMut::with_capacity(4096);
@@ -272,7 +273,7 @@ async fn publisher(
                 payload(seq).as_bytes(),
             );
             seq += 1;
-            sent_at[pkid as usize] = Some(Instant::now());
+            sent_at.insert(pkid, Instant::now());
             outstanding += 1;
             n += 1;
         }
@@ -281,20 +282,23 @@ async fn publisher(
             wr.write_all(&wbuf).await?;
             wbuf.clear();
         }
-        let read = if outstanding == 0 {
-            // Nothing to wait for: wait for the rate to allow more.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            continue;
-        } else if rate.is_some() && outstanding < inflight {
-            match tokio::time::timeout(Duration::from_millis(1), rd.read_buf(&mut rbuf)).await {
+        // Wait for acknowledgements, or (with a rate) until the next message is due.
+        let due = rate.map(|r| start + Duration::from_secs_f64((sent_total + 1) as f64 / r));
+        let read = match (outstanding, due) {
+            (0, Some(due)) => {
+                tokio::time::sleep_until(due.into()).await;
+                continue;
+            }
+            (_, Some(due)) if outstanding < inflight => {
+                match tokio::time::timeout_at(due.into(), rd.read_buf(&mut rbuf)).await {
+                    Ok(r) => r?,
+                    Err(_) => continue,
+                }
+            }
+            _ => match tokio::time::timeout(Duration::from_secs(1), rd.read_buf(&mut rbuf)).await {
                 Ok(r) => r?,
                 Err(_) => continue,
-            }
-        } else {
-            match tokio::time::timeout(Duration::from_secs(1), rd.read_buf(&mut rbuf)).await {
-                Ok(r) => r?,
-                Err(_) => continue,
-            }
+            },
         };
         anyhow::ensure!(read > 0, "connection closed by the server");
         acks.clear();
@@ -303,7 +307,7 @@ async fn publisher(
         let measuring = shared.measuring.load(Ordering::Relaxed);
         let mut h = measuring.then(|| shared.hist.lock().expect("hist"));
         for pkid in &acks {
-            if let Some(t) = sent_at[*pkid as usize].take() {
+            if let Some(t) = sent_at.remove(pkid) {
                 outstanding -= 1;
                 if let Some(h) = h.as_mut() {
                     let _ = h.record(now.duration_since(t).as_micros() as u64);
