@@ -4,9 +4,11 @@
 //!   group's map.
 //! - [`shard`]: per partition, processing at the leader (outcomes) and applying on every
 //!   replica.
+//! - [`connectivity`]: device activity, inactivity and the five connectivity attributes.
 //! - [`store`]: the local store (RocksDB) the shards fold into; latest values, history,
 //!   attributes.
 
+pub mod connectivity;
 pub mod registry;
 pub mod shard;
 pub mod store;
@@ -31,6 +33,41 @@ pub trait Downlinks: Send + Sync + 'static {
 }
 pub use store::Store;
 
+/// The `[engine]` section of the node's config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// A device silent this long becomes inactive (ThingsBoard's
+    /// `state.defaultInactivityTimeoutInSec`; a device's `inactivityTimeout` server attribute
+    /// overrides it).
+    pub inactivity_timeout_ms: u64,
+    /// How often a partition's leader looks for devices that went inactive.
+    pub state_check_interval_ms: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            inactivity_timeout_ms: 600_000,
+            state_check_interval_ms: 60_000,
+        }
+    }
+}
+
+impl EngineConfig {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.inactivity_timeout_ms > 0,
+            "engine.inactivity_timeout_ms must be > 0"
+        );
+        anyhow::ensure!(
+            self.state_check_interval_ms >= 100,
+            "engine.state_check_interval_ms must be >= 100"
+        );
+        Ok(())
+    }
+}
+
 /// The engine of one node: a shard for each partition replica it holds.
 pub struct Engine {
     log: LogHandle,
@@ -52,7 +89,13 @@ pub struct EngineHandle {
 
 impl Engine {
     /// Opens the local store under `dir` and starts a shard for every partition replica here.
-    pub fn start(log: LogHandle, dir: &Path, downlinks: Arc<dyn Downlinks>) -> anyhow::Result<Engine> {
+    pub fn start(
+        log: LogHandle,
+        dir: &Path,
+        downlinks: Arc<dyn Downlinks>,
+        config: EngineConfig,
+    ) -> anyhow::Result<Engine> {
+        config.validate()?;
         std::fs::create_dir_all(dir)?;
         let store = Store::open(dir)?;
         let (shutdown, _) = watch::channel(false);
@@ -70,6 +113,7 @@ impl Engine {
                 store: store.clone(),
                 applied_tx: tx,
                 downlinks: downlinks.clone(),
+                config: config.clone(),
             };
             tasks.push(tokio::spawn(shard.run(shutdown.subscribe())));
         }

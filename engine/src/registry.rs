@@ -15,7 +15,7 @@ use bytes::Bytes;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogError, LogHandle, MetaCheck, MetaOp, MetaTxn};
-use thingraft_proto::records::{DeviceRef, token_key};
+use thingraft_proto::records::{DeviceRef, basic_key, mqtt_basic_hash, token_key};
 use uuid::Uuid;
 
 /// ThingsBoard's id of "no customer".
@@ -482,7 +482,7 @@ impl Registry {
             MetaOp::Delete(format!("reg/cred/{id}")),
         ];
         if let Some(c) = self.credentials(id) {
-            ops.push(MetaOp::Delete(token_key(&c.credentials_id)));
+            ops.push(MetaOp::Delete(credentials_key(&c)));
         }
         let r = self
             .log
@@ -497,6 +497,67 @@ impl Registry {
             ));
         }
         Ok(device)
+    }
+
+    /// Replaces a device's credentials with MQTT basic ones (ThingsBoard's `MQTT_BASIC`: any of
+    /// client id and user name, optionally a password).
+    pub async fn update_basic(
+        &self,
+        device_id: Uuid,
+        client_id: &str,
+        user_name: &str,
+        password: &str,
+    ) -> Result<Credentials, RegistryError> {
+        if client_id.is_empty() && user_name.is_empty() {
+            return Err(RegistryError::Invalid(
+                "Both mqtt client id and user name are empty!".into(),
+            ));
+        }
+        if client_id.is_empty() && !password.is_empty() && user_name.is_empty() {
+            return Err(RegistryError::Invalid("Password requires a user name".into()));
+        }
+        let device = self
+            .device(device_id)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device_id}] is not found")))?;
+        let ckey = format!("reg/cred/{device_id}");
+        let current = self
+            .log
+            .meta_get(&ckey)
+            .ok_or_else(|| RegistryError::NotFound("device credentials".into()))?;
+        let old: Credentials = dec(&current).ok_or_else(|| RegistryError::NotFound(ckey.clone()))?;
+        let hash = mqtt_basic_hash(client_id, user_name);
+        let value = serde_json::json!({"clientId": client_id, "userName": user_name, "password": password});
+        let new = Credentials {
+            credentials_id: hash.clone(),
+            kind: CredentialsType::MqttBasic,
+            value: Some(value.to_string()),
+            version: old.version + 1,
+            ..old.clone()
+        };
+        let bk = basic_key(&hash);
+        let mut ops = Vec::new();
+        if credentials_key(&old) != bk {
+            ops.push(MetaOp::Delete(credentials_key(&old)));
+        }
+        ops.push(MetaOp::Put(
+            bk.clone(),
+            device_ref(&device, password).encode().into(),
+        ));
+        ops.push(MetaOp::Put(ckey.clone(), enc(&new)));
+        let mut checks = vec![MetaCheck::Equals(ckey, current)];
+        if credentials_key(&old) != bk {
+            checks.push(MetaCheck::Absent(bk));
+        }
+        let r = self.log.meta_txn(MetaTxn { checks, ops }).await?;
+        match r.failed_check {
+            None => Ok(new),
+            Some(0) => Err(RegistryError::Conflict(
+                "credentials changed concurrently; retry".into(),
+            )),
+            Some(_) => Err(RegistryError::Conflict(
+                "Device credentials are already assigned to another device!".into(),
+            )),
+        }
     }
 
     /// Replaces a device's access token.
@@ -532,7 +593,7 @@ impl Registry {
                     MetaCheck::Absent(tk.clone()),
                 ],
                 ops: vec![
-                    MetaOp::Delete(token_key(&old.credentials_id)),
+                    MetaOp::Delete(credentials_key(&old)),
                     MetaOp::Put(tk, device_ref(&device, "").encode().into()),
                     MetaOp::Put(ckey, enc(&new)),
                 ],
@@ -547,6 +608,15 @@ impl Registry {
                 "Device credentials are already assigned to another device!".into(),
             )),
         }
+    }
+}
+
+/// The metadata-map key transports look credentials up by.
+fn credentials_key(c: &Credentials) -> String {
+    match c.kind {
+        CredentialsType::AccessToken => token_key(&c.credentials_id),
+        CredentialsType::MqttBasic => basic_key(&c.credentials_id),
+        CredentialsType::X509Certificate => format!("reg/x509/{}", c.credentials_id),
     }
 }
 

@@ -10,19 +10,19 @@
 //! telemetry, save the attributes, record connectivity), so an outcome names the range and each
 //! replica applies the records it already holds, instead of copying them into the log again.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thingraft_log::{LogHandle, Record};
-use thingraft_proto::device::Value;
 use thingraft_proto::records::{
     Deliver, DownlinkMsg, EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, RpcStatus, Scope, SessionRef,
 };
 use tokio::sync::{mpsc, watch};
 
-use crate::Downlinks;
+use crate::connectivity::Connectivity;
 use crate::store::{Batch, Progress, RpcState, Store};
+use crate::{Downlinks, EngineConfig};
 
 /// Ingest records held in memory between their commit and their outcome; beyond this the
 /// shard forgets them and re-reads them from the log when their outcome arrives.
@@ -35,6 +35,7 @@ pub struct Shard {
     /// `processed_upto` after each apply, for readers that wait for their write.
     pub applied_tx: watch::Sender<u64>,
     pub downlinks: Arc<dyn Downlinks>,
+    pub config: EngineConfig,
 }
 
 /// External work an applied input asks for, done by the partition's leader only.
@@ -62,6 +63,7 @@ struct State {
     /// Next offset the tail will deliver.
     seen_upto: u64,
     last_ingest: Option<u64>,
+    connectivity: Connectivity,
 }
 
 impl Shard {
@@ -82,7 +84,12 @@ impl Shard {
             pending_from: progress.processed_upto,
             seen_upto: progress.processed_upto,
             last_ingest: None,
+            connectivity: Connectivity::load(&self.store, self.config.inactivity_timeout_ms as i64, |d| {
+                self.log.partition_for_key(d) == p
+            })?,
         };
+        let check_every = Duration::from_millis(self.config.state_check_interval_ms);
+        let mut last_check = tokio::time::Instant::now();
         self.applied_tx.send_replace(st.processed_upto);
         let (actions_tx, actions_rx) = mpsc::channel(1024);
         let actor = tokio::spawn(
@@ -116,7 +123,12 @@ impl Shard {
                         proposed_upto = st.processed_upto;
                     }
                 }
-                _ = tick.tick() => {}
+                _ = tick.tick() => {
+                    if last_check.elapsed() >= check_every {
+                        last_check = tokio::time::Instant::now();
+                        self.check_inactivity(&mut st).await;
+                    }
+                }
                 () = crate::stopped(shutdown) => return Ok(()),
             }
             if in_flight.is_none()
@@ -171,7 +183,7 @@ impl Shard {
                     }
                     let from = o.from.max(st.processed_upto);
                     let inputs = self.take(st, from, o.to)?;
-                    let acts = apply_default(&self.store, &mut batch, &inputs);
+                    let acts = apply_default(&self.store, &mut batch, &inputs, &mut st.connectivity);
                     // Only the leader that processed the range acts on it, once.
                     if self.log.leader_term(self.partition) == Some(o.term) {
                         actions.extend(acts);
@@ -205,6 +217,36 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Leader only: appends an `Inactive` record for each device silent past its timeout.
+    async fn check_inactivity(&self, st: &mut State) {
+        if self.log.leader_term(self.partition).is_none() {
+            st.connectivity.clear_proposed();
+            return;
+        }
+        let now = crate::registry::now_ms();
+        let due = st.connectivity.due(now, 1000);
+        if due.is_empty() {
+            return;
+        }
+        let records: Vec<Record> = due
+            .iter()
+            .map(|(tenant, device)| {
+                let i = Ingest {
+                    tenant: *tenant,
+                    device: *device,
+                    ts_ms: now,
+                    session: None,
+                    msg: IngestMsg::Inactive,
+                };
+                Record::new(device.to_vec(), PartitionRecord::Ingest(i).encode())
+            })
+            .collect();
+        if let Err(e) = self.log.append_as_leader(self.partition, records).await {
+            tracing::debug!(partition = self.partition, error = %e, "inactivity not recorded; will retry");
+            st.connectivity.clear_proposed();
+        }
     }
 
     /// The ingest records with offsets in `from .. to`, from memory or, if they were dropped,
@@ -249,9 +291,12 @@ impl Shard {
 
 /// The effect of the default root rule chain on each input, in order; returns the external
 /// actions the leader owes.
-fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> Vec<Action> {
-    // Device activity, once per device per batch: the latest time wins.
-    let mut activity: HashMap<EntityId, i64> = HashMap::new();
+fn apply_default(
+    store: &Store,
+    batch: &mut Batch,
+    inputs: &[(u64, Ingest)],
+    conn: &mut Connectivity,
+) -> Vec<Action> {
     let mut actions = Vec::new();
     for (offset, i) in inputs {
         let d = &i.device;
@@ -269,6 +314,9 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> 
             IngestMsg::SaveAttributes { scope, values } => {
                 for (k, v) in values {
                     batch.attribute(d, *scope, k, i.ts_ms, v);
+                    if *scope == Scope::Server {
+                        conn.on_server_attribute(d, k, v);
+                    }
                 }
                 if *scope == Scope::Shared {
                     let obj: serde_json::Map<String, serde_json::Value> =
@@ -277,6 +325,27 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> 
                         device: *d,
                         json: serde_json::Value::Object(obj).to_string(),
                     });
+                }
+            }
+            IngestMsg::DeleteAttributes { scope, keys } => {
+                for k in keys {
+                    batch.delete_attribute(d, *scope, k);
+                }
+                if *scope == Scope::Shared && !keys.is_empty() {
+                    actions.push(Action::AttributeUpdate {
+                        device: *d,
+                        json: serde_json::json!({ "deleted": keys }).to_string(),
+                    });
+                }
+            }
+            IngestMsg::DeleteTelemetry {
+                keys,
+                start_ts,
+                end_ts,
+                delete_latest,
+            } => {
+                if let Err(e) = batch.delete_telemetry(store, d, keys, *start_ts, *end_ts, *delete_latest) {
+                    tracing::error!(error = %e, "telemetry delete failed to read the store");
                 }
             }
             IngestMsg::AttributeRequest {
@@ -321,6 +390,11 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> 
                     actions.push(Action::Rpc(r));
                 }
             }
+            IngestMsg::ClientRpc { method, .. } => {
+                // The default root chain only logs client-side RPCs ("Log RPC from Device");
+                // the device's transport answers with a timeout.
+                tracing::debug!(method = %method, "client-side RPC from device");
+            }
             IngestMsg::RpcResponse { id, payload } => {
                 if let Some(mut r) = batch.rpc_by_id(store, d, *id)
                     && !r.status.is_final()
@@ -339,34 +413,15 @@ fn apply_default(store: &Store, batch: &mut Batch, inputs: &[(u64, Ingest)]) -> 
                     batch.put_rpc(r);
                 }
             }
-            IngestMsg::Connect => {
-                batch.attribute(
-                    d,
-                    Scope::Server,
-                    "lastConnectTime",
-                    i.ts_ms,
-                    &Value::Long(i.ts_ms),
-                );
-                batch.attribute(d, Scope::Server, "active", i.ts_ms, &Value::Bool(true));
-            }
-            IngestMsg::Disconnect => {
-                batch.attribute(
-                    d,
-                    Scope::Server,
-                    "lastDisconnectTime",
-                    i.ts_ms,
-                    &Value::Long(i.ts_ms),
-                );
-            }
+            IngestMsg::Connect => conn.on_connect(batch, d, &i.tenant, i.ts_ms),
+            IngestMsg::Disconnect => conn.on_disconnect(batch, d, i.ts_ms),
+            IngestMsg::Inactive => conn.on_inactive(batch, d, i.ts_ms),
         }
         if i.session.is_some() {
-            let e = activity.entry(*d).or_insert(i.ts_ms);
-            *e = (*e).max(i.ts_ms);
+            conn.on_activity(batch, d, &i.tenant, i.ts_ms);
         }
     }
-    for (d, ts) in activity {
-        batch.attribute(&d, Scope::Server, "lastActivityTime", ts, &Value::Long(ts));
-    }
+    conn.flush(batch);
     actions
 }
 

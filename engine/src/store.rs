@@ -253,6 +253,30 @@ impl Store {
         Ok(out)
     }
 
+    /// Every device's server attributes with one of `names`: (device, name, value).
+    pub fn server_attributes_named(&self, names: &[&str]) -> anyhow::Result<Vec<(EntityId, String, Value)>> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator(IteratorMode::From(b"a", Direction::Forward)) {
+            let (k, v) = kv?;
+            if k.first() != Some(&b'a') {
+                break;
+            }
+            // a · device(16) · scope(1) · len(2) · name
+            if k.len() < 20 || k[17] != Scope::Server.tag() {
+                continue;
+            }
+            let name = String::from_utf8_lossy(&k[20..]).into_owned();
+            if !names.contains(&name.as_str()) {
+                continue;
+            }
+            let mut device = [0u8; 16];
+            device.copy_from_slice(&k[1..17]);
+            let tv: TsValue = decode(&v)?;
+            out.push((device, name, tv.value));
+        }
+        Ok(out)
+    }
+
     pub fn rpc(&self, uuid: &EntityId) -> anyhow::Result<Option<RpcState>> {
         self.db.get(rpc_key(uuid))?.map(|v| decode(&v)).transpose()
     }
@@ -388,6 +412,54 @@ impl Batch {
                 );
             }
         }
+    }
+
+    /// Deletes `keys` from the device's history rows in `[start_ts, end_ts)` (rows left empty
+    /// go), and from its latest values when `delete_latest`.
+    pub fn delete_telemetry(
+        &mut self,
+        store: &Store,
+        device: &EntityId,
+        keys: &[String],
+        start_ts: i64,
+        end_ts: i64,
+        delete_latest: bool,
+    ) -> anyhow::Result<()> {
+        let mut lo = vec![b'h'];
+        lo.extend_from_slice(device);
+        let mut hi = lo.clone();
+        lo.extend_from_slice(&ts_bytes(start_ts));
+        hi.extend_from_slice(&ts_bytes(end_ts));
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(lo);
+        ro.set_iterate_upper_bound(hi);
+        for kv in store.db.iterator_opt(IteratorMode::Start, ro) {
+            let (k, v) = kv?;
+            let row: Vec<(String, Value)> = decode(&v)?;
+            if !row.iter().any(|(n, _)| keys.contains(n)) {
+                continue;
+            }
+            let kept: Vec<(String, Value)> = row.into_iter().filter(|(n, _)| !keys.contains(n)).collect();
+            if kept.is_empty() {
+                self.wb.delete(&k);
+            } else {
+                self.wb.put(&k, encode(&kept));
+            }
+        }
+        if delete_latest {
+            let latest = self
+                .latest
+                .entry(*device)
+                .or_insert_with(|| store.latest_map(device).unwrap_or_default());
+            for k in keys {
+                latest.remove(k);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn delete_attribute(&mut self, device: &EntityId, scope: Scope, key: &str) {
+        self.wb.delete(name_key(b'a', device, &[scope.tag()], key));
     }
 
     /// Adds the latest-telemetry rows; call once before writing.

@@ -19,6 +19,7 @@ pub const DEFAULT_CONFIG_TOML: &str = include_str!("../thingraft.toml");
 pub struct NodeConfig {
     pub node: NodeSection,
     pub log: LogConfig,
+    pub engine: thingraft_engine::EngineConfig,
     pub mqtt: MqttConfig,
     pub http: HttpSection,
     pub seed: SeedSection,
@@ -187,6 +188,7 @@ impl NodeConfig {
         }
         c.log.validate()?;
         c.mqtt.validate()?;
+        c.engine.validate()?;
         Ok(c)
     }
 }

@@ -132,7 +132,12 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         mqtt: mqtt.clone(),
     });
     downlinks.install();
-    let engine = thingraft_engine::Engine::start(handle.clone(), &cfg.log.data_dir.join("store"), downlinks)?;
+    let engine = thingraft_engine::Engine::start(
+        handle.clone(),
+        &cfg.log.data_dir.join("store"),
+        downlinks,
+        cfg.engine.clone(),
+    )?;
     let eh = engine.handle();
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");

@@ -8,12 +8,16 @@
 //!   holding its compact text, with number literals and key order as written.
 //! - A number is read as a decimal (unscaled digits and a scale, as Java's `BigDecimal` does). Written
 //!   without a `.` and integral once trailing zeros are stripped (`42`, `1e3`, `5E2`), it is a
-//!   [`Value::Long`]; written with a `.` (`42.0`, `4.2e1`) or fractional (`15e-1`), it is a
+//!   [`Value::Long`] — so is `4.2e1`: as in ThingsBoard's `JsonConverter`, a `.` counts only in a
+//!   literal without an exponent. Written with a `.` and no exponent (`42.0`) or fractional
+//!   (`15e-1`, `1.5e-3`), it is a
 //!   [`Value::Double`] when its scale as written is at most 16. Anything else (an integer beyond
 //!   `i64`, a scale above 16, a double too large for `f64`) is a [`Value::String`] holding the plain
 //!   decimal text, so no digit is lost.
-//! - A string that reads as such a decimal (`"42"`, `"4.5"`, `"-1e2"`, `".5"`) is typed by the same
-//!   rules; any other string (`"0x10"`, `"NaN"`, `" 42"`, `""`) stays a string.
+//! - A string that reads as such a decimal without an exponent (`"42"`, `"4.5"`, `".5"`) is typed
+//!   by the same rules; any other string (`"-1e2"`, `"0x10"`, `"NaN"`, `" 42"`, `""`) stays a
+//!   string, as ThingsBoard never casts a string with an exponent.
+//! - A `ts` may be a number or a numeric string (`"ts":"1451649600512"`), as in ThingsBoard.
 //! - An exponent beyond ±10000 is not expanded: the value is kept as a string, as written, so a
 //!   ten-byte literal cannot become a string of a billion zeros.
 //!
@@ -175,6 +179,11 @@ pub fn value_from_raw(raw: &RawValue) -> Result<Option<Value>, PayloadError> {
         JsonKind::Number => Some(number_value(text).unwrap_or_else(|| Value::String(text.to_owned()))),
         JsonKind::String => {
             let s: String = serde_json::from_str(text).map_err(invalid_json)?;
+            // ThingsBoard casts a numeric string only when it has no exponent (`"-1e2"` stays
+            // a string).
+            if s.contains(['e', 'E']) {
+                return Ok(Some(Value::String(s)));
+            }
             Some(match number_value(&s) {
                 Some(value) => value,
                 None => Value::String(s),
@@ -284,6 +293,11 @@ fn ts_millis(raw: &RawValue) -> Result<i64, PayloadError> {
     let text = raw.get().trim();
     let millis = match kind(raw) {
         JsonKind::Number => parse_decimal(text).ok().and_then(|d| d.truncated()),
+        // ThingsBoard also takes a numeric string (`"ts":"1451649600512"`).
+        JsonKind::String => serde_json::from_str::<String>(text)
+            .ok()
+            .and_then(|s| parse_decimal(s.trim()).ok())
+            .and_then(|d| d.truncated()),
         _ => None,
     };
     millis.ok_or_else(|| PayloadError::BadTs {
@@ -410,6 +424,8 @@ struct Decimal {
     scale: i64,
     /// Whether the literal is written with a `.`.
     has_dot: bool,
+    /// Whether the literal has an exponent (`e`/`E`).
+    has_exp: bool,
 }
 
 /// Reads a decimal. Besides JSON's number syntax this accepts what ThingsBoard accepts in strings:
@@ -434,6 +450,7 @@ fn parse_decimal(text: &str) -> Result<Decimal, NotDecimal> {
     if int.is_empty() && frac.is_empty() {
         return Err(NotDecimal::Syntax);
     }
+    let has_exp = rest.starts_with(['e', 'E']);
     let exponent = match rest.strip_prefix(['e', 'E']) {
         Some(exponent) => parse_exponent(exponent)?,
         None if rest.is_empty() => 0,
@@ -448,6 +465,7 @@ fn parse_decimal(text: &str) -> Result<Decimal, NotDecimal> {
         unscaled,
         scale: frac.len() as i64 - exponent,
         has_dot,
+        has_exp,
     })
 }
 
@@ -561,7 +579,9 @@ fn number_value(text: &str) -> Option<Value> {
         Err(NotDecimal::HugeExponent) => return Some(Value::String(text.to_owned())),
     };
     let (digits, stripped_scale) = decimal.stripped();
-    if !decimal.has_dot && stripped_scale <= 0 {
+    // ThingsBoard counts a `.` only in a literal without an exponent: `4.2e1` is the integer 42.
+    let dotted = decimal.has_dot && !decimal.has_exp;
+    if !dotted && stripped_scale <= 0 {
         if let Some(n) = to_i64(decimal.negative, digits, stripped_scale.unsigned_abs()) {
             return Some(Value::Long(n));
         }
@@ -689,7 +709,9 @@ mod tests {
     #[test]
     fn literals_with_a_dot_are_double_even_when_integral() {
         assert_eq!(double("42.0"), 42.0);
-        assert_eq!(double("4.2e1"), 42.0);
+        // ThingsBoard: a `.` with an exponent does not make a double.
+        assert_eq!(long("4.2e1"), 42);
+        assert_eq!(string("9.9701010061400066E19"), "99701010061400066000");
         assert_eq!(double("1.0"), 1.0);
         assert_eq!(double("-0.0"), 0.0);
         assert!(double("-0.0").is_sign_positive());
@@ -754,7 +776,7 @@ mod tests {
         assert_eq!(long("\"42\""), 42);
         assert_eq!(long("\"-7\""), -7);
         assert_eq!(long("\"007\""), 7);
-        assert_eq!(long("\"-1e2\""), -100);
+        assert_eq!(string("\"-1e2\""), "-1e2");
         assert_eq!(double("\"4.5\""), 4.5);
         assert_eq!(double("\"42.0\""), 42.0);
         assert_eq!(double("\".5\""), 0.5);
@@ -840,7 +862,8 @@ mod tests {
                 negative: true,
                 unscaled: "1500".to_owned(),
                 scale: 1,
-                has_dot: true
+                has_dot: true,
+                has_exp: true
             }
         );
         assert_eq!(d.stripped(), ("15", -1));
@@ -1016,6 +1039,13 @@ mod tests {
     }
 
     #[test]
+    fn telemetry_ts_may_be_a_numeric_string() {
+        let got = parse_telemetry(br#"{"ts":"1451649600512","values":{"a":1}}"#, NOW).expect("parsed");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].ts_ms, 1_451_649_600_512);
+    }
+
+    #[test]
     fn telemetry_ts_must_be_a_number_in_range() {
         let bad = |payload: &[u8], found: &str| {
             assert_eq!(
@@ -1027,7 +1057,7 @@ mod tests {
                 String::from_utf8_lossy(payload)
             );
         };
-        bad(br#"{"ts":"1451649600512","values":{"a":1}}"#, "\"1451649600512\"");
+        bad(br#"{"ts":"soon","values":{"a":1}}"#, "\"soon\"");
         bad(br#"{"ts":null,"values":{"a":1}}"#, "null");
         bad(br#"{"ts":true,"values":{"a":1}}"#, "true");
         bad(br#"{"ts":{},"values":{"a":1}}"#, "{}");

@@ -50,6 +50,23 @@ pub fn token_key(token: &str) -> String {
     format!("reg/token/{token}")
 }
 
+/// Metadata-map key of MQTT basic credentials, by their lookup hash.
+pub fn basic_key(hash: &str) -> String {
+    format!("reg/basic/{hash}")
+}
+
+/// ThingsBoard's lookup hash of MQTT basic credentials: the SHA3-256 hex of the non-empty
+/// parts joined by `|` (client id, then user name).
+pub fn mqtt_basic_hash(client_id: &str, user_name: &str) -> String {
+    use sha3::Digest;
+    let parts: Vec<&str> = [client_id, user_name]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect();
+    let digest = sha3::Sha3_256::digest(parts.join("|").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Attribute scopes, as ThingsBoard names them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum Scope {
@@ -117,12 +134,25 @@ pub enum IngestMsg {
     Connect,
     /// A session closed.
     Disconnect,
+    /// The partition's leader found the device silent past its inactivity timeout (at the
+    /// record's time).
+    Inactive,
     /// Telemetry saved through the REST API (bypasses the rule chain).
     SaveTelemetry(Vec<TsKv>),
     /// Attributes saved through the REST API.
     SaveAttributes {
         scope: Scope,
         values: Vec<(String, Value)>,
+    },
+    /// Attributes deleted through the REST API.
+    DeleteAttributes { scope: Scope, keys: Vec<String> },
+    /// Telemetry deleted through the REST API: `keys` in `[start_ts, end_ts)`, and their latest
+    /// values when `delete_latest`.
+    DeleteTelemetry {
+        keys: Vec<String>,
+        start_ts: i64,
+        end_ts: i64,
+        delete_latest: bool,
     },
     /// The device asks for attribute values (`None`: that scope was not asked for; both
     /// `None`: all client and shared attributes).
@@ -142,6 +172,12 @@ pub enum IngestMsg {
     },
     /// The device's reply to server-side RPC `id` (any text, usually JSON).
     RpcResponse { id: u32, payload: String },
+    /// A client-side RPC from the device (`TO_SERVER_RPC_REQUEST`); `params` is JSON text.
+    ClientRpc {
+        request_id: u32,
+        method: String,
+        params: String,
+    },
     /// What became of a server-side RPC, recorded by the partition's leader.
     RpcStatus { uuid: EntityId, status: RpcStatus },
 }

@@ -78,12 +78,23 @@ pub struct ProcCluster {
     /// REST address of each node.
     pub http: BTreeMap<NodeId, String>,
     pub partitions: u32,
+    /// A config file every node starts with (`--config`), if any.
+    config: Option<PathBuf>,
     procs: HashMap<NodeId, Child>,
 }
 
 impl ProcCluster {
     /// Starts `n` nodes with `partitions` partitions and waits until every partition has a leader.
     pub async fn start(n: usize, partitions: u32) -> anyhow::Result<ProcCluster> {
+        Self::start_with_config(n, partitions, None).await
+    }
+
+    /// Like [`ProcCluster::start`], with every node reading `config` (TOML) as its config file.
+    pub async fn start_with_config(
+        n: usize,
+        partitions: u32,
+        config: Option<&str>,
+    ) -> anyhow::Result<ProcCluster> {
         let ports = free_ports(3 * n);
         let addrs_of = |k: usize| -> BTreeMap<NodeId, String> {
             (0..n)
@@ -96,8 +107,14 @@ impl ProcCluster {
             mqtt: addrs_of(1),
             http: addrs_of(2),
             partitions,
+            config: None,
             procs: HashMap::new(),
         };
+        if let Some(text) = config {
+            let path = c.dir.path().join("config.toml");
+            std::fs::write(&path, text)?;
+            c.config = Some(path);
+        }
         let ids: Vec<NodeId> = c.addrs.keys().copied().collect();
         for id in ids {
             c.spawn(id)?;
@@ -119,6 +136,11 @@ impl ProcCluster {
             .arg(self.data_dir(id))
             .args(["--partitions", &self.partitions.to_string()])
             .args(["--mqtt-listen", &self.mqtt[&id], "--http-listen", &self.http[&id]])
+            .args(
+                self.config
+                    .iter()
+                    .flat_map(|p| [std::ffi::OsStr::new("--config"), p.as_os_str()]),
+            )
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)

@@ -489,3 +489,317 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
     assert_eq!(status["status"], "QUEUED");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_basic_credentials_authenticate_and_changing_them_closes_the_session() -> anyhow::Result<()> {
+    let (c, rest) = single_node().await?;
+    let mqtt = &c.mqtt[&1];
+    let id = rest.create_device("Basic", "TOKEN_OLD")?;
+    let body = serde_json::json!({
+        "deviceId": {"entityType": "DEVICE", "id": id},
+        "credentialsType": "MQTT_BASIC",
+        "credentialsValue": r#"{"clientId":"client-1","userName":"user-1","password":"secret"}"#,
+    })
+    .to_string();
+    let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body))?;
+    assert_eq!(code, 200, "{creds}");
+    assert_eq!(creds["credentialsType"], "MQTT_BASIC");
+
+    let pub_basic = |password: &str| {
+        mosquitto_pub(
+            mqtt,
+            &[
+                "-V",
+                "mqttv5",
+                "-q",
+                "1",
+                "-i",
+                "client-1",
+                "-u",
+                "user-1",
+                "-P",
+                password,
+                "-t",
+                "v1/devices/me/telemetry",
+                "-m",
+                r#"{"basic":1}"#,
+            ],
+        )
+    };
+    assert_eq!(pub_basic("secret")?, 0);
+    assert_eq!(pub_basic("wrong")?, 0x86, "a wrong password is refused");
+    // The old token stopped working when the credentials changed.
+    let rc = mosquitto_pub(
+        mqtt,
+        &[
+            "-V",
+            "mqttv5",
+            "-q",
+            "1",
+            "-u",
+            "TOKEN_OLD",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"x":1}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0x86);
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(5), |v| v.get("basic").is_some())
+        .await?;
+    assert!(
+        v.get("x").is_none(),
+        "nothing from the refused token was stored: {v}"
+    );
+
+    // A connected session is closed with DISCONNECT 0x98 when its credentials change.
+    let (host, port) = mqtt.rsplit_once(':').expect("port");
+    let mut o = MqttOptions::new("client-1", host, port.parse()?);
+    o.set_credentials("user-1", "secret");
+    let (_client, mut ev) = AsyncClient::new(o, 16);
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    let body = serde_json::json!({
+        "deviceId": {"entityType": "DEVICE", "id": id},
+        "credentialsType": "ACCESS_TOKEN",
+        "credentialsId": "TOKEN_NEW",
+    })
+    .to_string();
+    assert_eq!(rest.call("POST", "/api/device/credentials", Some(&body))?.0, 200);
+    // rumqttc reports the server's DISCONNECT as the end of its event loop.
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(5), ev.poll()).await? {
+            Ok(_) => continue,
+            Err(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
+                reason_code,
+                ..
+            })) => break reason_code,
+            Err(e) => anyhow::bail!("connection ended without a DISCONNECT: {e}"),
+        }
+    };
+    assert_eq!(
+        reason,
+        rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::AdministrativeAction
+    );
+    assert_eq!(
+        mosquitto_pub(
+            mqtt,
+            &[
+                "-q",
+                "1",
+                "-u",
+                "TOKEN_NEW",
+                "-t",
+                "v1/devices/me/telemetry",
+                "-m",
+                r#"{"y":1}"#
+            ]
+        )?,
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_side_rpc_nobody_answers_times_out() -> anyhow::Result<()> {
+    let c = ProcCluster::start_with_config(1, 4, Some("[mqtt]\nclient_rpc_timeout_ms = 1000\n")).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    rest.create_device("Asker", "TOKEN_ASK")?;
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "TOKEN_ASK");
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client
+        .subscribe("v1/devices/me/rpc/response/+", QoS::AtLeastOnce)
+        .await?;
+    client
+        .publish(
+            "v1/devices/me/rpc/request/3",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"method":"getTime","params":{}}"#,
+        )
+        .await?;
+    let r = next_packet(&mut ev, |p| match p {
+        Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(r, PubAckReason::Success);
+    let (topic, body) = next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/rpc/response/")).await?;
+    assert_eq!(topic, "v1/devices/me/rpc/response/3");
+    assert_eq!(body, serde_json::json!({"error": "timeout"}));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_device_becomes_inactive_and_activity_makes_it_active_again() -> anyhow::Result<()> {
+    let config = "[engine]\ninactivity_timeout_ms = 1000\nstate_check_interval_ms = 200\n";
+    let c = ProcCluster::start_with_config(1, 4, Some(config)).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let id = rest.create_device("Sleepy", "TOKEN_Z")?;
+    let attrs = |rest: &Rest| -> anyhow::Result<serde_json::Map<String, Value>> {
+        let (code, v) = rest.call(
+            "GET",
+            &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE"),
+            None,
+        )?;
+        anyhow::ensure!(code == 200, "{code} {v}");
+        Ok(v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| (r["key"].as_str().unwrap_or("").to_string(), r["value"].clone()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    let wait_for = |want_active: bool| {
+        let rest = rest.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let a = attrs(&rest)?;
+                if a.get("active") == Some(&Value::Bool(want_active)) {
+                    return anyhow::Ok(a);
+                }
+                anyhow::ensure!(
+                    std::time::Instant::now() < deadline,
+                    "active never became {want_active}: {a:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // A connection with a message: active, with connect, disconnect and activity times.
+    let rc = mosquitto_pub(
+        &c.mqtt[&1],
+        &[
+            "-q",
+            "1",
+            "-u",
+            "TOKEN_Z",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"t":1}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    let a = wait_for(true).await?;
+    for k in ["lastConnectTime", "lastActivityTime"] {
+        assert!(a.get(k).and_then(Value::as_i64).is_some(), "{k} missing: {a:?}");
+    }
+    // Silent for longer than the timeout: inactive, with the alarm time recorded.
+    let a = wait_for(false).await?;
+    let alarm = a
+        .get("inactivityAlarmTime")
+        .and_then(Value::as_i64)
+        .expect("inactivityAlarmTime");
+    let last = a
+        .get("lastActivityTime")
+        .and_then(Value::as_i64)
+        .expect("lastActivityTime");
+    assert!(alarm >= last + 1000, "inactive only after the timeout: {a:?}");
+    assert!(
+        a.get("lastDisconnectTime").and_then(Value::as_i64).is_some(),
+        "{a:?}"
+    );
+    // New activity makes it active again.
+    let rc = mosquitto_pub(
+        &c.mqtt[&1],
+        &[
+            "-q",
+            "1",
+            "-u",
+            "TOKEN_Z",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"t":2}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    wait_for(true).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_saves_reads_and_deletes_telemetry_and_attributes() -> anyhow::Result<()> {
+    let (_c, rest) = single_node().await?;
+    let id = rest.create_device("Meter", "TOKEN_R")?;
+    let ts_path = format!("/api/plugins/telemetry/DEVICE/{id}/timeseries/ANY?scope=ANY");
+    let body = r#"[{"ts":1000,"values":{"a":1,"b":2}},{"ts":2000,"values":{"a":3}}]"#;
+    assert_eq!(rest.call("POST", &ts_path, Some(body))?.0, 200);
+    // Bad input: 400 with the envelope, nothing stored.
+    for bad in [r#"{"a":null}"#, "{not json", "{}"] {
+        let (code, v) = rest.call("POST", &ts_path, Some(bad))?;
+        assert_eq!((code, v["status"].clone()), (400, Value::from(400)), "{bad}: {v}");
+    }
+    let (_, keys) = rest.call(
+        "GET",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/keys/timeseries"),
+        None,
+    )?;
+    assert_eq!(keys, serde_json::json!(["a", "b"]));
+    let hist = |rest: &Rest, key: &str| -> anyhow::Result<Value> {
+        let (_, v) = rest.call(
+            "GET",
+            &format!("/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys={key}&startTs=0&endTs=10000&orderBy=ASC"),
+            None,
+        )?;
+        Ok(v)
+    };
+    assert_eq!(
+        hist(&rest, "a")?,
+        serde_json::json!({"a": [{"ts": 1000, "value": "1"}, {"ts": 2000, "value": "3"}]})
+    );
+    // Delete "a" everywhere: history and latest; "b" stays.
+    let (code, _) = rest.call(
+        "DELETE",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/timeseries/delete?keys=a&deleteAllDataForKeys=true"),
+        None,
+    )?;
+    assert_eq!(code, 200);
+    assert_eq!(hist(&rest, "a")?, serde_json::json!({}));
+    assert_eq!(
+        hist(&rest, "b")?,
+        serde_json::json!({"b": [{"ts": 1000, "value": "2"}]})
+    );
+    let latest = rest.latest(&id)?;
+    assert!(latest.get("a").is_none() && latest.get("b").is_some(), "{latest}");
+
+    // Attributes: server scope saved and deleted; client scope cannot be saved through REST.
+    let attr_path = format!("/api/plugins/telemetry/{id}/SERVER_SCOPE");
+    assert_eq!(
+        rest.call("POST", &attr_path, Some(r#"{"floor":3,"room":"B12"}"#))?
+            .0,
+        200
+    );
+    assert_eq!(
+        rest.call(
+            "POST",
+            &format!("/api/plugins/telemetry/{id}/CLIENT_SCOPE"),
+            Some(r#"{"x":1}"#)
+        )?
+        .0,
+        400
+    );
+    let scope_keys = |rest: &Rest| -> anyhow::Result<Value> {
+        Ok(rest
+            .call(
+                "GET",
+                &format!("/api/plugins/telemetry/DEVICE/{id}/keys/attributes/SERVER_SCOPE"),
+                None,
+            )?
+            .1)
+    };
+    assert_eq!(
+        scope_keys(&rest)?,
+        serde_json::json!(["floor", "room"]),
+        "keys in name order"
+    );
+    assert_eq!(
+        rest.call("DELETE", &format!("{attr_path}?keys=floor"), None)?.0,
+        200
+    );
+    assert_eq!(scope_keys(&rest)?, serde_json::json!(["room"]));
+    Ok(())
+}

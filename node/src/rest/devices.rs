@@ -194,6 +194,27 @@ async fn update_credentials(
     let d = caller.device(&state, parse_uuid(device_id)?)?;
     match body.get("credentialsType").and_then(Value::as_str) {
         Some("ACCESS_TOKEN") | None => {}
+        Some("MQTT_BASIC") => {
+            // ThingsBoard sends the value as JSON text; accept an object too.
+            let v = match body.get("credentialsValue") {
+                Some(Value::String(t)) => serde_json::from_str::<Value>(t)
+                    .map_err(|_| ApiError::bad_request("Invalid credentials body for mqtt credentials!"))?,
+                Some(v @ Value::Object(_)) => v.clone(),
+                _ => {
+                    return Err(ApiError::bad_request(
+                        "Invalid credentials body for mqtt credentials!",
+                    ));
+                }
+            };
+            let field = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+            let c = state
+                .engine
+                .registry
+                .update_basic(d.id, &field("clientId"), &field("userName"), &field("password"))
+                .await
+                .map_err(registry_error)?;
+            return Ok(Json(credentials_json(&c)));
+        }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "credentials type {other} is not supported yet"

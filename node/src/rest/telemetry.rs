@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::{Map, Value, json};
@@ -28,7 +28,11 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route(
             "/api/plugins/telemetry/{entity_type}/{entity_id}",
-            post(save_attributes_short),
+            post(save_attributes_short).delete(delete_attributes_short),
+        )
+        .route(
+            "/api/plugins/telemetry/{entity_type}/{entity_id}/timeseries/delete",
+            delete(delete_timeseries),
         )
         .route(
             "/api/plugins/telemetry/{entity_type}/{entity_id}/values/timeseries",
@@ -64,7 +68,7 @@ pub fn routes() -> Router<AppState> {
         )
         .route(
             "/api/plugins/telemetry/{entity_type}/{entity_id}/{scope}",
-            post(save_attributes),
+            post(save_attributes).delete(delete_attributes),
         )
 }
 
@@ -347,6 +351,7 @@ fn attribute_keys(state: &AppState, d: &Device, scopes: &[Scope]) -> Result<Vec<
             }
         }
     }
+    keys.sort();
     Ok(keys)
 }
 
@@ -472,4 +477,84 @@ async fn save_attributes_short(
     body: Bytes,
 ) -> Result<(), ApiError> {
     save_attributes_inner(&state, &caller, "DEVICE", &device_id, &scope, &body).await
+}
+
+async fn delete_attributes_inner(
+    state: &AppState,
+    caller: &Caller,
+    entity_type: &str,
+    entity_id: &str,
+    scope: &str,
+    q: &HashMap<String, String>,
+) -> Result<(), ApiError> {
+    let d = device_of(state, caller, entity_type, entity_id)?;
+    let scope = scope_param(scope)?;
+    let keys = keys_param(q);
+    if keys.is_empty() {
+        return Err(ApiError::bad_request(
+            "Required request parameter 'keys' is not present",
+        ));
+    }
+    submit(state, &d, IngestMsg::DeleteAttributes { scope, keys }).await
+}
+
+/// `DELETE /api/plugins/telemetry/{entityType}/{entityId}/{scope}?keys=`.
+async fn delete_attributes(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((entity_type, entity_id, scope)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<(), ApiError> {
+    delete_attributes_inner(&state, &caller, &entity_type, &entity_id, &scope, &q).await
+}
+
+/// `DELETE /api/plugins/telemetry/{deviceId}/{scope}?keys=`.
+async fn delete_attributes_short(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((device_id, scope)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<(), ApiError> {
+    delete_attributes_inner(&state, &caller, "DEVICE", &device_id, &scope, &q).await
+}
+
+/// `DELETE .../timeseries/delete?keys=&deleteAllDataForKeys=&startTs=&endTs=&deleteLatest=`.
+async fn delete_timeseries(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((entity_type, entity_id)): Path<(String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<(), ApiError> {
+    let d = device_of(&state, &caller, &entity_type, &entity_id)?;
+    let keys = keys_param(&q);
+    if keys.is_empty() {
+        return Err(ApiError::bad_request(
+            "Required request parameter 'keys' is not present",
+        ));
+    }
+    let all = q.get("deleteAllDataForKeys").is_some_and(|v| v == "true");
+    let (start_ts, end_ts) = if all {
+        (i64::MIN, i64::MAX)
+    } else {
+        match (num::<i64>(&q, "startTs")?, num::<i64>(&q, "endTs")?) {
+            (Some(s), Some(e)) if s <= e => (s, e),
+            _ => {
+                return Err(ApiError::bad_request(
+                    "startTs and endTs are required unless deleteAllDataForKeys=true",
+                ));
+            }
+        }
+    };
+    let delete_latest = q.get("deleteLatest").is_none_or(|v| v != "false");
+    submit(
+        &state,
+        &d,
+        IngestMsg::DeleteTelemetry {
+            keys,
+            start_ts,
+            end_ts,
+            delete_latest,
+        },
+    )
+    .await
 }

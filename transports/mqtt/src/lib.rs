@@ -19,7 +19,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 use thingraft_log::LogHandle;
-use thingraft_proto::records::{Deliver, DeviceRef, DownlinkMsg, EntityId, token_key};
+use thingraft_proto::records::{
+    Deliver, DeviceRef, DownlinkMsg, EntityId, basic_key, mqtt_basic_hash, token_key,
+};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
@@ -40,6 +42,9 @@ pub struct MqttConfig {
     pub queued_messages_max: usize,
     /// Credential lookups cached.
     pub credential_cache_entries: u64,
+    /// A client-side RPC no rule chain answered gets `{"error":"timeout"}` after this long
+    /// (ThingsBoard's `transport.client_side_rpc.timeout`).
+    pub client_rpc_timeout_ms: u64,
 }
 
 impl Default for MqttConfig {
@@ -50,6 +55,7 @@ impl Default for MqttConfig {
             connect_timeout_ms: 10_000,
             queued_messages_max: 100,
             credential_cache_entries: 100_000,
+            client_rpc_timeout_ms: 60_000,
         }
     }
 }
@@ -87,6 +93,8 @@ pub(crate) const SUB_RPC: u8 = 2;
 
 struct SessionEntry {
     tx: mpsc::Sender<Downlink>,
+    /// The metadata-map key of the credentials it authenticated with.
+    credentials_key: Arc<str>,
     /// `SUB_*` bits, kept by the session.
     subscriptions: Arc<AtomicU8>,
 }
@@ -104,13 +112,36 @@ impl Sessions {
         session: u64,
         tx: mpsc::Sender<Downlink>,
         subscriptions: Arc<AtomicU8>,
+        credentials_key: Arc<str>,
     ) {
         self.by_device
             .lock()
             .expect("sessions lock")
             .entry(device)
             .or_default()
-            .insert(session, SessionEntry { tx, subscriptions });
+            .insert(
+                session,
+                SessionEntry {
+                    tx,
+                    subscriptions,
+                    credentials_key,
+                },
+            );
+    }
+
+    /// Closes every session that authenticated with the credentials under `key` (they were
+    /// changed or deleted): ThingsBoard answers DISCONNECT 0x98.
+    fn close_by_credentials(&self, key: &str) -> usize {
+        let m = self.by_device.lock().expect("sessions lock");
+        let mut n = 0;
+        for s in m.values().flat_map(|s| s.values()) {
+            if &*s.credentials_key == key {
+                let _ =
+                    s.tx.try_send(Downlink::Close(DisconnectCode::AdministrativeAction));
+                n += 1;
+            }
+        }
+        n
     }
 
     fn unregister(&self, device: &EntityId, session: u64) {
@@ -176,7 +207,8 @@ pub struct Transport {
     pub config: MqttConfig,
     pub log: LogHandle,
     pub sessions: Sessions,
-    /// token → device (`None`: no such token); invalidated by registry changes.
+    /// credentials key (`reg/token/..`, `reg/basic/..`) → device (`None`: none); invalidated
+    /// by registry changes.
     credentials: moka::sync::Cache<String, Option<Arc<DeviceRef>>>,
     session_seq: AtomicU64,
     pkid_seq: AtomicU16,
@@ -236,22 +268,46 @@ impl Transport {
         }
     }
 
-    fn device_by_token(&self, token: &str) -> Option<Arc<DeviceRef>> {
-        self.credentials.get_with(token.to_string(), || {
+    fn lookup(&self, key: String) -> Option<Arc<DeviceRef>> {
+        self.credentials.get_with(key.clone(), || {
             self.log
-                .meta_get(&token_key(token))
+                .meta_get(&key)
                 .and_then(|b| DeviceRef::decode(&b).ok())
                 .map(Arc::new)
         })
     }
 
-    /// Access-token authentication (ThingsBoard: the username is the token); the CONNACK code
-    /// for a refusal follows ThingsBoard's `ReturnCodeResolver`.
-    fn authenticate(&self, c: &Connect) -> Result<DeviceRef, ConnackCode> {
-        if let Some(token) = c.username.as_deref().filter(|u| !u.is_empty())
-            && let Some(d) = self.device_by_token(token)
-        {
-            return Ok((*d).clone());
+    /// Authenticates a CONNECT as ThingsBoard does: MQTT basic credentials by the hash of
+    /// client id and user name, of the client id, of the user name (the stored password, if
+    /// any, must match), then the user name as an access token. Returns the device and the
+    /// credentials key; a refusal carries the CONNACK code of ThingsBoard's
+    /// `ReturnCodeResolver`.
+    fn authenticate(&self, c: &Connect) -> Result<(DeviceRef, String), ConnackCode> {
+        let username = c.username.as_deref().unwrap_or("");
+        let mut hashes = Vec::new();
+        if !c.client_id.is_empty() && !username.is_empty() {
+            hashes.push(mqtt_basic_hash(&c.client_id, username));
+        }
+        if !c.client_id.is_empty() {
+            hashes.push(mqtt_basic_hash(&c.client_id, ""));
+        }
+        if !username.is_empty() {
+            hashes.push(mqtt_basic_hash("", username));
+        }
+        for h in hashes {
+            let key = basic_key(&h);
+            if let Some(d) = self.lookup(key.clone()) {
+                if d.password.is_empty() || c.password.as_deref() == Some(d.password.as_str()) {
+                    return Ok(((*d).clone(), key));
+                }
+                return Err(ConnackCode::BadUserNamePassword);
+            }
+        }
+        if !username.is_empty() {
+            let key = token_key(username);
+            if let Some(d) = self.lookup(key.clone()) {
+                return Ok(((*d).clone(), key));
+            }
         }
         let user = c.username.as_deref().is_some_and(|u| !u.is_empty());
         let pass = c.password.as_deref().is_some_and(|p| !p.is_empty());
@@ -277,8 +333,12 @@ async fn invalidate_on_changes(
         match changed {
             Ok(keys) if !keys.is_empty() => {
                 for k in keys.iter() {
-                    if let Some(token) = k.strip_prefix("reg/token/") {
-                        t.credentials.invalidate(token);
+                    if k.starts_with("reg/token/") || k.starts_with("reg/basic/") {
+                        t.credentials.invalidate(k);
+                        let closed = t.sessions.close_by_credentials(k);
+                        if closed > 0 {
+                            tracing::info!(sessions = closed, "sessions closed: their credentials changed");
+                        }
                     }
                 }
             }

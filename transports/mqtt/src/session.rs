@@ -103,6 +103,8 @@ struct Session {
     partition: u32,
     queue: Vec<Queued>,
     subscriptions: Arc<AtomicU8>,
+    /// Client-side RPCs waiting for an answer: (deadline, request id), oldest first.
+    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, u32)>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -162,7 +164,7 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         }
     };
     let version = connect.version;
-    let device = match transport.authenticate(&connect) {
+    let (device, credentials_key) = match transport.authenticate(&connect) {
         Ok(d) => d,
         Err(code) => {
             tracing::info!(%peer, client_id = %connect.client_id, ?code, "MQTT CONNECT refused");
@@ -178,9 +180,13 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
     };
     let (tx, rx) = mpsc::channel(64);
     let subscriptions = Arc::new(AtomicU8::new(0));
-    transport
-        .sessions
-        .register(device.device, session.session, tx, subscriptions.clone());
+    transport.sessions.register(
+        device.device,
+        session.session,
+        tx,
+        subscriptions.clone(),
+        credentials_key.into(),
+    );
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let partition = transport.log.partition_for_key(&device.device);
     let mut s = Session {
@@ -194,6 +200,7 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         partition,
         queue: Vec::new(),
         subscriptions,
+        client_rpcs: std::collections::VecDeque::new(),
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.device.name, session = s.session.session);
@@ -358,6 +365,18 @@ impl Session {
                         None => return End::Shutdown,
                     }
                 }
+                () = async {
+                    match self.client_rpcs.front() {
+                        Some((deadline, _)) => tokio::time::sleep_until(*deadline).await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if let Some((_, id)) = self.client_rpcs.pop_front() {
+                        let t = format!("v1/devices/me/rpc/response/{id}");
+                        let pkid = self.transport.next_pkid();
+                        codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, br#"{"error":"timeout"}"#);
+                    }
+                }
                 _ = tokio::time::sleep_until(last_packet + idle) => {
                     codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::KeepAliveTimeout);
                     let _ = self.stream.write_all(&self.wbuf).await;
@@ -470,6 +489,9 @@ impl Session {
                     );
                     return None;
                 }
+                if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/") {
+                    return self.client_rpc(id, payload, ack);
+                }
                 tracing::info!(topic, "publish to an unknown topic dropped");
                 if let Some(pkid) = ack {
                     codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::TopicNameInvalid);
@@ -482,24 +504,67 @@ impl Session {
                 self.enqueue(msg, ack);
                 None
             }
-            Err(e) => {
-                tracing::info!(topic, error = %e, "invalid payload refused");
-                match (self.version, ack) {
-                    (Version::V5, Some(pkid)) => {
-                        codec::write_puback(
-                            &mut self.wbuf,
-                            self.version,
-                            pkid,
-                            PubAckCode::PayloadFormatInvalid,
-                        );
-                        None
-                    }
-                    (Version::V5, None) => None,
-                    // MQTT 3.1.1 has no way to refuse one message: ThingsBoard closes the
-                    // connection.
-                    (Version::V3_1_1, _) => Some(End::Protocol(format!("invalid payload on {topic}: {e}"))),
+            Err(e) => self.refuse(topic, &e, ack),
+        }
+    }
+}
+
+impl Session {
+    /// A client-side RPC: recorded in the log (acknowledged after the commit), answered with a
+    /// timeout unless something replies first.
+    fn client_rpc(&mut self, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
+        let parsed = id
+            .parse::<u32>()
+            .map_err(|_| PayloadError::InvalidJson(format!("request id {id:?} is not a number")))
+            .and_then(|request_id| {
+                let v: serde_json::Value =
+                    serde_json::from_slice(payload).map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+                let method = v
+                    .get("method")
+                    .and_then(|m| m.as_str())
+                    .ok_or_else(|| PayloadError::InvalidJson("client RPC without a method".into()))?;
+                let params = v.get("params").cloned().unwrap_or(serde_json::Value::Null);
+                Ok((request_id, method.to_string(), params.to_string()))
+            });
+        match parsed {
+            Ok((request_id, method, params)) => {
+                self.enqueue(
+                    IngestMsg::ClientRpc {
+                        request_id,
+                        method,
+                        params,
+                    },
+                    ack,
+                );
+                let deadline = tokio::time::Instant::now()
+                    + Duration::from_millis(self.transport.config.client_rpc_timeout_ms);
+                // Bounded like the message queue: a device flooding RPCs loses the oldest timers.
+                if self.client_rpcs.len() >= 1024 {
+                    self.client_rpcs.pop_front();
                 }
+                self.client_rpcs.push_back((deadline, request_id));
+                None
             }
+            Err(e) => self.refuse(&format!("v1/devices/me/rpc/request/{id}"), &e, ack),
+        }
+    }
+
+    /// Refuses a publish with invalid content: PUBACK 0x99 on MQTT 5; on 3.1.1 ThingsBoard
+    /// closes the connection.
+    fn refuse(&mut self, topic: &str, e: &PayloadError, ack: Option<u16>) -> Option<End> {
+        tracing::info!(topic, error = %e, "invalid payload refused");
+        match (self.version, ack) {
+            (Version::V5, Some(pkid)) => {
+                codec::write_puback(
+                    &mut self.wbuf,
+                    self.version,
+                    pkid,
+                    PubAckCode::PayloadFormatInvalid,
+                );
+                None
+            }
+            (Version::V5, None) => None,
+            (Version::V3_1_1, _) => Some(End::Protocol(format!("invalid payload on {topic}: {e}"))),
         }
     }
 }
