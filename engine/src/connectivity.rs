@@ -15,12 +15,17 @@ use thingraft_proto::records::{EntityId, Scope};
 
 use crate::store::{Batch, Store};
 
+/// `lastActivityTime` is written at most this often per device.
+pub const ACTIVITY_WRITE_INTERVAL_MS: i64 = 1000;
+
 /// What the check needs to know of one device.
 #[derive(Debug, Clone, Copy, Default)]
 struct DeviceState {
     tenant: EntityId,
     active: bool,
     last_activity_ms: i64,
+    /// The `lastActivityTime` last written to the store.
+    written_activity_ms: i64,
     /// The device's `inactivityTimeout` server attribute (ms), if positive.
     timeout_ms: Option<i64>,
 }
@@ -52,7 +57,10 @@ impl Connectivity {
             let s = devices.entry(device).or_default();
             match (name.as_str(), value) {
                 ("active", Value::Bool(b)) => s.active = b,
-                ("lastActivityTime", Value::Long(t)) => s.last_activity_ms = t,
+                ("lastActivityTime", Value::Long(t)) => {
+                    s.last_activity_ms = t;
+                    s.written_activity_ms = t;
+                }
                 ("inactivityTimeout", Value::Long(t)) if t > 0 => s.timeout_ms = Some(t),
                 _ => {}
             }
@@ -99,11 +107,17 @@ impl Connectivity {
         self.proposed.remove(d);
     }
 
-    /// Writes the `lastActivityTime` of the devices active in this batch.
+    /// Writes the `lastActivityTime` of the devices active in this batch, at most once per
+    /// [`ACTIVITY_WRITE_INTERVAL_MS`] per device (ThingsBoard's transports report activity every
+    /// 3 s): the inactivity check uses the exact time kept in memory, and a restart reloads the
+    /// stored one, which errs on the side of going inactive at most that much earlier.
     pub fn flush(&mut self, batch: &mut Batch) {
         for d in self.dirty.drain() {
-            if let Some(s) = self.devices.get(&d) {
+            if let Some(s) = self.devices.get_mut(&d)
+                && s.last_activity_ms - s.written_activity_ms >= ACTIVITY_WRITE_INTERVAL_MS
+            {
                 let ts = s.last_activity_ms;
+                s.written_activity_ms = ts;
                 batch.attribute(&d, Scope::Server, "lastActivityTime", ts, &Value::Long(ts));
             }
         }
