@@ -64,6 +64,8 @@ struct State {
     seen_upto: u64,
     last_ingest: Option<u64>,
     connectivity: Connectivity,
+    /// Records skipped because they did not decode.
+    undecodable: u64,
 }
 
 impl Shard {
@@ -84,6 +86,7 @@ impl Shard {
             pending_from: progress.processed_upto,
             seen_upto: progress.processed_upto,
             last_ingest: None,
+            undecodable: 0,
             connectivity: Connectivity::load(&self.store, self.config.inactivity_timeout_ms as i64, |d| {
                 self.log.partition_for_key(d) == p
             })?,
@@ -193,8 +196,19 @@ impl Shard {
                 }
                 Err(e) => {
                     // Transports validate before appending; a record that does not decode is
-                    // from a newer format or damaged. Skip it, loudly, so the partition goes on.
-                    tracing::error!(partition = self.partition, offset = r.offset, error = %e, "undecodable record skipped");
+                    // not a device record (`thingraft bench log` writes raw ones), from a newer
+                    // format, or damaged. Skip it so the partition goes on; say so, but not once
+                    // per record.
+                    st.undecodable += 1;
+                    if st.undecodable.is_power_of_two() {
+                        tracing::warn!(
+                            partition = self.partition,
+                            offset = r.offset,
+                            skipped = st.undecodable,
+                            error = %e,
+                            "records that are not device records skipped"
+                        );
+                    }
                 }
             }
         }

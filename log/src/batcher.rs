@@ -83,7 +83,12 @@ impl Batcher {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            if !self.limits.linger.is_zero() {
+            // Adaptive linger: with other entries of this partition in flight the batch cannot
+            // commit before them anyway, so wait a little for more records to join it (fewer,
+            // larger entries); with none in flight, propose at once so that an idle partition
+            // keeps its latency.
+            let others_in_flight = slots.available_permits() + 1 < self.limits.inflight_max;
+            if others_in_flight && !self.limits.linger.is_zero() {
                 tokio::time::sleep(self.limits.linger).await;
             }
             let mut records = first.records;

@@ -31,8 +31,9 @@ pub struct LogConfig {
     pub batch_records_max: usize,
     /// Group commit: at most this many bytes in one Raft entry.
     pub batch_bytes_max: usize,
-    /// Group commit: how long the batcher may wait for more appends before proposing (0: only
-    /// what has queued while earlier entries were in flight).
+    /// Group commit: while other entries of the partition are in flight, how long the batcher
+    /// waits for more appends to join the next entry (0: never; with nothing in flight it never
+    /// waits).
     pub batch_linger_us: u64,
     /// Raft entries a partition leader keeps in flight (proposed, not yet committed).
     pub inflight_entries_max: usize,
@@ -66,7 +67,7 @@ impl Default for LogConfig {
             election_timeout_max_ms: 1000,
             batch_records_max: 8192,
             batch_bytes_max: 1 << 20,
-            batch_linger_us: 0,
+            batch_linger_us: 500,
             inflight_entries_max: 8,
             append_queue_max: 16_384,
             record_bytes_max: 1 << 20,
