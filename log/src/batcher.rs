@@ -87,9 +87,14 @@ impl Batcher {
             // commit before them anyway, so wait a little for more records to join it (fewer,
             // larger entries); with none in flight, propose at once so that an idle partition
             // keeps its latency.
-            let others_in_flight = slots.available_permits() + 1 < self.limits.inflight_max;
-            if others_in_flight && !self.limits.linger.is_zero() {
-                tokio::time::sleep(self.limits.linger).await;
+            // The wait also ends as soon as nothing else is in flight.
+            let others = self.limits.inflight_max - 1 - slots.available_permits();
+            if others > 0 && !self.limits.linger.is_zero() {
+                let all_others = (self.limits.inflight_max - 1) as u32;
+                tokio::select! {
+                    () = tokio::time::sleep(self.limits.linger) => {}
+                    p = slots.clone().acquire_many_owned(all_others) => drop(p),
+                }
             }
             let mut records = first.records;
             let mut bytes = first.bytes;
