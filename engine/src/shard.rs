@@ -428,6 +428,8 @@ fn apply_default(
                 }
             }
             IngestMsg::Connect => conn.on_connect(batch, d, &i.tenant, i.ts_ms),
+            // Counted as activity below, like every record from a session.
+            IngestMsg::Activity => {}
             IngestMsg::Disconnect => conn.on_disconnect(batch, d, i.ts_ms),
             IngestMsg::Inactive => conn.on_inactive(batch, d, i.ts_ms),
         }

@@ -132,6 +132,9 @@ pub enum IngestMsg {
     ClientAttributes(Vec<(String, Value)>),
     /// A session opened (MQTT CONNECT accepted).
     Connect,
+    /// The session saw packets (PINGREQ, SUBSCRIBE, ...) that carried no message: the device is
+    /// alive. Reported at most once per report period.
+    Activity,
     /// A session closed.
     Disconnect,
     /// The partition's leader found the device silent past its inactivity timeout (at the

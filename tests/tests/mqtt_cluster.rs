@@ -173,3 +173,59 @@ async fn devices_on_a_follower_node_survive_kill_9_of_their_partitions_leader() 
     assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_puback_while_the_partition_has_no_majority() -> anyhow::Result<()> {
+    let mut c = ProcCluster::start(3, PARTITIONS).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let id = rest.create_device("Lonely", "TOKEN_L")?;
+    let (host, port) = c.mqtt[&1].rsplit_once(':').expect("port");
+    let mut o = MqttOptions::new("", host, port.parse()?);
+    o.set_credentials("TOKEN_L", "");
+    let (client, mut ev) = AsyncClient::new(o, 16);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = tokio::time::timeout_at(deadline, ev.poll()).await?? {
+            break;
+        }
+    }
+    // Two of three nodes down: nothing can commit, so nothing may be acknowledged.
+    c.kill(2);
+    c.kill(3);
+    client
+        .publish(
+            "v1/devices/me/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"unacked":1}"#,
+        )
+        .await?;
+    let quiet_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        match tokio::time::timeout_at(quiet_until, ev.poll()).await {
+            Err(_) => break, // 3 s without a PUBACK
+            Ok(Ok(Event::Incoming(Packet::PubAck(a)))) => {
+                panic!("PUBACK {a:?} without a majority")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => break, // the server closed the session: also no PUBACK
+        }
+    }
+    // A majority again: new telemetry is acknowledged and stored.
+    c.restart(2)?;
+    let started = Instant::now();
+    loop {
+        if publish_seq(&c.mqtt[&1], "TOKEN_L", 7)? {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no PUBACK after the majority returned"
+        );
+    }
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(10), |v| v.get("seq").is_some())
+        .await?;
+    assert!(v.get("seq").is_some(), "{v}");
+    Ok(())
+}

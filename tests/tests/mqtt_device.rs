@@ -803,3 +803,62 @@ async fn rest_saves_reads_and_deletes_telemetry_and_attributes() -> anyhow::Resu
     assert_eq!(scope_keys(&rest)?, serde_json::json!(["room"]));
     Ok(())
 }
+
+/// CONNECT (MQTT 3.1.1, the token as user name), waiting for CONNACK accepted.
+async fn raw_connect(addr: &str, token: &str) -> anyhow::Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x82, 0, 60, 0, 0];
+    body.extend_from_slice(&(token.len() as u16).to_be_bytes());
+    body.extend_from_slice(token.as_bytes());
+    anyhow::ensure!(body.len() < 128, "token too long for this test client");
+    let mut pkt = vec![0x10, body.len() as u8];
+    pkt.extend_from_slice(&body);
+    s.write_all(&pkt).await?;
+    let mut ack = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut ack)).await??;
+    anyhow::ensure!(ack == [0x20, 2, 0, 0], "CONNACK {ack:?}");
+    Ok(s)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alive_pings_keep_a_device_active() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = "[engine]\ninactivity_timeout_ms = 1500\nstate_check_interval_ms = 200\n\
+                  [mqtt]\nactivity_report_ms = 300\n";
+    let c = ProcCluster::start_with_config(1, 4, Some(config)).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let id = rest.create_device("Pinger", "TOKEN_PING")?;
+    let active = |rest: &Rest| -> anyhow::Result<Option<bool>> {
+        let (_, v) = rest.call(
+            "GET",
+            &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE?keys=active"),
+            None,
+        )?;
+        Ok(v.as_array()
+            .and_then(|a| a.first())
+            .and_then(|r| r["value"].as_bool()))
+    };
+    let mut s = raw_connect(&c.mqtt[&1], "TOKEN_PING").await?;
+    // Only PINGREQs for 4 s, well past the 1.5 s inactivity timeout.
+    let start = std::time::Instant::now();
+    let mut buf = [0u8; 2];
+    while start.elapsed() < Duration::from_secs(4) {
+        s.write_all(&[0xC0, 0]).await?;
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf)).await??;
+        assert_eq!(buf, [0xD0, 0], "PINGRESP");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(active(&rest)?, Some(true), "pings kept the device active");
+    // Silence: inactive after the timeout.
+    drop(s);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while active(&rest)? != Some(false) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the silent device never became inactive"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

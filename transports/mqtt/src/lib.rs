@@ -45,6 +45,9 @@ pub struct MqttConfig {
     /// A client-side RPC no rule chain answered gets `{"error":"timeout"}` after this long
     /// (ThingsBoard's `transport.client_side_rpc.timeout`).
     pub client_rpc_timeout_ms: u64,
+    /// A session that saw packets but sent no message reports the device's activity this often
+    /// (ThingsBoard's `transport.sessions.report_timeout`), so keep-alive pings keep it active.
+    pub activity_report_ms: u64,
 }
 
 impl Default for MqttConfig {
@@ -56,6 +59,7 @@ impl Default for MqttConfig {
             queued_messages_max: 100,
             credential_cache_entries: 100_000,
             client_rpc_timeout_ms: 60_000,
+            activity_report_ms: 3_000,
         }
     }
 }

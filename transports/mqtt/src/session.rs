@@ -288,7 +288,14 @@ impl Session {
         };
         let mut last_packet = tokio::time::Instant::now();
         let queue_max = self.transport.config.queued_messages_max;
+        let report_every = Duration::from_millis(self.transport.config.activity_report_ms);
+        let mut next_report = tokio::time::Instant::now() + report_every;
+        // Packets seen since the last record this session appended (which reports activity).
+        let mut unreported = false;
         loop {
+            if !self.queue.is_empty() {
+                unreported = false;
+            }
             if in_flight.is_none() && !self.queue.is_empty() {
                 let batch = std::mem::take(&mut self.queue);
                 let (records, pkids): (Vec<_>, Vec<_>) =
@@ -314,6 +321,7 @@ impl Session {
                         Ok(_) => {}
                     }
                     last_packet = tokio::time::Instant::now();
+                    unreported = true;
                     loop {
                         match codec::read(&mut self.rbuf, Some(self.version), self.transport.config.max_packet_bytes) {
                             Ok(None) => break,
@@ -375,6 +383,13 @@ impl Session {
                         let t = format!("v1/devices/me/rpc/response/{id}");
                         let pkid = self.transport.next_pkid();
                         codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, br#"{"error":"timeout"}"#);
+                    }
+                }
+                _ = tokio::time::sleep_until(next_report) => {
+                    next_report += report_every;
+                    if unreported && self.queue.is_empty() {
+                        unreported = false;
+                        self.enqueue(IngestMsg::Activity, None);
                     }
                 }
                 _ = tokio::time::sleep_until(last_packet + idle) => {
