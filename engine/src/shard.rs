@@ -449,6 +449,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// RPCs a partition's leader keeps queued (no session yet) or awaiting a reply, each.
+const RPCS_TRACKED_MAX: usize = 10_000;
+
 /// The partition leader's side of a shard: carries out [`Action`]s and keeps RPCs that no
 /// session could take until one can, or until they expire.
 struct Leader {
@@ -514,8 +517,14 @@ impl Leader {
             }
             Action::Rpc(r) => {
                 if !self.deliver_rpc(&r).await {
-                    self.queued.push(r);
-                } else if !r.oneway {
+                    if self.queued.len() >= RPCS_TRACKED_MAX {
+                        // Bounded like everything else: refuse rather than grow without end.
+                        tracing::warn!(partition = self.partition, "too many queued RPCs; new one failed");
+                        self.record_status(&r, RpcStatus::Failed).await;
+                    } else {
+                        self.queued.push(r);
+                    }
+                } else if !r.oneway && self.awaiting.len() < RPCS_TRACKED_MAX {
                     self.awaiting.push(r);
                 }
             }
