@@ -696,14 +696,7 @@ impl LogHandle {
         records: Vec<Record>,
         deadline: Instant,
     ) -> Result<Appended, LogError> {
-        let ch = self
-            .inner
-            .peers
-            .channel(id, addr)
-            .map_err(|e| LogError::Unreachable(e.to_string()))?;
-        let mut client = GrpcLogClient::new(ch)
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let mut client = self.peer_client(id, addr)?;
         let mut req = tonic::Request::new(pb::AppendRequest {
             partition,
             records: records
@@ -742,6 +735,22 @@ impl LogHandle {
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
     }
 
+    /// A `Log` client on the shared channel to peer `id`.
+    fn peer_client(
+        &self,
+        id: NodeId,
+        addr: &str,
+    ) -> Result<GrpcLogClient<tonic::transport::Channel>, LogError> {
+        let ch = self
+            .inner
+            .peers
+            .channel(id, addr)
+            .map_err(|e| LogError::Unreachable(e.to_string()))?;
+        Ok(GrpcLogClient::new(ch)
+            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX))
+    }
+
     /// Ids of the cluster's initial members (this node included).
     pub fn member_ids(&self) -> Vec<NodeId> {
         self.inner.members.keys().copied().collect()
@@ -759,14 +768,7 @@ impl LogHandle {
             .members
             .get(&id)
             .ok_or_else(|| LogError::Invalid(format!("unknown node {id}")))?;
-        let ch = self
-            .inner
-            .peers
-            .channel(id, addr)
-            .map_err(|e| LogError::Unreachable(e.to_string()))?;
-        let mut client = GrpcLogClient::new(ch)
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let mut client = self.peer_client(id, addr)?;
         let mut req = tonic::Request::new(pb::AppRequest { body });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.app(req)).await {
@@ -869,14 +871,7 @@ impl LogHandle {
         txn: &MetaTxn,
         deadline: Instant,
     ) -> Result<TxnResult, LogError> {
-        let ch = self
-            .inner
-            .peers
-            .channel(id, addr)
-            .map_err(|e| LogError::Unreachable(e.to_string()))?;
-        let mut client = GrpcLogClient::new(ch)
-            .max_decoding_message_size(GRPC_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(GRPC_MESSAGE_BYTES_MAX);
+        let mut client = self.peer_client(id, addr)?;
         let body = postcard::to_stdvec(txn).map_err(|e| LogError::Invalid(e.to_string()))?;
         let mut req = tonic::Request::new(pb::MetaWriteRequest { txn: body.into() });
         req.metadata_mut()
