@@ -499,6 +499,24 @@ impl Registry {
         Ok(device)
     }
 
+    /// A device, the key of its credentials, their stored bytes (for an `Equals` check) and
+    /// their decoded form.
+    fn current_credentials(
+        &self,
+        device_id: Uuid,
+    ) -> Result<(Device, String, Bytes, Credentials), RegistryError> {
+        let device = self
+            .device(device_id)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device_id}] is not found")))?;
+        let ckey = format!("reg/cred/{device_id}");
+        let current = self
+            .log
+            .meta_get(&ckey)
+            .ok_or_else(|| RegistryError::NotFound("device credentials".into()))?;
+        let old: Credentials = dec(&current).ok_or_else(|| RegistryError::NotFound(ckey.clone()))?;
+        Ok((device, ckey, current, old))
+    }
+
     /// Replaces a device's credentials with MQTT basic ones (ThingsBoard's `MQTT_BASIC`: any of
     /// client id and user name, optionally a password).
     pub async fn update_basic(
@@ -516,15 +534,7 @@ impl Registry {
         if client_id.is_empty() && !password.is_empty() && user_name.is_empty() {
             return Err(RegistryError::Invalid("Password requires a user name".into()));
         }
-        let device = self
-            .device(device_id)
-            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device_id}] is not found")))?;
-        let ckey = format!("reg/cred/{device_id}");
-        let current = self
-            .log
-            .meta_get(&ckey)
-            .ok_or_else(|| RegistryError::NotFound("device credentials".into()))?;
-        let old: Credentials = dec(&current).ok_or_else(|| RegistryError::NotFound(ckey.clone()))?;
+        let (device, ckey, current, old) = self.current_credentials(device_id)?;
         let hash = mqtt_basic_hash(client_id, user_name);
         let value = serde_json::json!({"clientId": client_id, "userName": user_name, "password": password});
         let new = Credentials {
@@ -565,15 +575,7 @@ impl Registry {
         if token.is_empty() || token.len() > 128 || token.contains('/') {
             return Err(RegistryError::Invalid("Invalid access token".into()));
         }
-        let device = self
-            .device(device_id)
-            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device_id}] is not found")))?;
-        let ckey = format!("reg/cred/{device_id}");
-        let current = self
-            .log
-            .meta_get(&ckey)
-            .ok_or_else(|| RegistryError::NotFound("device credentials".into()))?;
-        let old: Credentials = dec(&current).ok_or_else(|| RegistryError::NotFound(ckey.clone()))?;
+        let (device, ckey, current, old) = self.current_credentials(device_id)?;
         if old.credentials_id == token {
             return Ok(old);
         }

@@ -86,11 +86,7 @@ async fn save_device(
     Query(q): Query<HashMap<String, String>>,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    if caller.authority != Authority::TenantAdmin {
-        return Err(ApiError::forbidden(
-            "You don't have permission to perform this operation!",
-        ));
-    }
+    caller.require_tenant_admin()?;
     let body = json_body(body)?;
     let name = body
         .get("name")
@@ -145,11 +141,7 @@ async fn delete_device(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<(), ApiError> {
-    if caller.authority != Authority::TenantAdmin {
-        return Err(ApiError::forbidden(
-            "You don't have permission to perform this operation!",
-        ));
-    }
+    caller.require_tenant_admin()?;
     let d = caller.device(&state, parse_uuid(&id)?)?;
     state
         .engine
@@ -180,11 +172,7 @@ async fn update_credentials(
     caller: Caller,
     body: Result<Json<Value>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    if caller.authority != Authority::TenantAdmin {
-        return Err(ApiError::forbidden(
-            "You don't have permission to perform this operation!",
-        ));
-    }
+    caller.require_tenant_admin()?;
     let body = json_body(body)?;
     let device_id = body
         .get("deviceId")

@@ -69,6 +69,15 @@ impl Caller {
         Ok(d)
     }
 
+    pub fn require_tenant_admin(&self) -> Result<(), ApiError> {
+        if self.authority != Authority::TenantAdmin {
+            return Err(ApiError::forbidden(
+                "You don't have permission to perform this operation!",
+            ));
+        }
+        Ok(())
+    }
+
     pub fn require_tenant(&self) -> Result<(), ApiError> {
         match self.authority {
             Authority::TenantAdmin | Authority::CustomerUser => Ok(()),
