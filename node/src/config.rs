@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogConfig, NodeId};
+use thingraft_transport_common::TransportConfig;
+use thingraft_transport_http::HttpDeviceConfig;
 use thingraft_transport_mqtt::MqttConfig;
 
 /// The commented default configuration, as printed by `thingraft config print`.
@@ -20,23 +22,27 @@ pub struct NodeConfig {
     pub node: NodeSection,
     pub log: LogConfig,
     pub engine: thingraft_engine::EngineConfig,
+    pub transport: TransportConfig,
     pub mqtt: MqttConfig,
     pub http: HttpSection,
     pub seed: SeedSection,
 }
 
-/// The REST API's listener.
+/// The HTTP listener: the REST API and ThingsBoard's HTTP device API.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSection {
-    /// Where the REST API listens; empty disables it.
+    /// Where the REST API and the HTTP device API listen; empty disables both.
     pub listen: String,
+    /// The HTTP device API (`/api/v1/{token}/...`).
+    pub device: HttpDeviceConfig,
 }
 
 impl Default for HttpSection {
     fn default() -> Self {
         Self {
             listen: "0.0.0.0:8080".into(),
+            device: HttpDeviceConfig::default(),
         }
     }
 }

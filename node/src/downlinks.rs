@@ -12,13 +12,14 @@ use futures::future::BoxFuture;
 use thingraft_engine::Downlinks;
 use thingraft_log::LogHandle;
 use thingraft_proto::records::Deliver;
-use thingraft_transport_mqtt::Transport;
+use thingraft_transport_common::Hub;
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct ClusterDownlinks {
     pub log: LogHandle,
-    pub mqtt: Arc<Transport>,
+    /// This node's device sessions, of every transport.
+    pub hub: Arc<Hub>,
 }
 
 impl ClusterDownlinks {
@@ -29,7 +30,7 @@ impl ClusterDownlinks {
             let this = this.clone();
             Box::pin(async move {
                 let d = Deliver::decode(&body).map_err(|e| e.to_string())?;
-                let n = this.upgrade().map(|t| t.mqtt.sessions.deliver(&d)).unwrap_or(0);
+                let n = this.upgrade().map(|t| t.hub.deliver(&d)).unwrap_or(0);
                 Ok(Bytes::copy_from_slice(&n.to_be_bytes()))
             })
         }));
@@ -40,7 +41,7 @@ impl Downlinks for ClusterDownlinks {
     fn deliver(&self, node: Option<u64>, d: Deliver) -> BoxFuture<'static, u32> {
         let me = self.log.node_id();
         let local = if node.is_none_or(|n| n == me) {
-            self.mqtt.sessions.deliver(&d)
+            self.hub.deliver(&d)
         } else {
             0
         };

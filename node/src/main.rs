@@ -126,10 +126,11 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
-    let mqtt = thingraft_transport_mqtt::Transport::new(cfg.mqtt.clone(), handle.clone());
+    let hub = thingraft_transport_common::Hub::new(cfg.transport.clone(), handle.clone());
+    let mqtt = thingraft_transport_mqtt::Transport::new(cfg.mqtt.clone(), hub.clone());
     let downlinks = std::sync::Arc::new(downlinks::ClusterDownlinks {
         log: handle.clone(),
-        mqtt: mqtt.clone(),
+        hub: hub.clone(),
     });
     downlinks.install();
     let engine = thingraft_engine::Engine::start(
@@ -169,12 +170,15 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     let http = if let Some(l) = http_listener {
         let addr = cfg.http.listen.clone();
         let eh = eh.clone();
+        let hub = hub.clone();
+        let device_http = cfg.http.device.clone();
         Some(tokio::spawn(async move {
             let Ok(secret) = ready.await else { return };
             let app = rest::router(rest::AppState {
                 engine: eh,
                 secret: std::sync::Arc::new(secret),
-            });
+            })
+            .merge(thingraft_transport_http::router(hub, device_http));
             tracing::info!(%addr, "REST API listening");
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "REST server failed");

@@ -105,6 +105,44 @@ impl ErrorClass {
     }
 }
 
+/// ThingsBoard's error codes (`ThingsboardErrorCode`), as its JSON error envelope carries them.
+pub mod tb_error_code {
+    pub const GENERAL: u32 = 2;
+    pub const AUTHENTICATION: u32 = 10;
+    pub const JWT_TOKEN_EXPIRED: u32 = 11;
+    pub const PERMISSION_DENIED: u32 = 20;
+    pub const INVALID_ARGUMENTS: u32 = 30;
+    pub const BAD_REQUEST_PARAMS: u32 = 31;
+    pub const ITEM_NOT_FOUND: u32 = 32;
+    pub const TOO_MANY_REQUESTS: u32 = 33;
+}
+
+impl ErrorClass {
+    /// ThingsBoard's `errorCode` for this class.
+    pub fn tb_error_code(self) -> u32 {
+        match self {
+            Self::BadRequest | Self::TooLarge => tb_error_code::BAD_REQUEST_PARAMS,
+            Self::Unauthorized => tb_error_code::AUTHENTICATION,
+            Self::Forbidden => tb_error_code::PERMISSION_DENIED,
+            Self::NotFound => tb_error_code::ITEM_NOT_FOUND,
+            Self::Overloaded => tb_error_code::TOO_MANY_REQUESTS,
+            Self::Unavailable | Self::Timeout | Self::Internal => tb_error_code::GENERAL,
+        }
+    }
+}
+
+/// ThingsBoard's JSON error envelope:
+/// `{"status":<http>,"message":"...","errorCode":<n>,"timestamp":<ms>}`.
+pub fn tb_error_envelope(status: u16, message: &str, error_code: u32, timestamp_ms: i64) -> String {
+    serde_json::json!({
+        "status": status,
+        "message": message,
+        "errorCode": error_code,
+        "timestamp": timestamp_ms,
+    })
+    .to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

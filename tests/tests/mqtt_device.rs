@@ -602,7 +602,7 @@ async fn mqtt_basic_credentials_authenticate_and_changing_them_closes_the_sessio
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_side_rpc_nobody_answers_times_out() -> anyhow::Result<()> {
-    let c = ProcCluster::start_with_config(1, 4, Some("[mqtt]\nclient_rpc_timeout_ms = 1000\n")).await?;
+    let c = ProcCluster::start_with_config(1, 4, Some("[transport]\nclient_rpc_timeout_ms = 1000\n")).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     rest.create_device("Asker", "TOKEN_ASK")?;
     let (client, mut ev) = v5_client(&c.mqtt[&1], "TOKEN_ASK");
@@ -860,5 +860,98 @@ async fn keep_alive_pings_keep_a_device_active() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_short_topics_carry_the_same_exchanges_and_answers_use_the_family_asked() -> anyhow::Result<()> {
+    let (c, rest) = single_node().await?;
+    let id = rest.create_device("Short", "TOKEN_S2")?;
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "TOKEN_S2");
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    // The JSON forms are granted; the protobuf form is refused (thingraft speaks JSON only).
+    for (f, granted) in [
+        ("v2/a/j", true),
+        ("v2/r/req/+", true),
+        ("v2/a/res/+", true),
+        ("v2/a/p", false),
+    ] {
+        client.subscribe(f, QoS::AtLeastOnce).await?;
+        let codes = next_packet(&mut ev, |p| match p {
+            Packet::SubAck(s) => Some(s.return_codes.clone()),
+            _ => None,
+        })
+        .await?;
+        assert_eq!(
+            codes[0] == SubscribeReasonCode::Success(QoS::AtLeastOnce),
+            granted,
+            "{f}: {codes:?}"
+        );
+    }
+
+    // Telemetry and attributes on the short topics.
+    for (topic, body) in [("v2/t", r#"{"level":7}"#), ("v2/a", r#"{"mode":"eco"}"#)] {
+        client.publish(topic, QoS::AtLeastOnce, false, body).await?;
+        let r = next_packet(&mut ev, |p| match p {
+            Packet::PubAck(a) => Some(a.reason),
+            _ => None,
+        })
+        .await?;
+        assert_eq!(r, PubAckReason::Success, "{topic}");
+    }
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(5), |v| v.get("level").is_some())
+        .await?;
+    assert_eq!(v["level"][0]["value"], "7");
+
+    // An attribute request on v2/a/req/{id} is answered on v2/a/res/{id}.
+    client
+        .publish("v2/a/req/5", QoS::AtLeastOnce, false, r#"{"clientKeys":"mode"}"#)
+        .await?;
+    let (topic, answer) = next_packet(&mut ev, |p| publish_on(p, "v2/a/res/")).await?;
+    assert_eq!(topic, "v2/a/res/5");
+    assert_eq!(answer, serde_json::json!({"client": {"mode": "eco"}}));
+
+    // Shared attributes are pushed on the family subscribed: v2/a/j.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+        Some(r#"{"setpoint":19}"#),
+    )?;
+    assert_eq!(code, 200);
+    let (topic, pushed) = next_packet(&mut ev, |p| publish_on(p, "v2/a")).await?;
+    assert_eq!(
+        (topic.as_str(), pushed),
+        ("v2/a/j", serde_json::json!({"setpoint": 19}))
+    );
+
+    // getSessionLimits on v2/r/req/1 is answered by the transport on v2/r/res/1.
+    client
+        .publish(
+            "v2/r/req/1",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"method":"getSessionLimits","params":{}}"#,
+        )
+        .await?;
+    let (topic, limits) = next_packet(&mut ev, |p| publish_on(p, "v2/r/res/")).await?;
+    assert_eq!(topic, "v2/r/res/1");
+    assert!(limits.get("rateLimits").is_some(), "{limits}");
+
+    // A one-way server-side RPC arrives on v2/r/req/{id}.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/rpc/oneway/{id}"),
+        Some(r#"{"method":"blink","params":{}}"#),
+    )?;
+    assert_eq!(code, 200);
+    let (topic, req) = next_packet(&mut ev, |p| publish_on(p, "v2/r/req/")).await?;
+    assert!(
+        topic
+            .strip_prefix("v2/r/req/")
+            .is_some_and(|id| id.parse::<u32>().is_ok()),
+        "{topic}"
+    );
+    assert_eq!(req["method"], "blink");
     Ok(())
 }

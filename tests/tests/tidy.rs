@@ -14,8 +14,16 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             BTreeSet::from(["thingraft-proto", "thingraft-log"]),
         ),
         (
-            "thingraft-transport-mqtt",
+            "thingraft-transport-common",
             BTreeSet::from(["thingraft-proto", "thingraft-log"]),
+        ),
+        (
+            "thingraft-transport-mqtt",
+            BTreeSet::from(["thingraft-proto", "thingraft-log", "thingraft-transport-common"]),
+        ),
+        (
+            "thingraft-transport-http",
+            BTreeSet::from(["thingraft-proto", "thingraft-log", "thingraft-transport-common"]),
         ),
         (
             "thingraft",
@@ -23,7 +31,9 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
                 "thingraft-proto",
                 "thingraft-log",
                 "thingraft-engine",
+                "thingraft-transport-common",
                 "thingraft-transport-mqtt",
+                "thingraft-transport-http",
             ]),
         ),
         (

@@ -270,17 +270,7 @@ pub fn verify_password(password: &str, stored: &str) -> bool {
 // Error envelope
 // ---------------------------------------------------------------------------------------------
 
-/// ThingsBoard's error codes (`ThingsboardErrorCode`).
-pub mod error_code {
-    pub const GENERAL: u32 = 2;
-    pub const AUTHENTICATION: u32 = 10;
-    pub const JWT_TOKEN_EXPIRED: u32 = 11;
-    pub const PERMISSION_DENIED: u32 = 20;
-    pub const INVALID_ARGUMENTS: u32 = 30;
-    pub const BAD_REQUEST_PARAMS: u32 = 31;
-    pub const ITEM_NOT_FOUND: u32 = 32;
-    pub const TOO_MANY_REQUESTS: u32 = 33;
-}
+pub use thingraft_proto::error::tb_error_code as error_code;
 
 /// A ThingsBoard error response:
 /// `{"status":<http>,"message":"...","errorCode":<n>,"timestamp":<ms>}`.
@@ -382,24 +372,20 @@ impl From<JwtError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct ErrorBody<'a> {
-    status: u16,
-    message: &'a str,
-    error_code: u32,
-    timestamp: i64,
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            status: self.status.as_u16(),
-            message: &self.message,
-            error_code: self.error_code,
-            timestamp: unix_now_ms(),
-        };
-        (self.status, axum::Json(body)).into_response()
+        let body = thingraft_proto::error::tb_error_envelope(
+            self.status.as_u16(),
+            &self.message,
+            self.error_code,
+            unix_now_ms(),
+        );
+        (
+            self.status,
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
     }
 }
 

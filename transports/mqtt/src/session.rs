@@ -9,21 +9,23 @@
 //! reaches the device through TCP.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
-use thingraft_proto::records::{DeviceRef, Ingest, IngestMsg, PartitionRecord, SessionRef};
+use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
+use thingraft_transport_common::{Downlink, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
+use crate::Transport;
 use crate::codec::{self, CodecError, ConnackCode, DisconnectCode, Incoming, PubAckCode, Version};
-use crate::{Downlink, Transport};
 
-/// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused.
+/// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused. The protobuf forms
+/// (`v2/../p/..`) are refused too: thingraft speaks JSON only (docs/decisions/0004).
 const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/attributes",
     "v1/devices/me/attributes/response/+",
@@ -31,16 +33,12 @@ const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/rpc/response/+",
     "v2/a",
     "v2/a/j",
-    "v2/a/p",
     "v2/a/res/+",
     "v2/a/res/j/+",
-    "v2/a/res/p/+",
     "v2/r/req/+",
     "v2/r/req/j/+",
-    "v2/r/req/p/+",
     "v2/r/res/+",
     "v2/r/res/j/+",
-    "v2/r/res/p/+",
     "v2/fw/response/+/chunk/+",
     "v2/fw/error",
     "v2/sw/response/+/chunk/+",
@@ -50,11 +48,106 @@ const VALID_FILTERS: &[&str] = &[
     "v1/gateway/attributes/response",
 ];
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+/// A topic family: ThingsBoard answers and pushes on the family the device last used for
+/// that kind of exchange (its `TopicType`: V1, V2, V2_JSON).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Family {
+    #[default]
+    V1,
+    V2,
+    V2Json,
+}
+
+impl Family {
+    fn attributes(self) -> &'static str {
+        match self {
+            Family::V1 => "v1/devices/me/attributes",
+            Family::V2 => "v2/a",
+            Family::V2Json => "v2/a/j",
+        }
+    }
+
+    fn attribute_response(self, id: u32) -> String {
+        match self {
+            Family::V1 => format!("v1/devices/me/attributes/response/{id}"),
+            Family::V2 => format!("v2/a/res/{id}"),
+            Family::V2Json => format!("v2/a/res/j/{id}"),
+        }
+    }
+
+    fn rpc_request(self, id: u32) -> String {
+        match self {
+            Family::V1 => format!("v1/devices/me/rpc/request/{id}"),
+            Family::V2 => format!("v2/r/req/{id}"),
+            Family::V2Json => format!("v2/r/req/j/{id}"),
+        }
+    }
+
+    fn rpc_response(self, id: &str) -> String {
+        match self {
+            Family::V1 => format!("v1/devices/me/rpc/response/{id}"),
+            Family::V2 => format!("v2/r/res/{id}"),
+            Family::V2Json => format!("v2/r/res/j/{id}"),
+        }
+    }
+}
+
+/// What a publish topic asks for.
+#[derive(Debug, PartialEq, Eq)]
+enum Topic<'a> {
+    Telemetry,
+    Attributes,
+    AttributeRequest(Family, &'a str),
+    RpcResponse(&'a str),
+    ClientRpc(Family, &'a str),
+    Unknown,
+}
+
+/// Makes a [`Topic`] of the id after a prefix.
+type TopicOf = fn(&str) -> Topic<'_>;
+
+fn classify(topic: &str) -> Topic<'_> {
+    match topic {
+        "v1/devices/me/telemetry" | "v2/t" | "v2/t/j" => return Topic::Telemetry,
+        "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => return Topic::Attributes,
+        _ => {}
+    }
+    // Longer prefixes first: `v2/a/req/j/5` also starts with `v2/a/req/`.
+    let prefixed: [(&str, TopicOf); 9] = [
+        ("v1/devices/me/attributes/request/", |id| {
+            Topic::AttributeRequest(Family::V1, id)
+        }),
+        ("v2/a/req/j/", |id| Topic::AttributeRequest(Family::V2Json, id)),
+        ("v2/a/req/", |id| Topic::AttributeRequest(Family::V2, id)),
+        ("v1/devices/me/rpc/response/", |id| Topic::RpcResponse(id)),
+        ("v2/r/res/j/", |id| Topic::RpcResponse(id)),
+        ("v2/r/res/", |id| Topic::RpcResponse(id)),
+        ("v1/devices/me/rpc/request/", |id| {
+            Topic::ClientRpc(Family::V1, id)
+        }),
+        ("v2/r/req/j/", |id| Topic::ClientRpc(Family::V2Json, id)),
+        ("v2/r/req/", |id| Topic::ClientRpc(Family::V2, id)),
+    ];
+    for (prefix, make) in prefixed {
+        if let Some(id) = topic.strip_prefix(prefix)
+            && !id.is_empty()
+            && !id.contains('/')
+        {
+            return make(id);
+        }
+    }
+    Topic::Unknown
+}
+
+/// The families a session uses, per kind of exchange.
+#[derive(Debug, Default)]
+struct Families {
+    /// Shared-attribute pushes: set by the attributes subscription.
+    attributes: Family,
+    /// Server-side RPC requests: set by the RPC subscription.
+    rpc: Family,
+    /// Attribute responses: set by the last attribute request.
+    attribute_request: Family,
 }
 
 /// Why a session ended (for the log line).
@@ -98,13 +191,11 @@ struct Session {
     rbuf: BytesMut,
     wbuf: BytesMut,
     version: Version,
-    device: DeviceRef,
-    session: SessionRef,
-    partition: u32,
+    s: thingraft_transport_common::Session,
     queue: Vec<Queued>,
-    subscriptions: Arc<AtomicU8>,
-    /// Client-side RPCs waiting for an answer: (deadline, request id), oldest first.
-    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, u32)>,
+    families: Families,
+    /// Client-side RPCs waiting for an answer: (deadline, response topic), oldest first.
+    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String)>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -174,36 +265,21 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
             return;
         }
     };
-    let session = SessionRef {
-        node: transport.log.node_id(),
-        session: transport.next_session_id(),
-    };
-    let (tx, rx) = mpsc::channel(64);
-    let subscriptions = Arc::new(AtomicU8::new(0));
-    transport.sessions.register(
-        device.device,
-        session.session,
-        tx,
-        subscriptions.clone(),
-        credentials_key.into(),
-    );
+    let (session, rx) = transport.hub.open_session(device, credentials_key, 0, 64);
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
-    let partition = transport.log.partition_for_key(&device.device);
     let mut s = Session {
         transport: transport.clone(),
         stream,
         rbuf,
         wbuf,
         version,
-        device,
-        session,
-        partition,
+        s: session,
         queue: Vec::new(),
-        subscriptions,
+        families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
     };
     s.enqueue(IngestMsg::Connect, None);
-    let span = tracing::info_span!("mqtt", device = %s.device.name, session = s.session.session);
+    let span = tracing::info_span!("mqtt", device = %s.s.device.name, session = s.s.id.session);
     let keep_alive_s = connect.keep_alive_s;
     let end = {
         let _e = span.enter();
@@ -211,7 +287,6 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         drop(_e);
         s.serve(rx, keep_alive_s).await
     };
-    transport.sessions.unregister(&s.device.device, s.session.session);
     let _e = span.enter();
     match &end {
         End::ClientClosed | End::ClientDisconnect | End::Shutdown => {
@@ -220,34 +295,19 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         _ => tracing::info!(?end, "MQTT session closed"),
     }
     drop(_e);
-    // Record the disconnect; the device is gone, so nobody waits for it.
-    let rec = s.record(IngestMsg::Disconnect);
-    let log = transport.log.clone();
-    let p = s.partition;
+    // Record the disconnect; the device is gone, so nobody waits for it. The session leaves
+    // the session table (its drop) once the record is appended.
+    let session = s.s;
     tokio::spawn(async move {
-        if let Err(e) = log.append(p, vec![rec]).await {
+        if let Err(e) = session.submit(vec![IngestMsg::Disconnect]).await {
             tracing::debug!(error = %e, "disconnect event not recorded");
         }
     });
 }
 
 impl Session {
-    fn record(&self, msg: IngestMsg) -> Record {
-        let ingest = Ingest {
-            tenant: self.device.tenant,
-            device: self.device.device,
-            ts_ms: now_ms(),
-            session: Some(self.session),
-            msg,
-        };
-        Record::new(
-            self.device.device.to_vec(),
-            PartitionRecord::Ingest(ingest).encode(),
-        )
-    }
-
     fn enqueue(&mut self, msg: IngestMsg, pkid: Option<u16>) {
-        let record = self.record(msg);
+        let record = self.s.record(msg);
         self.queue.push(Queued { record, pkid });
     }
 
@@ -265,7 +325,7 @@ impl Session {
                 .map(|q| q.record)
                 .collect();
             if !queued.is_empty()
-                && let Err(e) = self.transport.log.append(self.partition, queued).await
+                && let Err(e) = self.transport.hub.log.append(self.s.partition, queued).await
             {
                 tracing::info!(error = %e, "messages sent before disconnect not appended");
             }
@@ -300,8 +360,8 @@ impl Session {
                 let batch = std::mem::take(&mut self.queue);
                 let (records, pkids): (Vec<_>, Vec<_>) =
                     batch.into_iter().map(|q| (q.record, q.pkid)).unzip();
-                let log = self.transport.log.clone();
-                let p = self.partition;
+                let log = self.transport.hub.log.clone();
+                let p = self.s.partition;
                 *in_flight = Some(tokio::spawn(async move {
                     let r = log.append(p, records).await.map(|_| ());
                     (r, pkids)
@@ -359,14 +419,22 @@ impl Session {
                 }
                 d = downlinks.recv() => {
                     match d {
-                        Some(Downlink::Publish { topic, payload }) => {
+                        Some(Downlink::Msg(m)) => {
+                            let (topic, payload) = match m {
+                                DownlinkMsg::AttributeUpdate(json) => (self.families.attributes.attributes().to_string(), json),
+                                DownlinkMsg::AttributeResponse { request_id, json } => {
+                                    (self.families.attribute_request.attribute_response(request_id), json)
+                                }
+                                DownlinkMsg::RpcRequest { id, json } => (self.families.rpc.rpc_request(id), json),
+                            };
                             // ThingsBoard publishes with the subscription's QoS, 1 if none; every
                             // filter it grants is QoS 1.
                             let pkid = self.transport.next_pkid();
-                            codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
+                            codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, payload.as_bytes());
                         }
-                        Some(Downlink::Close(code)) | Some(Downlink::CloseWith(code, _)) => {
-                            codec::write_disconnect(&mut self.wbuf, self.version, code);
+                        Some(Downlink::Close) => {
+                            // Credentials changed or deleted: ThingsBoard answers 0x98.
+                            codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::AdministrativeAction);
                             let _ = self.stream.write_all(&self.wbuf).await;
                             return End::Refused("closed by the server");
                         }
@@ -379,10 +447,9 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some((_, id)) = self.client_rpcs.pop_front() {
-                        let t = format!("v1/devices/me/rpc/response/{id}");
+                    if let Some((_, t)) = self.client_rpcs.pop_front() {
                         let pkid = self.transport.next_pkid();
-                        codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, br#"{"error":"timeout"}"#);
+                        codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, CLIENT_RPC_TIMEOUT.as_bytes());
                     }
                 }
                 _ = tokio::time::sleep_until(next_report) => {
@@ -420,8 +487,13 @@ impl Session {
                     .iter()
                     .map(|(f, qos)| {
                         if VALID_FILTERS.contains(&f.as_str()) {
-                            self.subscriptions
-                                .fetch_or(subscription_bit(f), Ordering::Relaxed);
+                            let (bit, family) = subscription(f);
+                            match bit {
+                                SUB_ATTRIBUTES => self.families.attributes = family,
+                                SUB_RPC => self.families.rpc = family,
+                                _ => {}
+                            }
+                            self.s.subscribe(bit);
                             Ok((*qos).min(1))
                         } else {
                             tracing::info!(filter = %f, "subscription refused");
@@ -434,8 +506,7 @@ impl Session {
             }
             Incoming::Unsubscribe { pkid, filters } => {
                 for f in &filters {
-                    self.subscriptions
-                        .fetch_and(!subscription_bit(f), Ordering::Relaxed);
+                    self.s.unsubscribe(subscription(f).0);
                 }
                 codec::write_unsuback(&mut self.wbuf, self.version, pkid, filters.len());
                 None
@@ -451,62 +522,21 @@ impl Session {
 
     fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Option<End> {
         let ack = (qos > 0).then_some(pkid);
-        let parsed: Result<IngestMsg, PayloadError> = match topic {
-            "v1/devices/me/telemetry" | "v2/t" | "v2/t/j" => {
-                device::parse_telemetry(payload, now_ms()).map(IngestMsg::Telemetry)
-            }
-            "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => {
-                device::parse_attributes(payload).map(IngestMsg::ClientAttributes)
-            }
-            _ if topic.starts_with("v1/devices/me/attributes/request/") => {
-                let id = &topic["v1/devices/me/attributes/request/".len()..];
-                match id.parse::<u32>() {
-                    Err(_) => Err(PayloadError::InvalidJson(format!(
-                        "request id {id:?} is not a number"
-                    ))),
-                    Ok(request_id) => parse_attribute_request(payload).map(|(client_keys, shared_keys)| {
-                        IngestMsg::AttributeRequest {
-                            request_id,
-                            client_keys,
-                            shared_keys,
-                        }
-                    }),
-                }
-            }
-            _ if topic.starts_with("v1/devices/me/rpc/response/") => {
-                let id = &topic["v1/devices/me/rpc/response/".len()..];
-                match id.parse::<u32>() {
-                    Err(_) => Err(PayloadError::InvalidJson(format!(
-                        "rpc id {id:?} is not a number"
-                    ))),
-                    Ok(id) => Ok(IngestMsg::RpcResponse {
-                        id,
-                        payload: String::from_utf8_lossy(payload).into_owned(),
-                    }),
-                }
-            }
-            _ => {
-                if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/")
-                    && let Some(reply) = session_limits_reply(payload, &self.transport.config)
-                {
-                    // Answered by the transport itself, as ThingsBoard does.
-                    if let Some(pkid) = ack {
-                        codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
-                    }
-                    let t = format!("v1/devices/me/rpc/response/{id}");
-                    codec::write_publish(
-                        &mut self.wbuf,
-                        self.version,
-                        &t,
-                        1,
-                        self.transport.next_pkid(),
-                        reply.as_bytes(),
-                    );
-                    return None;
-                }
-                if let Some(id) = topic.strip_prefix("v1/devices/me/rpc/request/") {
-                    return self.client_rpc(id, payload, ack);
-                }
+        let parsed: Result<IngestMsg, PayloadError> = match classify(topic) {
+            Topic::Telemetry => device::parse_telemetry(payload, now_ms()).map(IngestMsg::Telemetry),
+            Topic::Attributes => device::parse_attributes(payload).map(IngestMsg::ClientAttributes),
+            Topic::AttributeRequest(family, id) => request_id(id).and_then(|request_id| {
+                let (client_keys, shared_keys) = payload::parse_attribute_request(payload)?;
+                self.families.attribute_request = family;
+                Ok(IngestMsg::AttributeRequest {
+                    request_id,
+                    client_keys,
+                    shared_keys,
+                })
+            }),
+            Topic::RpcResponse(id) => request_id(id).map(|id| payload::rpc_response(id, payload)),
+            Topic::ClientRpc(family, id) => return self.client_rpc(family, id, payload, ack),
+            Topic::Unknown => {
                 tracing::info!(topic, "publish to an unknown topic dropped");
                 if let Some(pkid) = ack {
                     codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::TopicNameInvalid);
@@ -522,45 +552,40 @@ impl Session {
             Err(e) => self.refuse(topic, &e, ack),
         }
     }
-}
 
-impl Session {
-    /// A client-side RPC: recorded in the log (acknowledged after the commit), answered with a
-    /// timeout unless something replies first.
-    fn client_rpc(&mut self, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
-        let parsed = id
-            .parse::<u32>()
-            .map_err(|_| PayloadError::InvalidJson(format!("request id {id:?} is not a number")))
-            .and_then(|request_id| {
-                let v: serde_json::Value =
-                    serde_json::from_slice(payload).map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
-                let method = v
-                    .get("method")
-                    .and_then(|m| m.as_str())
-                    .ok_or_else(|| PayloadError::InvalidJson("client RPC without a method".into()))?;
-                let params = v.get("params").cloned().unwrap_or(serde_json::Value::Null);
-                Ok((request_id, method.to_string(), params.to_string()))
-            });
-        match parsed {
-            Ok((request_id, method, params)) => {
-                self.enqueue(
-                    IngestMsg::ClientRpc {
-                        request_id,
-                        method,
-                        params,
-                    },
-                    ack,
-                );
+    /// A client-side RPC: `getSessionLimits` is answered by the transport itself, as
+    /// ThingsBoard does; any other is recorded in the log (acknowledged after the commit) and
+    /// answered with a timeout unless something replies first.
+    fn client_rpc(&mut self, family: Family, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
+        let response_topic = family.rpc_response(id);
+        if let Some(reply) = session_limits_reply(payload, &self.transport.config) {
+            if let Some(pkid) = ack {
+                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+            }
+            let pkid = self.transport.next_pkid();
+            codec::write_publish(
+                &mut self.wbuf,
+                self.version,
+                &response_topic,
+                1,
+                pkid,
+                reply.as_bytes(),
+            );
+            return None;
+        }
+        match request_id(id).and_then(|rid| payload::parse_client_rpc(rid, payload)) {
+            Ok(msg) => {
+                self.enqueue(msg, ack);
                 let deadline = tokio::time::Instant::now()
-                    + Duration::from_millis(self.transport.config.client_rpc_timeout_ms);
+                    + Duration::from_millis(self.transport.hub.config.client_rpc_timeout_ms);
                 // Bounded like the message queue: a device flooding RPCs loses the oldest timers.
                 if self.client_rpcs.len() >= 1024 {
                     self.client_rpcs.pop_front();
                 }
-                self.client_rpcs.push_back((deadline, request_id));
+                self.client_rpcs.push_back((deadline, response_topic));
                 None
             }
-            Err(e) => self.refuse(&format!("v1/devices/me/rpc/request/{id}"), &e, ack),
+            Err(e) => self.refuse(&response_topic, &e, ack),
         }
     }
 
@@ -584,39 +609,23 @@ impl Session {
     }
 }
 
-/// The downlinks a subscription filter asks for.
-fn subscription_bit(filter: &str) -> u8 {
-    match filter {
-        "v1/devices/me/attributes" | "v2/a" | "v2/a/j" | "v2/a/p" => crate::SUB_ATTRIBUTES,
-        "v1/devices/me/rpc/request/+" | "v2/r/req/+" | "v2/r/req/j/+" | "v2/r/req/p/+" => crate::SUB_RPC,
-        _ => 0,
-    }
+/// A request id from a topic: a number.
+fn request_id(id: &str) -> Result<u32, PayloadError> {
+    id.parse::<u32>()
+        .map_err(|_| PayloadError::InvalidJson(format!("request id {id:?} is not a number")))
 }
 
-type KeyLists = (Option<Vec<String>>, Option<Vec<String>>);
-
-/// `{"clientKeys":"a,b","sharedKeys":"c,d"}` (both optional, comma-separated strings).
-fn parse_attribute_request(payload: &[u8]) -> Result<KeyLists, PayloadError> {
-    let v: serde_json::Value = if payload.iter().all(u8::is_ascii_whitespace) {
-        serde_json::json!({})
-    } else {
-        serde_json::from_slice(payload).map_err(|e| PayloadError::InvalidJson(e.to_string()))?
-    };
-    let list = |k: &str| -> Option<Vec<String>> {
-        v.get(k).and_then(|x| x.as_str()).map(|s| {
-            s.split(',')
-                .map(str::trim)
-                .filter(|x| !x.is_empty())
-                .map(String::from)
-                .collect()
-        })
-    };
-    if !v.is_object() {
-        return Err(PayloadError::InvalidJson(
-            "attribute request must be a JSON object".into(),
-        ));
+/// The downlinks a subscription filter asks for, and in which topic family.
+fn subscription(filter: &str) -> (u8, Family) {
+    match filter {
+        "v1/devices/me/attributes" => (SUB_ATTRIBUTES, Family::V1),
+        "v2/a" => (SUB_ATTRIBUTES, Family::V2),
+        "v2/a/j" => (SUB_ATTRIBUTES, Family::V2Json),
+        "v1/devices/me/rpc/request/+" => (SUB_RPC, Family::V1),
+        "v2/r/req/+" => (SUB_RPC, Family::V2),
+        "v2/r/req/j/+" => (SUB_RPC, Family::V2Json),
+        _ => (0, Family::V1),
     }
-    Ok((list("clientKeys"), list("sharedKeys")))
 }
 
 /// The transport's own answer to `getSessionLimits`, or `None` for any other RPC.
@@ -633,4 +642,32 @@ fn session_limits_reply(payload: &[u8], config: &crate::MqttConfig) -> Option<St
         })
         .to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_classify_by_family_with_the_longer_prefix_first() {
+        assert_eq!(classify("v2/t/j"), Topic::Telemetry);
+        assert_eq!(classify("v2/a"), Topic::Attributes);
+        assert_eq!(
+            classify("v2/a/req/j/5"),
+            Topic::AttributeRequest(Family::V2Json, "5")
+        );
+        assert_eq!(classify("v2/a/req/5"), Topic::AttributeRequest(Family::V2, "5"));
+        assert_eq!(classify("v2/r/res/j/7"), Topic::RpcResponse("7"));
+        assert_eq!(classify("v2/r/req/3"), Topic::ClientRpc(Family::V2, "3"));
+        assert_eq!(
+            classify("v1/devices/me/rpc/request/1"),
+            Topic::ClientRpc(Family::V1, "1")
+        );
+        // Protobuf forms, empty ids and deeper topics are unknown.
+        assert_eq!(classify("v2/t/p"), Topic::Unknown);
+        assert_eq!(classify("v2/a/req/"), Topic::Unknown);
+        assert_eq!(classify("v2/a/req/p/1"), Topic::Unknown);
+        assert_eq!(Family::V2Json.rpc_response("3"), "v2/r/res/j/3");
+        assert_eq!(Family::V2.attribute_response(4), "v2/a/res/4");
+    }
 }

@@ -1,0 +1,302 @@
+//! thingraft-transport-common: what the device transports (MQTT, HTTP, CoAP) share.
+//!
+//! - [`Hub`]: one per node. Credential lookups through a cache that registry changes
+//!   invalidate, the table of open device sessions that downlinks are routed through, and the
+//!   ingest records every transport appends.
+//! - [`Session`]: one device session of any transport; it leaves the table when dropped.
+//! - [`payload`]: request bodies that mean the same on every transport.
+//!
+//! Like every transport this depends on the log's append API and on the record formats in
+//! `thingraft-proto`, never on the engine: credentials are read from the metadata map that
+//! the registry writes.
+
+pub mod payload;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use thingraft_log::{LogError, LogHandle, Record};
+use thingraft_proto::records::{
+    Deliver, DeviceRef, DownlinkMsg, EntityId, Ingest, IngestMsg, PartitionRecord, SessionRef, token_key,
+};
+use tokio::sync::mpsc;
+
+/// The `[transport]` section of the node's config: settings every device transport shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportConfig {
+    /// Credential lookups cached.
+    pub credential_cache_entries: u64,
+    /// A client-side RPC no rule chain answered gets `{"error":"timeout"}` after this long
+    /// (ThingsBoard's `transport.client_side_rpc.timeout`).
+    pub client_rpc_timeout_ms: u64,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            credential_cache_entries: 100_000,
+            client_rpc_timeout_ms: 60_000,
+        }
+    }
+}
+
+/// Something for a device session to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Downlink {
+    /// Send this to the device, in the transport's own form.
+    Msg(DownlinkMsg),
+    /// The session's credentials were changed or deleted: close it (MQTT: DISCONNECT 0x98).
+    Close,
+}
+
+/// The session wants shared-attribute updates.
+pub const SUB_ATTRIBUTES: u8 = 1;
+/// The session wants server-side RPC requests.
+pub const SUB_RPC: u8 = 2;
+
+struct SessionEntry {
+    tx: mpsc::Sender<Downlink>,
+    /// The metadata-map key of the credentials it authenticated with.
+    credentials_key: Arc<str>,
+    /// `SUB_*` bits.
+    subscriptions: Arc<AtomicU8>,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The device transports' shared state on one node.
+pub struct Hub {
+    pub log: LogHandle,
+    pub config: TransportConfig,
+    /// Open sessions by device, for downlinks.
+    sessions: Mutex<HashMap<EntityId, HashMap<u64, SessionEntry>>>,
+    /// credentials key (`reg/token/..`, `reg/basic/..`) → device (`None`: none).
+    credentials: moka::sync::Cache<String, Option<Arc<DeviceRef>>>,
+    session_seq: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(config: TransportConfig, log: LogHandle) -> Arc<Hub> {
+        let credentials = moka::sync::Cache::new(config.credential_cache_entries);
+        let hub = Arc::new(Hub {
+            log,
+            config,
+            sessions: Mutex::default(),
+            credentials,
+            session_seq: AtomicU64::new(1),
+        });
+        tokio::spawn(invalidate_on_changes(
+            Arc::downgrade(&hub),
+            hub.log.meta_changes(),
+        ));
+        hub
+    }
+
+    /// The device whose credentials are stored under the metadata-map `key`.
+    pub fn lookup(&self, key: &str) -> Option<Arc<DeviceRef>> {
+        self.credentials.get_with_by_ref(key, || {
+            self.log
+                .meta_get(key)
+                .and_then(|b| DeviceRef::decode(&b).ok())
+                .map(Arc::new)
+        })
+    }
+
+    /// The device with this access token, and its credentials key.
+    pub fn by_token(&self, token: &str) -> Option<(DeviceRef, String)> {
+        let key = token_key(token);
+        self.lookup(&key).map(|d| ((*d).clone(), key))
+    }
+
+    /// Opens a session for `device`: downlinks for it arrive on the returned receiver (which
+    /// holds up to `queue` of them) until the [`Session`] is dropped.
+    pub fn open_session(
+        self: &Arc<Self>,
+        device: DeviceRef,
+        credentials_key: String,
+        subscriptions: u8,
+        queue: usize,
+    ) -> (Session, mpsc::Receiver<Downlink>) {
+        let id = SessionRef {
+            node: self.log.node_id(),
+            session: self.session_seq.fetch_add(1, Ordering::Relaxed),
+        };
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let subs = Arc::new(AtomicU8::new(subscriptions));
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(device.device)
+            .or_default()
+            .insert(
+                id.session,
+                SessionEntry {
+                    tx,
+                    credentials_key: credentials_key.into(),
+                    subscriptions: subs.clone(),
+                },
+            );
+        let partition = self.log.partition_for_key(&device.device);
+        let s = Session {
+            hub: self.clone(),
+            device,
+            id,
+            partition,
+            subscriptions: subs,
+        };
+        (s, rx)
+    }
+
+    /// Hands a downlink to the device's sessions that want it (responses go to the session
+    /// named, updates and RPCs to the subscribed ones); returns how many took it.
+    pub fn deliver(&self, d: &Deliver) -> u32 {
+        let needs = match d.msg {
+            DownlinkMsg::AttributeUpdate(_) => SUB_ATTRIBUTES,
+            DownlinkMsg::AttributeResponse { .. } => 0,
+            DownlinkMsg::RpcRequest { .. } => SUB_RPC,
+        };
+        let m = self.sessions.lock().expect("sessions lock");
+        let Some(sessions) = m.get(&d.device) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (id, s) in sessions {
+            if d.session.is_some_and(|want| want != *id) {
+                continue;
+            }
+            if needs != 0 && s.subscriptions.load(Ordering::Relaxed) & needs == 0 {
+                continue;
+            }
+            // A session whose queue is full is too slow to count as delivered.
+            if s.tx.try_send(Downlink::Msg(d.msg.clone())).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Open sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .map(|s| s.len())
+            .sum()
+    }
+
+    /// Closes every session that authenticated with the credentials under `key`.
+    fn close_by_credentials(&self, key: &str) -> usize {
+        let m = self.sessions.lock().expect("sessions lock");
+        let mut n = 0;
+        for s in m.values().flat_map(|s| s.values()) {
+            if &*s.credentials_key == key {
+                let _ = s.tx.try_send(Downlink::Close);
+                n += 1;
+            }
+        }
+        n
+    }
+
+    fn unregister(&self, device: &EntityId, session: u64) {
+        let mut m = self.sessions.lock().expect("sessions lock");
+        if let Some(s) = m.get_mut(device) {
+            s.remove(&session);
+            if s.is_empty() {
+                m.remove(device);
+            }
+        }
+    }
+}
+
+/// One device session of any transport. Dropping it takes it out of the session table.
+pub struct Session {
+    hub: Arc<Hub>,
+    pub device: DeviceRef,
+    pub id: SessionRef,
+    /// The partition of the device's records.
+    pub partition: u32,
+    subscriptions: Arc<AtomicU8>,
+}
+
+impl Session {
+    /// An ingest record from this session, stamped now.
+    pub fn record(&self, msg: IngestMsg) -> Record {
+        let ingest = Ingest {
+            tenant: self.device.tenant,
+            device: self.device.device,
+            ts_ms: now_ms(),
+            session: Some(self.id),
+            msg,
+        };
+        Record::new(
+            self.device.device.to_vec(),
+            PartitionRecord::Ingest(ingest).encode(),
+        )
+    }
+
+    /// Appends `msgs` as one append; returns once they are committed (DESIGN invariant 2).
+    pub async fn submit(&self, msgs: Vec<IngestMsg>) -> Result<(), LogError> {
+        let records = msgs.into_iter().map(|m| self.record(m)).collect();
+        self.hub.log.append(self.partition, records).await.map(|_| ())
+    }
+
+    pub fn subscribe(&self, bits: u8) {
+        self.subscriptions.fetch_or(bits, Ordering::Relaxed);
+    }
+
+    pub fn unsubscribe(&self, bits: u8) {
+        self.subscriptions.fetch_and(!bits, Ordering::Relaxed);
+    }
+
+    pub fn subscriptions(&self) -> u8 {
+        self.subscriptions.load(Ordering::Relaxed)
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.hub.unregister(&self.device.device, self.id.session);
+    }
+}
+
+/// Drops cached credentials whose registry keys changed, and closes the sessions that used
+/// them.
+async fn invalidate_on_changes(
+    hub: std::sync::Weak<Hub>,
+    mut rx: tokio::sync::broadcast::Receiver<Arc<Vec<String>>>,
+) {
+    loop {
+        let changed = rx.recv().await;
+        let Some(hub) = hub.upgrade() else { return };
+        match changed {
+            Ok(keys) if !keys.is_empty() => {
+                for k in keys.iter() {
+                    if k.starts_with("reg/token/") || k.starts_with("reg/basic/") {
+                        hub.credentials.invalidate(k);
+                        let closed = hub.close_by_credentials(k);
+                        if closed > 0 {
+                            tracing::info!(sessions = closed, "sessions closed: their credentials changed");
+                        }
+                    }
+                }
+            }
+            Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                hub.credentials.invalidate_all()
+            }
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
