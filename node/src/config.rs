@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogConfig, NodeId};
+use thingraft_transport_coap::CoapConfig;
 use thingraft_transport_common::TransportConfig;
 use thingraft_transport_http::HttpDeviceConfig;
 use thingraft_transport_mqtt::MqttConfig;
@@ -25,6 +26,7 @@ pub struct NodeConfig {
     pub transport: TransportConfig,
     pub mqtt: MqttConfig,
     pub http: HttpSection,
+    pub coap: CoapConfig,
     pub seed: SeedSection,
 }
 
@@ -132,6 +134,9 @@ pub struct Overrides {
     /// REST API listen address (host:port).
     #[arg(long, env = "THINGRAFT_HTTP_LISTEN")]
     pub http_listen: Option<String>,
+    /// CoAP listen address (UDP host:port).
+    #[arg(long, env = "THINGRAFT_COAP_LISTEN")]
+    pub coap_listen: Option<String>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -191,6 +196,9 @@ impl NodeConfig {
         }
         if let Some(v) = &o.http_listen {
             c.http.listen = v.clone();
+        }
+        if let Some(v) = &o.coap_listen {
+            c.coap.listen = v.clone();
         }
         c.log.validate()?;
         c.mqtt.validate()?;

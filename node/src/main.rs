@@ -124,6 +124,14 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
                 .with_context(|| format!("binding HTTP {a}"))?,
         ),
     };
+    let coap_socket = match cfg.coap.listen.as_str() {
+        "" => None,
+        a => Some(
+            tokio::net::UdpSocket::bind(a)
+                .await
+                .with_context(|| format!("binding CoAP {a}"))?,
+        ),
+    };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
     let hub = thingraft_transport_common::Hub::new(cfg.transport.clone(), handle.clone());
@@ -144,6 +152,12 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");
         tokio::spawn(mqtt.clone().serve(l));
     }
+    let coap = coap_socket.map(|socket| {
+        tracing::info!(addr = %cfg.coap.listen, "CoAP listening");
+        let t = thingraft_transport_coap::Transport::new(cfg.coap.clone(), hub.clone(), socket);
+        tokio::spawn(t.clone().serve());
+        t
+    });
     let ready = {
         let handle = handle.clone();
         let eh = eh.clone();
@@ -190,6 +204,9 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     shutdown_signal().await;
     tracing::info!("shutting down");
     mqtt.shutdown();
+    if let Some(c) = &coap {
+        c.shutdown();
+    }
     if let Some(h) = http {
         h.abort();
     }

@@ -77,6 +77,8 @@ pub struct ProcCluster {
     pub mqtt: BTreeMap<NodeId, String>,
     /// REST address of each node.
     pub http: BTreeMap<NodeId, String>,
+    /// CoAP (UDP) address of each node.
+    pub coap: BTreeMap<NodeId, String>,
     pub partitions: u32,
     /// A config file every node starts with (`--config`), if any.
     config: Option<PathBuf>,
@@ -95,7 +97,7 @@ impl ProcCluster {
         partitions: u32,
         config: Option<&str>,
     ) -> anyhow::Result<ProcCluster> {
-        let ports = free_ports(3 * n);
+        let ports = free_ports(4 * n);
         let addrs_of = |k: usize| -> BTreeMap<NodeId, String> {
             (0..n)
                 .map(|i| (i as NodeId + 1, format!("127.0.0.1:{}", ports[k * n + i])))
@@ -106,6 +108,7 @@ impl ProcCluster {
             addrs: addrs_of(0),
             mqtt: addrs_of(1),
             http: addrs_of(2),
+            coap: addrs_of(3),
             partitions,
             config: None,
             procs: HashMap::new(),
@@ -136,6 +139,7 @@ impl ProcCluster {
             .arg(self.data_dir(id))
             .args(["--partitions", &self.partitions.to_string()])
             .args(["--mqtt-listen", &self.mqtt[&id], "--http-listen", &self.http[&id]])
+            .args(["--coap-listen", &self.coap[&id]])
             .args(
                 self.config
                     .iter()
@@ -522,4 +526,50 @@ pub fn mosquitto_pub(addr: &str, args: &[&str]) -> anyhow::Result<i32> {
         .output()
         .context("running mosquitto_pub (apt-get install mosquitto-clients)")?;
     Ok(out.status.code().unwrap_or(-1))
+}
+
+/// What libcoap's `coap-client` saw: the response code of the last response (`2.05`, `4.01`,
+/// …), the message lines it printed (`v:1 t:ACK c:2.05 …`), and the payload.
+#[derive(Debug, Clone)]
+pub struct CoapOut {
+    pub code: String,
+    pub messages: Vec<String>,
+    pub body: String,
+}
+
+/// Runs Debian's `coap-client-notls` (package `libcoap3-bin`) with `args` (the URI last) and
+/// message tracing on.
+pub fn coap_client(args: &[&str]) -> anyhow::Result<CoapOut> {
+    let out = Command::new("coap-client-notls")
+        .arg("-v")
+        .arg("6")
+        .args(args)
+        .output()
+        .context("running coap-client-notls (apt-get install libcoap3-bin)")?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut messages = Vec::new();
+    let mut body = String::new();
+    for line in text.lines() {
+        // A payload is printed without a newline, so a message line may follow it on the same
+        // line.
+        let (payload, message) = match line.find("v:1 t:") {
+            Some(i) => (&line[..i], Some(&line[i..])),
+            None => (line, None),
+        };
+        if !payload.contains(" DEBG ") && !payload.contains(" INFO ") {
+            body.push_str(payload);
+        }
+        if let Some(m) = message {
+            messages.push(m.to_string());
+        }
+    }
+    // The code of the last response: `c:` followed by `d.dd`.
+    let code = messages
+        .iter()
+        .rev()
+        .filter_map(|m| m.split_whitespace().find_map(|w| w.strip_prefix("c:")))
+        .find(|c| c.len() == 4 && c.as_bytes()[1] == b'.' && c != &"0.00")
+        .unwrap_or("")
+        .to_string();
+    Ok(CoapOut { code, messages, body })
 }

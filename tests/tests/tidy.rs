@@ -22,6 +22,10 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
             BTreeSet::from(["thingraft-proto", "thingraft-log", "thingraft-transport-common"]),
         ),
         (
+            "thingraft-transport-coap",
+            BTreeSet::from(["thingraft-proto", "thingraft-log", "thingraft-transport-common"]),
+        ),
+        (
             "thingraft-transport-http",
             BTreeSet::from(["thingraft-proto", "thingraft-log", "thingraft-transport-common"]),
         ),
@@ -34,6 +38,7 @@ fn allowed() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
                 "thingraft-transport-common",
                 "thingraft-transport-mqtt",
                 "thingraft-transport-http",
+                "thingraft-transport-coap",
             ]),
         ),
         (

@@ -1,0 +1,314 @@
+//! ThingsBoard's CoAP device API (`/api/v1/{token}/...`): telemetry, attributes (one-shot read
+//! and Observe), RPC (Observe, replies, client RPC).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coap_lite::{
+    CoapOption, CoapRequest, ContentFormat, MessageClass, ObserveOption, RequestType, ResponseType,
+};
+use thingraft_log::LogError;
+use thingraft_proto::device::{self, PayloadError};
+use thingraft_proto::error::ErrorClass;
+use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
+use thingraft_transport_common::{Downlink, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms};
+use tokio::sync::mpsc;
+
+use crate::{Reply, Responder, Transport};
+
+/// How long a read waits for the partition leader's answer.
+const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The CoAP code of an error class (the one table in `thingraft-proto`).
+fn code_of(class: ErrorClass) -> ResponseType {
+    let (c, d) = class.coap_code();
+    match MessageClass::from((c << 5) | d) {
+        MessageClass::Response(rt) => rt,
+        _ => ResponseType::InternalServerError,
+    }
+}
+
+fn refuse(class: ErrorClass, why: &str) -> Reply {
+    tracing::info!(reason = why, "CoAP request refused");
+    Reply::code(code_of(class))
+}
+
+fn bad_payload(e: &PayloadError) -> Reply {
+    refuse(ErrorClass::BadRequest, &e.to_string())
+}
+
+fn backend(e: &LogError) -> Reply {
+    tracing::warn!(error = %e, "CoAP request not committed");
+    Reply::code(code_of(e.class()))
+}
+
+/// Answers one request; `None` when an observation took over the answering.
+pub(crate) async fn handle(
+    t: &Arc<Transport>,
+    req: &mut CoapRequest<SocketAddr>,
+    responder: &Responder,
+) -> Option<Reply> {
+    route(t, req, responder).await.unwrap_or_else(Some)
+}
+
+/// [`handle`], with refusals as `Err`.
+async fn route(
+    t: &Arc<Transport>,
+    req: &mut CoapRequest<SocketAddr>,
+    responder: &Responder,
+) -> Result<Option<Reply>, Reply> {
+    let path = req.get_path();
+    let segs: Vec<&str> = path.split('/').collect();
+    let method = *req.get_method();
+    if let Some(cf) = req.message.get_content_format()
+        && !matches!(cf, ContentFormat::ApplicationJSON | ContentFormat::TextPlain)
+    {
+        // JSON only: protobuf payloads need the device profile's schemas (decision 0004).
+        return Err(refuse(ErrorClass::BadRequest, "content format is not JSON")
+            .with_code(ResponseType::UnsupportedContentFormat));
+    }
+    if req.message.payload.len() > t.config.max_payload_bytes {
+        return Err(refuse(ErrorClass::TooLarge, "payload over the limit"));
+    }
+    let body = std::mem::take(&mut req.message.payload);
+    let reply = match (method, segs.as_slice()) {
+        (RequestType::Post, ["api", "v1", token, "telemetry"]) => {
+            let (s, _rx) = session(t, token, 0)?;
+            match device::parse_telemetry(&body, now_ms()) {
+                Ok(groups) => submit(&s, IngestMsg::Telemetry(groups)).await,
+                Err(e) => bad_payload(&e),
+            }
+        }
+        (RequestType::Post, ["api", "v1", token, "attributes"]) => {
+            let (s, _rx) = session(t, token, 0)?;
+            match device::parse_attributes(&body) {
+                Ok(values) => submit(&s, IngestMsg::ClientAttributes(values)).await,
+                Err(e) => bad_payload(&e),
+            }
+        }
+        (RequestType::Get, ["api", "v1", token, "attributes"]) => match observe_flag(req) {
+            Some(ObserveOption::Register) => {
+                let (s, rx) = session(t, token, SUB_ATTRIBUTES)?;
+                return Ok(observe_attributes(t, s, rx, req, responder).await);
+            }
+            flag => {
+                if flag == Some(ObserveOption::Deregister) {
+                    t.cancel_observation(responder.peer, &responder.token);
+                }
+                let (s, mut rx) = session(t, token, 0)?;
+                let keys = query(req);
+                let (client_keys, shared_keys) =
+                    payload::attribute_request_from_query(keys.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                match read_attributes(&s, &mut rx, client_keys, shared_keys).await {
+                    Ok(json) if json == "{}" => Reply::code(ResponseType::NotFound),
+                    Ok(json) => Reply::json(ResponseType::Content, json),
+                    Err(r) => r,
+                }
+            }
+        },
+        (RequestType::Get, ["api", "v1", token, "rpc"]) => match observe_flag(req) {
+            Some(ObserveOption::Register) => {
+                let (s, rx) = session(t, token, SUB_RPC)?;
+                observe_rpc(t, s, rx, req, responder);
+                return Ok(None);
+            }
+            Some(ObserveOption::Deregister) => {
+                t.cancel_observation(responder.peer, &responder.token);
+                Reply::code(ResponseType::Content)
+            }
+            None => refuse(ErrorClass::BadRequest, "GET rpc needs Observe")
+                .with_code(ResponseType::MethodNotAllowed),
+        },
+        (RequestType::Post, ["api", "v1", token, "rpc", id]) => {
+            let (s, _rx) = session(t, token, 0)?;
+            match id.parse::<u32>() {
+                Err(_) => refuse(ErrorClass::BadRequest, "rpc id is not a number"),
+                Ok(id) => match serde_json::from_slice::<serde_json::Value>(&body) {
+                    Err(e) => bad_payload(&PayloadError::InvalidJson(e.to_string())),
+                    Ok(_) => submit(&s, payload::rpc_response(id, &body)).await,
+                },
+            }
+        }
+        (RequestType::Post, ["api", "v1", token, "rpc"]) => {
+            let (s, _rx) = session(t, token, 0)?;
+            match payload::parse_client_rpc(1, &body) {
+                Err(e) => bad_payload(&e),
+                Ok(msg) => match s.submit(vec![msg]).await {
+                    Err(e) => backend(&e),
+                    Ok(()) => {
+                        // The default root rule chain only logs client RPCs.
+                        tokio::time::sleep(Duration::from_millis(t.hub.config.client_rpc_timeout_ms)).await;
+                        Reply::json(ResponseType::Content, CLIENT_RPC_TIMEOUT.to_string())
+                    }
+                },
+            }
+        }
+        (_, ["api", "v1", _, "telemetry" | "attributes" | "rpc"] | ["api", "v1", _, "rpc", _]) => {
+            refuse(ErrorClass::BadRequest, "method not allowed").with_code(ResponseType::MethodNotAllowed)
+        }
+        _ => refuse(ErrorClass::NotFound, "no such resource"),
+    };
+    Ok(Some(reply))
+}
+
+impl Reply {
+    fn with_code(mut self, code: ResponseType) -> Reply {
+        self.code = code;
+        self
+    }
+}
+
+/// A session of the device with this access token; 4.01 when the token is unknown.
+fn session(
+    t: &Transport,
+    token: &str,
+    subscriptions: u8,
+) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
+    match t.hub.by_token(token) {
+        Some((device, key)) => Ok(t.hub.open_session(device, key, subscriptions, 16)),
+        None => Err(refuse(ErrorClass::Unauthorized, "unknown access token")),
+    }
+}
+
+async fn submit(s: &Session, msg: IngestMsg) -> Reply {
+    match s.submit(vec![msg]).await {
+        Ok(()) => Reply::code(ResponseType::Created),
+        Err(e) => backend(&e),
+    }
+}
+
+fn observe_flag(req: &CoapRequest<SocketAddr>) -> Option<ObserveOption> {
+    req.get_observe_flag().and_then(Result::ok)
+}
+
+/// The request's Uri-Query options as key/value pairs.
+fn query(req: &CoapRequest<SocketAddr>) -> Vec<(String, String)> {
+    req.message
+        .get_option(CoapOption::UriQuery)
+        .map(|opts| {
+            opts.iter()
+                .filter_map(|o| {
+                    let q = String::from_utf8_lossy(o);
+                    q.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Asks the partition's leader for attributes and waits for its answer.
+async fn read_attributes(
+    s: &Session,
+    rx: &mut mpsc::Receiver<Downlink>,
+    client_keys: Option<Vec<String>>,
+    shared_keys: Option<Vec<String>>,
+) -> Result<String, Reply> {
+    s.submit(vec![IngestMsg::AttributeRequest {
+        request_id: 1,
+        client_keys,
+        shared_keys,
+    }])
+    .await
+    .map_err(|e| backend(&e))?;
+    let wait = async {
+        while let Some(d) = rx.recv().await {
+            if let Downlink::Msg(DownlinkMsg::AttributeResponse { json, .. }) = d {
+                return Some(json);
+            }
+        }
+        None
+    };
+    match tokio::time::timeout(READ_TIMEOUT, wait).await {
+        Ok(Some(json)) => Ok(json),
+        _ => Err(refuse(ErrorClass::Timeout, "no attribute answer in time")),
+    }
+}
+
+/// Observe on attributes: the first notification carries every shared attribute, later ones
+/// each change (`{"k":v,..,"deleted":[..]}`).
+async fn observe_attributes(
+    t: &Arc<Transport>,
+    s: Session,
+    mut rx: mpsc::Receiver<Downlink>,
+    req: &CoapRequest<SocketAddr>,
+    responder: &Responder,
+) -> Option<Reply> {
+    let all = match read_attributes(&s, &mut rx, None, None).await {
+        Ok(json) => json,
+        Err(r) => return Some(r),
+    };
+    let shared = serde_json::from_str::<serde_json::Value>(&all)
+        .ok()
+        .and_then(|v| v.get("shared").cloned())
+        .unwrap_or_else(|| serde_json::json!({}));
+    let first = shared.to_string();
+    spawn_observation(t, s, rx, req, responder, Some(first), |m| match m {
+        DownlinkMsg::AttributeUpdate(json) => Some(json),
+        _ => None,
+    });
+    None
+}
+
+/// Observe on RPC: each server-side RPC is a notification `{"id":..,"method":..,"params":..}`.
+fn observe_rpc(
+    t: &Arc<Transport>,
+    s: Session,
+    rx: mpsc::Receiver<Downlink>,
+    req: &CoapRequest<SocketAddr>,
+    responder: &Responder,
+) {
+    spawn_observation(t, s, rx, req, responder, None, |m| match m {
+        DownlinkMsg::RpcRequest { id, json } => Some(payload::rpc_request_with_id(id, &json)),
+        _ => None,
+    });
+}
+
+/// Sends `first` (if any), then a notification for each downlink `pick` accepts, until the
+/// device resets or ignores one, deregisters, or the session is closed.
+fn spawn_observation(
+    t: &Arc<Transport>,
+    s: Session,
+    mut rx: mpsc::Receiver<Downlink>,
+    req: &CoapRequest<SocketAddr>,
+    responder: &Responder,
+    first: Option<String>,
+    pick: fn(DownlinkMsg) -> Option<String>,
+) {
+    let request = req.message.clone();
+    let responder = responder.clone();
+    let (peer, token) = (responder.peer, responder.token.clone());
+    let token_key = token.clone();
+    let t2 = t.clone();
+    let task = tokio::spawn(async move {
+        let _session = s;
+        let mut seq: u32 = 0;
+        let notify = |body: String, seq: u32| {
+            let mut r = Reply::json(ResponseType::Content, body);
+            r.observe = Some(seq);
+            r
+        };
+        let mut ok = match first {
+            Some(body) => responder.send(notify(body, seq), &request).await,
+            None => true,
+        };
+        while ok {
+            match rx.recv().await {
+                Some(Downlink::Msg(m)) => {
+                    if let Some(body) = pick(m) {
+                        seq += 1;
+                        ok = responder.send(notify(body, seq), &request).await;
+                    }
+                }
+                Some(Downlink::Close) | None => break,
+            }
+        }
+        tracing::debug!(%peer, "CoAP observation ended");
+        t2.observations
+            .lock()
+            .expect("observations")
+            .remove(&(peer, token));
+    });
+    t.observe(peer, token_key, task.abort_handle());
+}
