@@ -622,7 +622,8 @@ fn credentials_key(c: &Credentials) -> String {
     }
 }
 
-fn device_ref(d: &Device, password: &str) -> DeviceRef {
+/// What transports know of a device (stored under its credentials key).
+pub fn device_ref(d: &Device, password: &str) -> DeviceRef {
     DeviceRef {
         device: *d.id.as_bytes(),
         tenant: *d.tenant_id.as_bytes(),

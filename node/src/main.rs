@@ -7,6 +7,7 @@
 
 mod bench;
 mod config;
+mod directory;
 mod downlinks;
 mod rest;
 
@@ -148,6 +149,9 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         cfg.engine.clone(),
     )?;
     let eh = engine.handle();
+    hub.set_directory(std::sync::Arc::new(directory::EngineDirectory {
+        engine: eh.clone(),
+    }));
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");
         tokio::spawn(mqtt.clone().serve(l));

@@ -573,3 +573,48 @@ pub fn coap_client(args: &[&str]) -> anyhow::Result<CoapOut> {
         .to_string();
     Ok(CoapOut { code, messages, body })
 }
+
+/// An MQTT 5 client (rumqttc) authenticating with access token `token`.
+pub fn v5_client(addr: &str, token: &str) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    let (host, port) = addr.rsplit_once(':').expect("port");
+    let mut o = rumqttc::v5::MqttOptions::new("", host, port.parse().expect("port number"));
+    o.set_credentials(token, "");
+    o.set_keep_alive(Duration::from_secs(30));
+    o.set_max_packet_size(Some(1 << 20));
+    rumqttc::v5::AsyncClient::new(o, 16)
+}
+
+/// Polls the event loop until `f` picks a packet, or fails after 5 s.
+pub async fn next_packet<T>(
+    ev: &mut rumqttc::v5::EventLoop,
+    f: impl Fn(&rumqttc::v5::mqttbytes::v5::Packet) -> Option<T>,
+) -> anyhow::Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = tokio::time::timeout_at(deadline, ev.poll()).await??;
+        if let rumqttc::v5::Event::Incoming(p) = e
+            && let Some(t) = f(&p)
+        {
+            return Ok(t);
+        }
+    }
+}
+
+/// A PUBLISH whose topic starts with `prefix`: its topic and JSON payload.
+pub fn publish_on(
+    p: &rumqttc::v5::mqttbytes::v5::Packet,
+    prefix: &str,
+) -> Option<(String, serde_json::Value)> {
+    match p {
+        rumqttc::v5::mqttbytes::v5::Packet::Publish(p) => {
+            let t = String::from_utf8_lossy(&p.topic).into_owned();
+            t.starts_with(prefix).then(|| {
+                (
+                    t,
+                    serde_json::from_slice(&p.payload).unwrap_or(serde_json::Value::Null),
+                )
+            })
+        }
+        _ => None,
+    }
+}

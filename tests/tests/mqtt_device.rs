@@ -5,9 +5,9 @@ use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
-use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use serde_json::Value;
-use thingraft_tests::{ProcCluster, Rest, mosquitto_pub};
+use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, publish_on, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -15,27 +15,6 @@ async fn single_node() -> anyhow::Result<(ProcCluster, Rest)> {
     let c = ProcCluster::start(1, 4).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     Ok((c, rest))
-}
-
-fn v5_client(addr: &str, token: &str) -> (AsyncClient, EventLoop) {
-    let (host, port) = addr.rsplit_once(':').expect("port");
-    let mut o = MqttOptions::new("", host, port.parse().expect("port number"));
-    o.set_credentials(token, "");
-    o.set_keep_alive(Duration::from_secs(30));
-    AsyncClient::new(o, 16)
-}
-
-/// Polls the event loop until `f` picks a packet, or fails after 5 s.
-async fn next_packet<T>(ev: &mut EventLoop, f: impl Fn(&Packet) -> Option<T>) -> anyhow::Result<T> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    loop {
-        let e = tokio::time::timeout_at(deadline, ev.poll()).await??;
-        if let Event::Incoming(p) = e
-            && let Some(t) = f(&p)
-        {
-            return Ok(t);
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,17 +357,6 @@ async fn subscribed_device(addr: &str, token: &str) -> anyhow::Result<(AsyncClie
         next_packet(&mut ev, |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
     }
     Ok((client, ev))
-}
-
-fn publish_on(p: &Packet, prefix: &str) -> Option<(String, Value)> {
-    match p {
-        Packet::Publish(p) => {
-            let t = String::from_utf8_lossy(&p.topic).into_owned();
-            t.starts_with(prefix)
-                .then(|| (t, serde_json::from_slice(&p.payload).unwrap_or(Value::Null)))
-        }
-        _ => None,
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -214,7 +214,7 @@ async fn read_attributes(
     .map_err(|e| backend(&e))?;
     let wait = async {
         while let Some(d) = rx.recv().await {
-            if let Downlink::Msg(DownlinkMsg::AttributeResponse { json, .. }) = d {
+            if let Downlink::Msg(_, DownlinkMsg::AttributeResponse { json, .. }) = d {
                 return Some(json);
             }
         }
@@ -295,7 +295,7 @@ fn spawn_observation(
         };
         while ok {
             match rx.recv().await {
-                Some(Downlink::Msg(m)) => {
+                Some(Downlink::Msg(_, m)) => {
                     if let Some(body) = pick(m) {
                         seq += 1;
                         ok = responder.send(notify(body, seq), &request).await;

@@ -13,8 +13,10 @@
 pub mod payload;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogError, LogHandle, Record};
@@ -46,8 +48,9 @@ impl Default for TransportConfig {
 /// Something for a device session to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Downlink {
-    /// Send this to the device, in the transport's own form.
-    Msg(DownlinkMsg),
+    /// Send this to the device (a gateway's child, for a gateway session), in the transport's
+    /// own form.
+    Msg(EntityId, DownlinkMsg),
     /// The session's credentials were changed or deleted: close it (MQTT: DISCONNECT 0x98).
     Close,
 }
@@ -72,6 +75,22 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// What transports ask of the entity registry beyond credential lookups; the node implements it
+/// with the engine's registry (transports never depend on the engine).
+pub trait Directory: Send + Sync {
+    /// Whether `device` is a gateway (its `additionalInfo.gateway` is true).
+    fn is_gateway(&self, device: &EntityId) -> bool;
+
+    /// The child device `name` of `gateway`, in the gateway's tenant; created on first sight
+    /// with the device profile named `device_type` (created too if absent).
+    fn child_device(
+        &self,
+        gateway: &DeviceRef,
+        name: &str,
+        device_type: &str,
+    ) -> Pin<Box<dyn Future<Output = Result<DeviceRef, String>> + Send>>;
+}
+
 /// The device transports' shared state on one node.
 pub struct Hub {
     pub log: LogHandle,
@@ -81,6 +100,7 @@ pub struct Hub {
     /// credentials key (`reg/token/..`, `reg/basic/..`) → device (`None`: none).
     credentials: moka::sync::Cache<String, Option<Arc<DeviceRef>>>,
     session_seq: AtomicU64,
+    directory: OnceLock<Arc<dyn Directory>>,
 }
 
 impl Hub {
@@ -92,6 +112,7 @@ impl Hub {
             sessions: Mutex::default(),
             credentials,
             session_seq: AtomicU64::new(1),
+            directory: OnceLock::new(),
         });
         tokio::spawn(invalidate_on_changes(
             Arc::downgrade(&hub),
@@ -116,6 +137,16 @@ impl Hub {
         self.lookup(&key).map(|d| ((*d).clone(), key))
     }
 
+    /// Installs the registry port (once, by the node).
+    pub fn set_directory(&self, d: Arc<dyn Directory>) {
+        let _ = self.directory.set(d);
+    }
+
+    /// The registry port; `None` until the node installed it.
+    pub fn directory(&self) -> Option<&Arc<dyn Directory>> {
+        self.directory.get()
+    }
+
     /// Opens a session for `device`: downlinks for it arrive on the returned receiver (which
     /// holds up to `queue` of them) until the [`Session`] is dropped.
     pub fn open_session(
@@ -125,11 +156,26 @@ impl Hub {
         subscriptions: u8,
         queue: usize,
     ) -> (Session, mpsc::Receiver<Downlink>) {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        (
+            self.open_session_on(device, credentials_key, subscriptions, tx),
+            rx,
+        )
+    }
+
+    /// Like [`Hub::open_session`], with downlinks sent to `tx`: a gateway's children share the
+    /// gateway's channel.
+    pub fn open_session_on(
+        self: &Arc<Self>,
+        device: DeviceRef,
+        credentials_key: String,
+        subscriptions: u8,
+        tx: mpsc::Sender<Downlink>,
+    ) -> Session {
         let id = SessionRef {
             node: self.log.node_id(),
             session: self.session_seq.fetch_add(1, Ordering::Relaxed),
         };
-        let (tx, rx) = mpsc::channel(queue.max(1));
         let subs = Arc::new(AtomicU8::new(subscriptions));
         self.sessions
             .lock()
@@ -145,14 +191,13 @@ impl Hub {
                 },
             );
         let partition = self.log.partition_for_key(&device.device);
-        let s = Session {
+        Session {
             hub: self.clone(),
             device,
             id,
             partition,
             subscriptions: subs,
-        };
-        (s, rx)
+        }
     }
 
     /// Hands a downlink to the device's sessions that want it (responses go to the session
@@ -176,7 +221,7 @@ impl Hub {
                 continue;
             }
             // A session whose queue is full is too slow to count as delivered.
-            if s.tx.try_send(Downlink::Msg(d.msg.clone())).is_ok() {
+            if s.tx.try_send(Downlink::Msg(d.device, d.msg.clone())).is_ok() {
                 n += 1;
             }
         }

@@ -183,7 +183,7 @@ async fn wait_for<T>(
             Ok(None) | Ok(Some(Downlink::Close)) => {
                 return Err(DevError::new(ErrorClass::Forbidden, "Device was deleted!"));
             }
-            Ok(Some(Downlink::Msg(m))) => {
+            Ok(Some(Downlink::Msg(_, m))) => {
                 if let Some(t) = pick(m) {
                     return Ok(t);
                 }

@@ -4,11 +4,13 @@
 //! - [`codec`]: MQTT 3.1.1 and 5 packets (on `mqttbytes`) behind one version-neutral type.
 //! - [`session`]: one device connection: auth, publishes → ingest records, PUBACK after
 //!   commit, downlinks.
+//! - `gateway`: the gateway API's child devices on a gateway's connection.
 //! - this file: [`Transport`] (listener, CONNECT authentication).
 //!
 //! Credentials, the session table and ingest records come from `thingraft-transport-common`.
 
 pub mod codec;
+mod gateway;
 pub mod session;
 
 use std::sync::Arc;

@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 
 use crate::Transport;
 use crate::codec::{self, CodecError, ConnackCode, DisconnectCode, Incoming, PubAckCode, Version};
+use crate::gateway::{self, ChildOp, Gateway, GatewayTopic};
 
 /// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused. The protobuf forms
 /// (`v2/../p/..`) are refused too: thingraft speaks JSON only (docs/decisions/0004).
@@ -182,6 +183,8 @@ type AppendDone = (Result<(), LogError>, Vec<Option<u16>>);
 /// A message waiting for its append, and the PUBACK it owes.
 struct Queued {
     record: Record,
+    /// The partition of the record's device (a gateway's children are on many).
+    partition: u32,
     pkid: Option<u16>,
 }
 
@@ -196,6 +199,8 @@ struct Session {
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, response topic), oldest first.
     client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String)>,
+    /// The children of a gateway device's connection (`None`: not a gateway).
+    gateway: Option<Gateway>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -265,7 +270,13 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
             return;
         }
     };
-    let (session, rx) = transport.hub.open_session(device, credentials_key, 0, 64);
+    let (tx, rx) = mpsc::channel(64);
+    let is_gateway = transport
+        .hub
+        .directory()
+        .is_some_and(|d| d.is_gateway(&device.device));
+    let gateway = is_gateway.then(|| Gateway::new(tx.clone(), credentials_key.clone()));
+    let session = transport.hub.open_session_on(device, credentials_key, 0, tx);
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let mut s = Session {
         transport: transport.clone(),
@@ -277,6 +288,7 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         queue: Vec::new(),
         families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
+        gateway,
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.s.device.name, session = s.s.id.session);
@@ -297,18 +309,28 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
     drop(_e);
     // Record the disconnect; the device is gone, so nobody waits for it. The session leaves
     // the session table (its drop) once the record is appended.
-    let session = s.s;
-    tokio::spawn(async move {
-        if let Err(e) = session.submit(vec![IngestMsg::Disconnect]).await {
-            tracing::debug!(error = %e, "disconnect event not recorded");
-        }
-    });
+    let mut sessions = vec![s.s];
+    if let Some(mut g) = s.gateway {
+        sessions.extend(g.drain());
+    }
+    for session in sessions {
+        tokio::spawn(async move {
+            if let Err(e) = session.submit(vec![IngestMsg::Disconnect]).await {
+                tracing::debug!(error = %e, "disconnect event not recorded");
+            }
+        });
+    }
 }
 
 impl Session {
     fn enqueue(&mut self, msg: IngestMsg, pkid: Option<u16>) {
         let record = self.s.record(msg);
-        self.queue.push(Queued { record, pkid });
+        let partition = self.s.partition;
+        self.queue.push(Queued {
+            record,
+            partition,
+            pkid,
+        });
     }
 
     async fn serve(&mut self, downlinks: mpsc::Receiver<Downlink>, keep_alive_s: u16) -> End {
@@ -320,12 +342,9 @@ impl Session {
             if let Some(h) = in_flight.take() {
                 let _ = h.await;
             }
-            let queued: Vec<Record> = std::mem::take(&mut self.queue)
-                .into_iter()
-                .map(|q| q.record)
-                .collect();
+            let queued = std::mem::take(&mut self.queue);
             if !queued.is_empty()
-                && let Err(e) = self.transport.hub.log.append(self.s.partition, queued).await
+                && let (Err(e), _) = append_all(&self.transport.hub.log, queued).await
             {
                 tracing::info!(error = %e, "messages sent before disconnect not appended");
             }
@@ -358,14 +377,8 @@ impl Session {
             }
             if in_flight.is_none() && !self.queue.is_empty() {
                 let batch = std::mem::take(&mut self.queue);
-                let (records, pkids): (Vec<_>, Vec<_>) =
-                    batch.into_iter().map(|q| (q.record, q.pkid)).unzip();
                 let log = self.transport.hub.log.clone();
-                let p = self.s.partition;
-                *in_flight = Some(tokio::spawn(async move {
-                    let r = log.append(p, records).await.map(|_| ());
-                    (r, pkids)
-                }));
+                *in_flight = Some(tokio::spawn(async move { append_all(&log, batch).await }));
             }
             if !self.wbuf.is_empty() {
                 if let Err(e) = self.stream.write_all(&self.wbuf).await {
@@ -386,7 +399,7 @@ impl Session {
                         match codec::read(&mut self.rbuf, Some(self.version), self.transport.config.max_packet_bytes) {
                             Ok(None) => break,
                             Ok(Some(p)) => {
-                                if let Some(end) = self.handle(p) {
+                                if let Some(end) = self.handle(p).await {
                                     let _ = self.stream.write_all(&self.wbuf).await;
                                     return end;
                                 }
@@ -419,7 +432,13 @@ impl Session {
                 }
                 d = downlinks.recv() => {
                     match d {
-                        Some(Downlink::Msg(m)) => {
+                        Some(Downlink::Msg(device, m)) if device != self.s.device.device => {
+                            if let Some((topic, payload)) = self.gateway.as_mut().and_then(|g| g.downlink(device, m)) {
+                                let pkid = self.transport.next_pkid();
+                                codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, payload.as_bytes());
+                            }
+                        }
+                        Some(Downlink::Msg(_, m)) => {
                             let (topic, payload) = match m {
                                 DownlinkMsg::AttributeUpdate(json) => (self.families.attributes.attributes().to_string(), json),
                                 DownlinkMsg::AttributeResponse { request_id, json } => {
@@ -470,7 +489,7 @@ impl Session {
     }
 
     /// Handles one packet; `Some` ends the session.
-    fn handle(&mut self, p: Incoming) -> Option<End> {
+    async fn handle(&mut self, p: Incoming) -> Option<End> {
         match p {
             Incoming::Connect(_) => {
                 codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::ProtocolError);
@@ -516,12 +535,17 @@ impl Session {
                 qos,
                 pkid,
                 payload,
-            } => self.publish(&topic, qos, pkid, &payload),
+            } => self.publish(&topic, qos, pkid, &payload).await,
         }
     }
 
-    fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Option<End> {
+    async fn publish(&mut self, topic: &str, qos: u8, pkid: u16, payload: &[u8]) -> Option<End> {
         let ack = (qos > 0).then_some(pkid);
+        if let Some(g) = GatewayTopic::of(topic)
+            && self.gateway.is_some()
+        {
+            return self.gateway_publish(topic, g, payload, ack).await;
+        }
         let parsed: Result<IngestMsg, PayloadError> = match classify(topic) {
             Topic::Telemetry => device::parse_telemetry(payload, now_ms()).map(IngestMsg::Telemetry),
             Topic::Attributes => device::parse_attributes(payload).map(IngestMsg::ClientAttributes),
@@ -558,7 +582,7 @@ impl Session {
     /// answered with a timeout unless something replies first.
     fn client_rpc(&mut self, family: Family, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
         let response_topic = family.rpc_response(id);
-        if let Some(reply) = session_limits_reply(payload, &self.transport.config) {
+        if let Some(reply) = session_limits_reply(payload, &self.transport.config, self.gateway.is_some()) {
             if let Some(pkid) = ack {
                 codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
             }
@@ -609,6 +633,91 @@ impl Session {
     }
 }
 
+impl Session {
+    /// A publish on a gateway topic: one operation per child device, each child's records on
+    /// its own partition, one PUBACK once all of them are committed.
+    async fn gateway_publish(
+        &mut self,
+        topic: &str,
+        g: GatewayTopic,
+        payload: &[u8],
+        ack: Option<u16>,
+    ) -> Option<End> {
+        let ops = match gateway::parse(g, payload) {
+            Ok(ops) => ops,
+            Err(e) => return self.refuse(topic, &e, ack),
+        };
+        let gw = self.gateway.as_mut().expect("checked by the caller");
+        let hub = &self.transport.hub;
+        let mut queued = Vec::new();
+        for (name, op) in ops {
+            if op == ChildOp::Disconnect {
+                // The child leaves the session table now; its disconnect is recorded and
+                // acknowledged like any message.
+                if let Some(child) = gw.remove(&name) {
+                    queued.push(Queued {
+                        record: child.record(IngestMsg::Disconnect),
+                        partition: child.partition,
+                        pkid: None,
+                    });
+                }
+                continue;
+            }
+            let device_type = match &op {
+                ChildOp::Connect(t) => t.as_str(),
+                _ => "default",
+            };
+            let (child, fresh) = match gw.child(hub, &self.s.device, &name, device_type).await {
+                Ok(c) => c,
+                Err(e) => {
+                    // Not acknowledged: the gateway keeps the message and sends it again.
+                    tracing::warn!(device = %name, error = %e, "gateway child device unavailable");
+                    codec::write_disconnect(
+                        &mut self.wbuf,
+                        self.version,
+                        DisconnectCode::ImplementationSpecificError,
+                    );
+                    return Some(End::Refused("child device unavailable"));
+                }
+            };
+            let mut push = |msg: IngestMsg| {
+                queued.push(Queued {
+                    record: child.record(msg),
+                    partition: child.partition,
+                    pkid: None,
+                })
+            };
+            if fresh {
+                push(IngestMsg::Connect);
+            }
+            let expect = match op {
+                ChildOp::Msg(m) => {
+                    push(m);
+                    None
+                }
+                ChildOp::AttributeRequest { msg, id, single } => {
+                    push(msg);
+                    Some((child.device.device, id, single))
+                }
+                ChildOp::Connect(_) | ChildOp::Disconnect => None,
+            };
+            if let Some((device, id, single)) = expect {
+                gw.expect_response(device, id, single);
+            }
+        }
+        match (queued.last_mut(), ack) {
+            (Some(last), _) => last.pkid = ack,
+            // Nothing to record (a disconnect of an unknown child): acknowledged at once.
+            (None, Some(pkid)) => {
+                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success)
+            }
+            (None, None) => {}
+        }
+        self.queue.extend(queued);
+        None
+    }
+}
+
 /// A request id from a topic: a number.
 fn request_id(id: &str) -> Result<u32, PayloadError> {
     id.parse::<u32>()
@@ -629,19 +738,46 @@ fn subscription(filter: &str) -> (u8, Family) {
 }
 
 /// The transport's own answer to `getSessionLimits`, or `None` for any other RPC.
-fn session_limits_reply(payload: &[u8], config: &crate::MqttConfig) -> Option<String> {
+/// Gateways also get `gatewayRateLimits`.
+fn session_limits_reply(payload: &[u8], config: &crate::MqttConfig, gateway: bool) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     if v.get("method")?.as_str()? != "getSessionLimits" {
         return None;
     }
-    Some(
-        serde_json::json!({
-            "maxPayloadSize": config.max_packet_bytes,
-            "maxInflightMessages": config.queued_messages_max,
-            "rateLimits": {"messages": null, "telemetryMessages": null, "telemetryDataPoints": null},
-        })
-        .to_string(),
-    )
+    let unlimited =
+        serde_json::json!({"messages": null, "telemetryMessages": null, "telemetryDataPoints": null});
+    let mut reply = serde_json::json!({
+        "maxPayloadSize": config.max_packet_bytes,
+        "maxInflightMessages": config.queued_messages_max,
+        "rateLimits": unlimited,
+    });
+    if gateway {
+        reply["gatewayRateLimits"] = unlimited;
+    }
+    Some(reply.to_string())
+}
+
+/// Appends queued records, each partition's in order and the partitions concurrently; returns
+/// the first failure, and the PUBACKs owed once all are committed.
+async fn append_all(log: &thingraft_log::LogHandle, batch: Vec<Queued>) -> AppendDone {
+    let mut by_partition: Vec<(u32, Vec<Record>)> = Vec::new();
+    let mut pkids = Vec::with_capacity(batch.len());
+    for q in batch {
+        pkids.push(q.pkid);
+        match by_partition.iter_mut().find(|(p, _)| *p == q.partition) {
+            Some((_, recs)) => recs.push(q.record),
+            None => by_partition.push((q.partition, vec![q.record])),
+        }
+    }
+    let appends = by_partition
+        .into_iter()
+        .map(|(p, recs)| async move { log.append(p, recs).await.map(|_| ()) });
+    let r = futures::future::join_all(appends)
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>, _>>()
+        .map(|_| ());
+    (r, pkids)
 }
 
 #[cfg(test)]

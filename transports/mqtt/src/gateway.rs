@@ -1,0 +1,290 @@
+//! ThingsBoard's gateway MQTT API (`v1/gateway/*`): one connection reports for many child
+//! devices. Each child is a session of its own in the hub (so downlinks for it find the
+//! gateway's connection), created on first sight through the registry port.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde_json::Value;
+use thingraft_proto::device::{self, PayloadError};
+use thingraft_proto::records::{DeviceRef, DownlinkMsg, EntityId, IngestMsg};
+use thingraft_transport_common::payload::rpc_request_with_id;
+use thingraft_transport_common::{Downlink, Hub, SUB_ATTRIBUTES, SUB_RPC, Session};
+use tokio::sync::mpsc;
+
+/// A gateway publish topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GatewayTopic {
+    Connect,
+    Disconnect,
+    Telemetry,
+    Attributes,
+    AttributeRequest,
+    Rpc,
+}
+
+impl GatewayTopic {
+    pub fn of(topic: &str) -> Option<GatewayTopic> {
+        Some(match topic {
+            "v1/gateway/connect" => GatewayTopic::Connect,
+            "v1/gateway/disconnect" => GatewayTopic::Disconnect,
+            "v1/gateway/telemetry" => GatewayTopic::Telemetry,
+            "v1/gateway/attributes" => GatewayTopic::Attributes,
+            "v1/gateway/attributes/request" => GatewayTopic::AttributeRequest,
+            "v1/gateway/rpc" => GatewayTopic::Rpc,
+            _ => return None,
+        })
+    }
+}
+
+/// What a gateway publish asks for one child device.
+#[derive(Debug, PartialEq)]
+pub(crate) enum ChildOp {
+    /// Connect the child (created with this device profile name if new).
+    Connect(String),
+    Disconnect,
+    /// An ingest message from the child.
+    Msg(IngestMsg),
+    /// An attribute request; `Some(key)` when one key was asked (answered with `value`).
+    AttributeRequest {
+        msg: IngestMsg,
+        id: u32,
+        single: Option<String>,
+    },
+}
+
+fn invalid(why: impl Into<String>) -> PayloadError {
+    PayloadError::InvalidJson(why.into())
+}
+
+fn device_name(v: &Value) -> Result<String, PayloadError> {
+    v.get("device")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .ok_or_else(|| invalid("gateway message without a device name"))
+}
+
+/// Parses a gateway publish into per-child operations, in payload order.
+pub(crate) fn parse(topic: GatewayTopic, payload: &[u8]) -> Result<Vec<(String, ChildOp)>, PayloadError> {
+    let v: Value = serde_json::from_slice(payload).map_err(|e| invalid(e.to_string()))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| invalid("gateway message must be a JSON object"))?;
+    Ok(match topic {
+        GatewayTopic::Connect => {
+            let t = v
+                .get("type")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+                .unwrap_or("default");
+            vec![(device_name(&v)?, ChildOp::Connect(t.to_string()))]
+        }
+        GatewayTopic::Disconnect => vec![(device_name(&v)?, ChildOp::Disconnect)],
+        GatewayTopic::Telemetry => {
+            let now = thingraft_transport_common::now_ms();
+            let mut out = Vec::new();
+            for (name, values) in obj {
+                if !values.is_array() {
+                    // ThingsBoard skips (and logs) a device whose values are not an array.
+                    tracing::warn!(device = %name, "gateway telemetry that is not an array skipped");
+                    continue;
+                }
+                let groups = device::parse_telemetry(values.to_string().as_bytes(), now)?;
+                out.push((name.clone(), ChildOp::Msg(IngestMsg::Telemetry(groups))));
+            }
+            out
+        }
+        GatewayTopic::Attributes => {
+            let mut out = Vec::new();
+            for (name, values) in obj {
+                let attrs = device::parse_attributes(values.to_string().as_bytes())?;
+                out.push((name.clone(), ChildOp::Msg(IngestMsg::ClientAttributes(attrs))));
+            }
+            out
+        }
+        GatewayTopic::AttributeRequest => {
+            let id = v
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| invalid("attribute request without a numeric id"))?;
+            let client = v.get("client").and_then(Value::as_bool).unwrap_or(false);
+            let (keys, single) = match (v.get("key").and_then(Value::as_str), v.get("keys")) {
+                (Some(k), _) => (vec![k.to_string()], Some(k.to_string())),
+                (None, Some(Value::Array(ks))) => (
+                    ks.iter().filter_map(Value::as_str).map(String::from).collect(),
+                    None,
+                ),
+                _ => return Err(invalid("attribute request without key or keys")),
+            };
+            let (client_keys, shared_keys) = if client {
+                (Some(keys), None)
+            } else {
+                (None, Some(keys))
+            };
+            let msg = IngestMsg::AttributeRequest {
+                request_id: id,
+                client_keys,
+                shared_keys,
+            };
+            vec![(device_name(&v)?, ChildOp::AttributeRequest { msg, id, single })]
+        }
+        GatewayTopic::Rpc => {
+            let id = v
+                .get("id")
+                .and_then(Value::as_u64)
+                .and_then(|i| u32::try_from(i).ok())
+                .ok_or_else(|| invalid("RPC reply without a numeric id"))?;
+            let data = v.get("data").cloned().unwrap_or(Value::Null);
+            vec![(
+                device_name(&v)?,
+                ChildOp::Msg(IngestMsg::RpcResponse {
+                    id,
+                    payload: data.to_string(),
+                }),
+            )]
+        }
+    })
+}
+
+/// The children of one gateway connection.
+pub(crate) struct Gateway {
+    /// The gateway session's downlink channel, shared by its children's sessions.
+    tx: mpsc::Sender<Downlink>,
+    credentials_key: String,
+    children: HashMap<String, Session>,
+    names: HashMap<EntityId, String>,
+    /// Attribute requests waiting for their answer: (child, id) → the single key asked.
+    requests: HashMap<(EntityId, u32), Option<String>>,
+}
+
+impl Gateway {
+    pub fn new(tx: mpsc::Sender<Downlink>, credentials_key: String) -> Gateway {
+        Gateway {
+            tx,
+            credentials_key,
+            children: HashMap::new(),
+            names: HashMap::new(),
+            requests: HashMap::new(),
+        }
+    }
+
+    /// The child session of `name`, connecting it (and creating the device) if needed; the
+    /// flag tells whether it was connected just now.
+    pub async fn child(
+        &mut self,
+        hub: &Arc<Hub>,
+        gateway: &DeviceRef,
+        name: &str,
+        device_type: &str,
+    ) -> Result<(&Session, bool), String> {
+        let fresh = !self.children.contains_key(name);
+        if fresh {
+            let dir = hub.directory().ok_or("the registry is not ready")?;
+            let d = dir.child_device(gateway, name, device_type).await?;
+            if d.tenant != gateway.tenant {
+                return Err(format!("device {name:?} belongs to another tenant"));
+            }
+            self.names.insert(d.device, name.to_string());
+            let s = hub.open_session_on(
+                d,
+                self.credentials_key.clone(),
+                SUB_ATTRIBUTES | SUB_RPC,
+                self.tx.clone(),
+            );
+            self.children.insert(name.to_string(), s);
+        }
+        Ok((&self.children[name], fresh))
+    }
+
+    /// Disconnects a child; its session, if it had one.
+    pub fn remove(&mut self, name: &str) -> Option<Session> {
+        let s = self.children.remove(name)?;
+        self.names.remove(&s.device.device);
+        Some(s)
+    }
+
+    pub fn expect_response(&mut self, child: EntityId, id: u32, single: Option<String>) {
+        // Bounded: a gateway that never reads its answers loses the oldest expectations.
+        if self.requests.len() >= 10_000 {
+            self.requests.clear();
+        }
+        self.requests.insert((child, id), single);
+    }
+
+    /// Every child session, leaving none (the gateway is gone).
+    pub fn drain(&mut self) -> Vec<Session> {
+        self.names.clear();
+        self.children.drain().map(|(_, s)| s).collect()
+    }
+
+    /// A child's downlink as the gateway topic and payload it goes out on.
+    pub fn downlink(&mut self, device: EntityId, msg: DownlinkMsg) -> Option<(&'static str, String)> {
+        let name = self.names.get(&device)?.clone();
+        Some(match msg {
+            DownlinkMsg::AttributeUpdate(json) => {
+                let data: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+                (
+                    "v1/gateway/attributes",
+                    serde_json::json!({"device": name, "data": data}).to_string(),
+                )
+            }
+            DownlinkMsg::RpcRequest { id, json } => {
+                let data: Value =
+                    serde_json::from_str(&rpc_request_with_id(id, &json)).unwrap_or(Value::Null);
+                (
+                    "v1/gateway/rpc",
+                    serde_json::json!({"device": name, "data": data}).to_string(),
+                )
+            }
+            DownlinkMsg::AttributeResponse { request_id, json } => {
+                let single = self.requests.remove(&(device, request_id))?;
+                // The answer has one scope section (`client` or `shared`), as asked.
+                let v: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+                let values = v
+                    .as_object()
+                    .and_then(|o| o.values().next().cloned())
+                    .unwrap_or_else(|| serde_json::json!({}));
+                let mut out = serde_json::json!({"id": request_id, "device": name});
+                match single {
+                    Some(key) => {
+                        if let Some(val) = values.get(&key) {
+                            out["value"] = val.clone();
+                        }
+                    }
+                    None => out["values"] = values,
+                }
+                ("v1/gateway/attributes/response", out.to_string())
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gateway_payloads_parse_per_device_and_skip_non_arrays() {
+        let ops = parse(
+            GatewayTopic::Telemetry,
+            br#"{"A":[{"ts":1,"values":{"t":1}}],"B":{"t":2},"C":[{"h":3}]}"#,
+        )
+        .unwrap();
+        let names: Vec<&str> = ops.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["A", "C"]);
+        assert_eq!(
+            parse(GatewayTopic::Connect, br#"{"device":"A"}"#).unwrap(),
+            vec![("A".to_string(), ChildOp::Connect("default".into()))]
+        );
+        assert!(parse(GatewayTopic::Connect, br#"{"type":"x"}"#).is_err());
+        assert!(parse(GatewayTopic::Telemetry, b"[1]").is_err());
+        let ops = parse(
+            GatewayTopic::AttributeRequest,
+            br#"{"id":4,"device":"A","client":true,"key":"fw"}"#,
+        )
+        .unwrap();
+        assert!(matches!(&ops[0].1, ChildOp::AttributeRequest { id: 4, single: Some(k), .. } if k == "fw"));
+    }
+}
