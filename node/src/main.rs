@@ -127,11 +127,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     };
     let coap_socket = match cfg.coap.listen.as_str() {
         "" => None,
-        a => Some(
-            tokio::net::UdpSocket::bind(a)
-                .await
-                .with_context(|| format!("binding CoAP {a}"))?,
-        ),
+        a => Some(thingraft_transport_coap::bind(&cfg.coap).with_context(|| format!("binding CoAP {a}"))?),
     };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();

@@ -1,7 +1,9 @@
-//! Load generators: `thingraft bench log` (this log), `thingraft bench mqtt` (the device path
-//! end to end) and `thingraft bench nats` (NATS JetStream, the peer the log is compared with,
-//! through a minimal client of our own).
+//! Load generators: `thingraft bench log` (this log), `thingraft bench mqtt` and `thingraft
+//! bench coap` (the device path end to end) and `thingraft bench nats` (NATS JetStream, the peer
+//! the log is compared with, through a minimal client of our own). The HTTP device API is
+//! measured with `wrk` (`bench/http.sh`).
 
+mod coap;
 mod http;
 mod log;
 mod mqtt;
@@ -17,6 +19,24 @@ pub enum BenchCommand {
     Mqtt(mqtt::Args),
     /// Publish to a NATS JetStream stream with N messages in flight (JetStream acks).
     Nats(nats::Args),
+    /// N CoAP clients posting telemetry as confirmable requests; 2.01s/s and their latency.
+    Coap(coap::Args),
+    /// Create the bench devices (`bench-<i>`, token `bench-token-<i>`) through REST, for load
+    /// generators of others (`wrk`).
+    Devices(DevicesArgs),
+}
+
+#[derive(clap::Args)]
+pub struct DevicesArgs {
+    /// REST address of a node.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
+    #[arg(long, default_value = "tenant@thingsboard.org")]
+    user: String,
+    #[arg(long, default_value = "tenant")]
+    password: String,
+    #[arg(long, default_value_t = 100)]
+    count: usize,
 }
 
 pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
@@ -24,7 +44,34 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Log(a) => log::run(a).await,
         BenchCommand::Nats(a) => nats::run(a).await,
         BenchCommand::Mqtt(a) => mqtt::run(a).await,
+        BenchCommand::Coap(a) => coap::run(a).await,
+        BenchCommand::Devices(a) => {
+            let jwt = http::login(&a.http, &a.user, &a.password).await?;
+            create_devices(&a.http, &jwt, a.count).await
+        }
     }
+}
+
+/// Creates `n` devices through the REST API, `bench-<i>` with access token `bench-token-<i>`
+/// (existing ones are reused).
+pub async fn create_devices(addr: &str, jwt: &str, n: usize) -> anyhow::Result<()> {
+    eprintln!("creating {n} devices (existing ones are reused)");
+    for i in 0..n {
+        let body = format!(r#"{{"name":"bench-{i}","type":"bench"}}"#);
+        let (code, resp) = http::request(
+            addr,
+            "POST",
+            &format!("/api/device?accessToken=bench-token-{i}"),
+            Some(jwt),
+            Some(&body),
+        )
+        .await?;
+        anyhow::ensure!(
+            code == 200 || resp.contains("already exists"),
+            "creating bench-{i}: {code} {resp}"
+        );
+    }
+    Ok(())
 }
 
 /// A latency histogram in microseconds, 1 µs to 60 s at 3 significant digits.

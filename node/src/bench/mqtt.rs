@@ -59,25 +59,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     );
     anyhow::ensure!(a.inflight < 60_000, "inflight must be < 60000");
     let token = http::login(&a.http, &a.user, &a.password).await?;
-    eprintln!(
-        "creating {} devices (existing ones are reused)",
-        a.connections + 1
-    );
-    for i in 0..=a.connections {
-        let body = format!(r#"{{"name":"bench-{i}","type":"bench"}}"#);
-        let (code, resp) = http::request(
-            &a.http,
-            "POST",
-            &format!("/api/device?accessToken=bench-token-{i}"),
-            Some(&token),
-            Some(&body),
-        )
-        .await?;
-        anyhow::ensure!(
-            code == 200 || resp.contains("already exists"),
-            "creating bench-{i}: {code} {resp}"
-        );
-    }
+    super::create_devices(&a.http, &token, a.connections + 1).await?;
     let shared = Arc::new(Shared {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),

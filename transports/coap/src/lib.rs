@@ -46,6 +46,9 @@ pub struct CoapConfig {
     pub max_message_bytes: usize,
     /// Incoming message ids remembered for duplicate detection (each for EXCHANGE_LIFETIME).
     pub dedup_entries: usize,
+    /// The socket's receive buffer (the kernel caps it at `net.core.rmem_max`): bursts from
+    /// many devices wait there instead of being dropped.
+    pub recv_buffer_bytes: usize,
 }
 
 impl Default for CoapConfig {
@@ -58,8 +61,28 @@ impl Default for CoapConfig {
             max_payload_bytes: 65536,
             max_message_bytes: 1152,
             dedup_entries: 100_000,
+            recv_buffer_bytes: 4 << 20,
         }
     }
+}
+
+/// Binds the CoAP socket of `config.listen` with its receive buffer.
+pub fn bind(config: &CoapConfig) -> std::io::Result<UdpSocket> {
+    let addr: SocketAddr = config
+        .listen
+        .parse()
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let s = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    if let Err(e) = s.set_recv_buffer_size(config.recv_buffer_bytes) {
+        tracing::warn!(error = %e, "CoAP receive buffer size not set");
+    }
+    s.bind(&addr.into())?;
+    s.set_nonblocking(true)?;
+    UdpSocket::from_std(s.into())
 }
 
 /// RFC 7252 EXCHANGE_LIFETIME: how long a message id is remembered.
