@@ -76,6 +76,45 @@ pub struct DeviceProfile {
     pub description: Option<String>,
     pub is_default: bool,
     pub created_ms: i64,
+    pub provision: Provision,
+}
+
+/// How devices may provision themselves into a profile (ThingsBoard's `provisionType`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProvisionType {
+    #[default]
+    Disabled,
+    /// Any device presenting the key and secret is created.
+    AllowCreateNewDevices,
+    /// Only devices that already exist in the profile, once.
+    CheckPreProvisionedDevices,
+}
+
+impl ProvisionType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProvisionType::Disabled => "DISABLED",
+            ProvisionType::AllowCreateNewDevices => "ALLOW_CREATE_NEW_DEVICES",
+            ProvisionType::CheckPreProvisionedDevices => "CHECK_PRE_PROVISIONED_DEVICES",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ProvisionType> {
+        Some(match s {
+            "DISABLED" => ProvisionType::Disabled,
+            "ALLOW_CREATE_NEW_DEVICES" => ProvisionType::AllowCreateNewDevices,
+            "CHECK_PRE_PROVISIONED_DEVICES" => ProvisionType::CheckPreProvisionedDevices,
+            _ => return None,
+        })
+    }
+}
+
+/// A profile's provisioning settings; the key is unique across the cluster.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Provision {
+    pub kind: ProvisionType,
+    pub key: Option<String>,
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,6 +313,7 @@ impl Registry {
             description: Some("Default device profile".into()),
             is_default: true,
             created_ms: now,
+            provision: Provision::default(),
         };
         let mut ops = vec![
             MetaOp::Put("reg/seeded".into(), enc(&now)),
@@ -340,6 +380,103 @@ impl Registry {
         self.profile(id)
     }
 
+    /// Marks a pre-provisioned device as provisioned; false if it already was (a device
+    /// provisions itself once).
+    pub async fn mark_provisioned(&self, device: Uuid) -> Result<bool, RegistryError> {
+        let key = format!("reg/provisioned/{device}");
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Absent(key.clone())],
+                ops: vec![MetaOp::Put(key, enc(&now_ms()))],
+            })
+            .await?;
+        Ok(r.failed_check.is_none())
+    }
+
+    /// The profile whose provision key is `key`.
+    pub fn profile_by_provision_key(&self, key: &str) -> Option<DeviceProfile> {
+        let id = self.get_id(&provision_key(key))?;
+        self.profile(id)
+    }
+
+    /// Creates (no `id`) or updates a tenant's device profile; names and provision keys are
+    /// unique.
+    pub async fn save_profile(
+        &self,
+        tenant: Uuid,
+        id: Option<Uuid>,
+        name: &str,
+        description: Option<String>,
+        provision: Provision,
+    ) -> Result<DeviceProfile, RegistryError> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(RegistryError::Invalid(
+                "Device profile name should be specified!".into(),
+            ));
+        }
+        if provision.kind != ProvisionType::Disabled
+            && (provision.key.as_deref().unwrap_or("").is_empty()
+                || provision.secret.as_deref().unwrap_or("").is_empty())
+        {
+            return Err(RegistryError::Invalid(
+                "Provision device key and secret should be specified!".into(),
+            ));
+        }
+        let old = match id {
+            Some(id) => Some(
+                self.profile(id)
+                    .filter(|p| p.tenant_id == tenant)
+                    .ok_or_else(|| {
+                        RegistryError::NotFound(format!("Device profile with id [{id}] is not found"))
+                    })?,
+            ),
+            None => None,
+        };
+        let p = DeviceProfile {
+            id: old.as_ref().map_or_else(Uuid::new_v4, |o| o.id),
+            tenant_id: tenant,
+            name: name.to_string(),
+            description,
+            is_default: old.as_ref().is_some_and(|o| o.is_default),
+            created_ms: old.as_ref().map_or_else(now_ms, |o| o.created_ms),
+            provision,
+        };
+        let name_key = format!("reg/profile_name/{tenant}/{}", p.name);
+        let mut checks = Vec::new();
+        let mut ops = profile_ops(&p);
+        if old.as_ref().is_none_or(|o| o.name != p.name) {
+            checks.push(MetaCheck::Absent(name_key));
+        }
+        if let Some(o) = &old {
+            if o.name != p.name {
+                ops.push(MetaOp::Delete(format!("reg/profile_name/{tenant}/{}", o.name)));
+            }
+            if let Some(k) = &o.provision.key
+                && p.provision.key.as_ref() != Some(k)
+            {
+                ops.push(MetaOp::Delete(provision_key(k)));
+            }
+        }
+        if let Some(k) = &p.provision.key {
+            if old.as_ref().is_none_or(|o| o.provision.key.as_ref() != Some(k)) {
+                checks.push(MetaCheck::Absent(provision_key(k)));
+            }
+            ops.push(MetaOp::Put(provision_key(k), enc(&p.id)));
+        }
+        if let Some(o) = &old {
+            checks.push(MetaCheck::Present(format!("reg/profile/{}", o.id)));
+        }
+        let r = self.log.meta_txn(MetaTxn { checks, ops }).await?;
+        match r.failed_check {
+            None => Ok(p),
+            Some(_) => Err(RegistryError::Conflict(
+                "Device profile with such name or provision device key already exists!".into(),
+            )),
+        }
+    }
+
     pub fn default_profile(&self, tenant: Uuid) -> Option<DeviceProfile> {
         self.profile_by_name(tenant, "default")
     }
@@ -356,6 +493,7 @@ impl Registry {
             description: None,
             is_default: false,
             created_ms: now_ms(),
+            provision: Provision::default(),
         };
         self.log
             .meta_txn(MetaTxn {
@@ -534,30 +672,82 @@ impl Registry {
         if client_id.is_empty() && !password.is_empty() && user_name.is_empty() {
             return Err(RegistryError::Invalid("Password requires a user name".into()));
         }
-        let (device, ckey, current, old) = self.current_credentials(device_id)?;
         let hash = mqtt_basic_hash(client_id, user_name);
         let value = serde_json::json!({"clientId": client_id, "userName": user_name, "password": password});
+        self.replace_credentials(
+            device_id,
+            CredentialsType::MqttBasic,
+            hash,
+            Some(value.to_string()),
+            password,
+        )
+        .await
+    }
+
+    /// Replaces a device's access token.
+    pub async fn update_token(&self, device_id: Uuid, token: String) -> Result<Credentials, RegistryError> {
+        if token.is_empty() || token.len() > 128 || token.contains('/') {
+            return Err(RegistryError::Invalid("Invalid access token".into()));
+        }
+        self.replace_credentials(device_id, CredentialsType::AccessToken, token, None, "")
+            .await
+    }
+
+    /// Replaces a device's credentials with an X.509 certificate (PEM or base64 DER), looked up
+    /// by the SHA3-256 of its text as ThingsBoard does.
+    pub async fn update_x509(
+        &self,
+        device_id: Uuid,
+        certificate: &str,
+    ) -> Result<Credentials, RegistryError> {
+        let cert = certificate.trim();
+        if cert.is_empty() {
+            return Err(RegistryError::Invalid("X509 certificate is empty".into()));
+        }
+        let hash = mqtt_basic_hash(cert, "");
+        self.replace_credentials(
+            device_id,
+            CredentialsType::X509Certificate,
+            hash,
+            Some(cert.to_string()),
+            "",
+        )
+        .await
+    }
+
+    /// Replaces a device's credentials, checking that nobody changed them meanwhile and that no
+    /// other device holds the new ones.
+    async fn replace_credentials(
+        &self,
+        device_id: Uuid,
+        kind: CredentialsType,
+        credentials_id: String,
+        value: Option<String>,
+        password: &str,
+    ) -> Result<Credentials, RegistryError> {
+        let (device, ckey, current, old) = self.current_credentials(device_id)?;
+        if old.kind == kind && old.credentials_id == credentials_id && old.value == value {
+            return Ok(old);
+        }
         let new = Credentials {
-            credentials_id: hash.clone(),
-            kind: CredentialsType::MqttBasic,
-            value: Some(value.to_string()),
+            credentials_id,
+            kind,
+            value,
             version: old.version + 1,
             ..old.clone()
         };
-        let bk = basic_key(&hash);
+        let (old_key, new_key) = (credentials_key(&old), credentials_key(&new));
         let mut ops = Vec::new();
-        if credentials_key(&old) != bk {
-            ops.push(MetaOp::Delete(credentials_key(&old)));
+        let mut checks = vec![MetaCheck::Equals(ckey.clone(), current)];
+        if old_key != new_key {
+            ops.push(MetaOp::Delete(old_key));
+            checks.push(MetaCheck::Absent(new_key.clone()));
         }
         ops.push(MetaOp::Put(
-            bk.clone(),
+            new_key,
             device_ref(&device, password).encode().into(),
         ));
-        ops.push(MetaOp::Put(ckey.clone(), enc(&new)));
-        let mut checks = vec![MetaCheck::Equals(ckey, current)];
-        if credentials_key(&old) != bk {
-            checks.push(MetaCheck::Absent(bk));
-        }
+        ops.push(MetaOp::Put(ckey, enc(&new)));
         let r = self.log.meta_txn(MetaTxn { checks, ops }).await?;
         match r.failed_check {
             None => Ok(new),
@@ -569,48 +759,10 @@ impl Registry {
             )),
         }
     }
+}
 
-    /// Replaces a device's access token.
-    pub async fn update_token(&self, device_id: Uuid, token: String) -> Result<Credentials, RegistryError> {
-        if token.is_empty() || token.len() > 128 || token.contains('/') {
-            return Err(RegistryError::Invalid("Invalid access token".into()));
-        }
-        let (device, ckey, current, old) = self.current_credentials(device_id)?;
-        if old.credentials_id == token {
-            return Ok(old);
-        }
-        let new = Credentials {
-            credentials_id: token,
-            kind: CredentialsType::AccessToken,
-            value: None,
-            version: old.version + 1,
-            ..old.clone()
-        };
-        let tk = token_key(&new.credentials_id);
-        let r = self
-            .log
-            .meta_txn(MetaTxn {
-                checks: vec![
-                    MetaCheck::Equals(ckey.clone(), current),
-                    MetaCheck::Absent(tk.clone()),
-                ],
-                ops: vec![
-                    MetaOp::Delete(credentials_key(&old)),
-                    MetaOp::Put(tk, device_ref(&device, "").encode().into()),
-                    MetaOp::Put(ckey, enc(&new)),
-                ],
-            })
-            .await?;
-        match r.failed_check {
-            None => Ok(new),
-            Some(0) => Err(RegistryError::Conflict(
-                "credentials changed concurrently; retry".into(),
-            )),
-            Some(_) => Err(RegistryError::Conflict(
-                "Device credentials are already assigned to another device!".into(),
-            )),
-        }
-    }
+fn provision_key(key: &str) -> String {
+    format!("reg/provision/{key}")
 }
 
 /// The metadata-map key transports look credentials up by.

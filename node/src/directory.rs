@@ -1,12 +1,16 @@
 //! The transports' registry port ([`Directory`]) on the engine's registry: gateways and the
-//! child devices they report for.
+//! child devices they report for, and device provisioning.
 
 use std::future::Future;
 use std::pin::Pin;
 
+use serde_json::{Value, json};
 use thingraft_engine::EngineHandle;
-use thingraft_engine::registry::{NULL_UUID, NewDevice, RegistryError, device_ref};
-use thingraft_proto::records::{DeviceRef, EntityId};
+use thingraft_engine::registry::{
+    NULL_UUID, NewDevice, ProvisionType, RegistryError, device_ref, now_ms, random_token,
+};
+use thingraft_proto::device::Value as TypedValue;
+use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
 use thingraft_transport_common::Directory;
 use uuid::Uuid;
 
@@ -65,4 +69,136 @@ impl Directory for EngineDirectory {
             Err(format!("device {name:?} could not be created"))
         })
     }
+
+    fn provision(&self, request: &[u8]) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> {
+        let engine = self.engine.clone();
+        let v: Result<Value, String> = serde_json::from_slice(request).map_err(|e| e.to_string());
+        Box::pin(async move {
+            let v = v?;
+            if !v.is_object() {
+                return Err("a provision request must be a JSON object".into());
+            }
+            Ok(provision(engine, v).await)
+        })
+    }
+}
+
+const NOT_FOUND: &str = r#"{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}"#;
+const FAILURE: &str = r#"{"errorMsg":"Failed to provision device!","status":"FAILURE"}"#;
+
+/// ThingsBoard's device provisioning (`DeviceProvisionServiceImpl`) on the registry.
+async fn provision(engine: EngineHandle, v: Value) -> String {
+    let registry = &engine.registry;
+    let s = |k: &str| {
+        v.get(k)
+            .and_then(Value::as_str)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+    };
+    let (Some(key), Some(secret)) = (s("provisionDeviceKey"), s("provisionDeviceSecret")) else {
+        return NOT_FOUND.into();
+    };
+    let Some(profile) = registry.profile_by_provision_key(&key).filter(|p| {
+        p.provision.kind != ProvisionType::Disabled && p.provision.secret.as_deref() == Some(secret.as_str())
+    }) else {
+        tracing::info!("provisioning refused: unknown key or wrong secret");
+        return NOT_FOUND.into();
+    };
+    let name = s("deviceName").unwrap_or_else(random_token);
+    let kind = s("credentialsType").unwrap_or_else(|| "ACCESS_TOKEN".into());
+    let device = match profile.provision.kind {
+        ProvisionType::AllowCreateNewDevices => {
+            let new = NewDevice {
+                tenant_id: profile.tenant_id,
+                name: name.clone(),
+                profile_id: Some(profile.id),
+                access_token: if kind == "ACCESS_TOKEN" { s("token") } else { None },
+                ..NewDevice::default()
+            };
+            match registry.create_device(new).await {
+                Ok((d, _)) => d,
+                Err(e) => {
+                    tracing::info!(device = %name, error = %e, "provisioning failed");
+                    return FAILURE.into();
+                }
+            }
+        }
+        ProvisionType::CheckPreProvisionedDevices => {
+            let Some(d) = registry
+                .device_by_name(profile.tenant_id, &name)
+                .filter(|d| d.profile_id == profile.id)
+            else {
+                return NOT_FOUND.into();
+            };
+            match registry.mark_provisioned(d.id).await {
+                Ok(true) => d,
+                Ok(false) => {
+                    tracing::info!(device = %name, "provisioning refused: already provisioned");
+                    return FAILURE.into();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "provisioning failed");
+                    return FAILURE.into();
+                }
+            }
+        }
+        ProvisionType::Disabled => return NOT_FOUND.into(),
+    };
+    let value = match kind.as_str() {
+        "ACCESS_TOKEN" => match s("token") {
+            Some(t) => registry
+                .update_token(device.id, t.clone())
+                .await
+                .map(|_| Value::String(t)),
+            None => registry
+                .credentials(device.id)
+                .map(|c| Value::String(c.credentials_id))
+                .ok_or_else(|| RegistryError::NotFound("credentials".into())),
+        },
+        "MQTT_BASIC" => {
+            let (client, user, pass) = (
+                s("clientId").unwrap_or_default(),
+                s("username").or_else(|| s("userName")).unwrap_or_default(),
+                s("password").unwrap_or_default(),
+            );
+            registry
+                .update_basic(device.id, &client, &user, &pass)
+                .await
+                .map(|_| json!({"clientId": client, "userName": user, "password": pass}))
+        }
+        "X509_CERTIFICATE" => match s("hash") {
+            Some(cert) => registry
+                .update_x509(device.id, &cert)
+                .await
+                .map(|c| Value::String(c.credentials_id)),
+            None => Err(RegistryError::Invalid(
+                "X509 provisioning without a certificate".into(),
+            )),
+        },
+        other => Err(RegistryError::Invalid(format!(
+            "unknown credentials type {other}"
+        ))),
+    };
+    let value = match value {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::info!(device = %name, error = %e, "provisioning failed");
+            return FAILURE.into();
+        }
+    };
+    let state = Ingest {
+        tenant: *device.tenant_id.as_bytes(),
+        device: *device.id.as_bytes(),
+        ts_ms: now_ms(),
+        session: None,
+        msg: IngestMsg::SaveAttributes {
+            scope: Scope::Server,
+            values: vec![("provisionState".into(), TypedValue::String("provisioned".into()))],
+        },
+    };
+    if let Err(e) = engine.submit(&state).await {
+        tracing::warn!(error = %e, "provisionState not recorded");
+    }
+    tracing::info!(device = %device.name, credentials = %kind, "device provisioned");
+    json!({"credentialsType": kind, "credentialsValue": value, "status": "SUCCESS"}).to_string()
 }

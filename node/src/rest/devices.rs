@@ -1,4 +1,4 @@
-//! Devices, their credentials and the default device profile.
+//! Devices and their credentials.
 
 use std::collections::HashMap;
 
@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
-use thingraft_engine::registry::{Authority, Credentials, Device, DeviceProfile, NewDevice, RegistryError};
+use thingraft_engine::registry::{Authority, Credentials, Device, NewDevice, RegistryError};
 use uuid::Uuid;
 
 use super::auth::ApiError;
@@ -21,7 +21,6 @@ pub fn routes() -> Router<AppState> {
         .route("/api/device/credentials", post(update_credentials))
         .route("/api/tenant/devices", get(tenant_devices))
         .route("/api/tenant/device", get(tenant_device))
-        .route("/api/deviceProfileInfo/default", get(default_profile_info))
 }
 
 pub fn device_json(d: &Device) -> Value {
@@ -56,7 +55,7 @@ fn credentials_json(c: &Credentials) -> Value {
     })
 }
 
-fn registry_error(e: RegistryError) -> ApiError {
+pub(super) fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Conflict(m) | RegistryError::Invalid(m) => ApiError::bad_request(m),
         RegistryError::NotFound(m) => ApiError::not_found(m),
@@ -310,29 +309,4 @@ async fn tenant_device(
         .get("deviceName")
         .ok_or_else(|| ApiError::bad_request("Required request parameter 'deviceName' is not present"))?;
     tenant_device_by_name(&state, &caller, name).map(Json)
-}
-
-fn profile_info_json(p: &DeviceProfile) -> Value {
-    json!({
-        "id": entity_id("DEVICE_PROFILE", p.id),
-        "tenantId": entity_id("TENANT", p.tenant_id),
-        "name": p.name,
-        "image": null,
-        "defaultDashboardId": null,
-        "type": "DEFAULT",
-        "transportType": "DEFAULT",
-    })
-}
-
-async fn default_profile_info(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<Json<Value>, ApiError> {
-    caller.require_tenant()?;
-    let p = state
-        .engine
-        .registry
-        .default_profile(caller.tenant_id)
-        .ok_or_else(|| ApiError::not_found("Default device profile is not found"))?;
-    Ok(Json(profile_info_json(&p)))
 }

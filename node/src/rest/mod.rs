@@ -2,7 +2,8 @@
 //!
 //! - [`auth`]: JWT (HS512), password hashing, the error envelope.
 //! - [`users`]: login, refresh, current user.
-//! - [`devices`]: devices, credentials, the default device profile.
+//! - [`devices`]: devices and their credentials.
+//! - [`profiles`]: device profiles and their provisioning settings.
 //! - [`telemetry`]: telemetry and attributes: save, latest, history, keys.
 //! - [`rpc`]: server-side RPC (v1, v2, persistent).
 //!
@@ -10,6 +11,7 @@
 
 pub mod auth;
 pub mod devices;
+pub mod profiles;
 pub mod rpc;
 pub mod telemetry;
 pub mod users;
@@ -128,6 +130,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(users::routes())
         .merge(devices::routes())
+        .merge(profiles::routes())
         .merge(telemetry::routes())
         .merge(rpc::routes())
         .with_state(state)

@@ -145,6 +145,13 @@ async fn route(
                 },
             }
         }
+        (RequestType::Post, ["api", "v1", "provision"]) => match t.hub.directory() {
+            None => refuse(ErrorClass::Unavailable, "the registry is not ready"),
+            Some(dir) => match dir.provision(&body).await {
+                Ok(answer) => Reply::json(ResponseType::Content, answer),
+                Err(e) => bad_payload(&PayloadError::InvalidJson(e)),
+            },
+        },
         (_, ["api", "v1", _, "telemetry" | "attributes" | "rpc"] | ["api", "v1", _, "rpc", _]) => {
             refuse(ErrorClass::BadRequest, "method not allowed").with_code(ResponseType::MethodNotAllowed)
         }

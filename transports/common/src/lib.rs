@@ -89,6 +89,12 @@ pub trait Directory: Send + Sync {
         name: &str,
         device_type: &str,
     ) -> Pin<Box<dyn Future<Output = Result<DeviceRef, String>> + Send>>;
+
+    /// Device provisioning: `request` is the device's JSON (`provisionDeviceKey`,
+    /// `provisionDeviceSecret`, `deviceName`, `credentialsType`, ...); the answer is
+    /// ThingsBoard's JSON with its `status` (SUCCESS, NOT_FOUND, FAILURE). `Err` when the request
+    /// is not a JSON object.
+    fn provision(&self, request: &[u8]) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 }
 
 /// The device transports' shared state on one node.

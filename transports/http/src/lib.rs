@@ -72,6 +72,7 @@ pub fn router(hub: Arc<Hub>, config: HttpDeviceConfig) -> Router {
         .route("/api/v1/{token}/attributes/updates", get(attribute_updates))
         .route("/api/v1/{token}/rpc", get(rpc_poll).post(client_rpc))
         .route("/api/v1/{token}/rpc/{id}", post(rpc_reply))
+        .route("/api/v1/provision", post(provision))
         .with_state(Arc::new(Api { hub, config }))
 }
 
@@ -298,4 +299,17 @@ async fn client_rpc(State(api): St, Path(token): Path<String>, body: Body) -> Re
     s.submit(vec![msg]).await?;
     tokio::time::sleep(Duration::from_millis(api.hub.config.client_rpc_timeout_ms)).await;
     Ok(json(CLIENT_RPC_TIMEOUT.to_string()))
+}
+
+/// `POST /api/v1/provision`: device provisioning; ThingsBoard's JSON answer with its `status`.
+async fn provision(State(api): St, body: Body) -> Result<Response, DevError> {
+    let body = read_body(body, api.config.max_rpc_payload_bytes).await?;
+    let dir = api
+        .hub
+        .directory()
+        .ok_or_else(|| DevError::new(ErrorClass::Unavailable, "The registry is not ready"))?;
+    match dir.provision(&body).await {
+        Ok(answer) => Ok(json(answer)),
+        Err(e) => Err(PayloadError::InvalidJson(e).into()),
+    }
 }

@@ -5,12 +5,14 @@
 //! - [`session`]: one device connection: auth, publishes → ingest records, PUBACK after
 //!   commit, downlinks.
 //! - `gateway`: the gateway API's child devices on a gateway's connection.
+//! - `provision`: connections of devices provisioning themselves.
 //! - this file: [`Transport`] (listener, CONNECT authentication).
 //!
 //! Credentials, the session table and ingest records come from `thingraft-transport-common`.
 
 pub mod codec;
 mod gateway;
+mod provision;
 pub mod session;
 
 use std::sync::Arc;

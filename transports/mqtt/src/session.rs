@@ -260,6 +260,11 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         }
     };
     let version = connect.version;
+    if crate::provision::is_provisioning(&connect) {
+        tracing::debug!(%peer, "MQTT provisioning connection");
+        crate::provision::serve(transport, stream, rbuf, version).await;
+        return;
+    }
     let (device, credentials_key) = match transport.authenticate(&connect) {
         Ok(d) => d,
         Err(code) => {

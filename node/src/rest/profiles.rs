@@ -1,0 +1,129 @@
+//! Device profiles: create, update, get, the default one; with their provisioning settings
+//! (ThingsBoard's `provisionType`, `provisionDeviceKey` and
+//! `profileData.provisionConfiguration.provisionDeviceSecret`).
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{Value, json};
+use thingraft_engine::registry::{DeviceProfile, Provision, ProvisionType};
+use uuid::Uuid;
+
+use super::auth::ApiError;
+use super::devices::registry_error;
+use super::{AppState, Caller, entity_id};
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/deviceProfile", post(save_profile))
+        .route("/api/deviceProfile/{id}", get(get_profile))
+        .route("/api/deviceProfileInfo/default", get(default_profile_info))
+}
+
+fn profile_info_json(p: &DeviceProfile) -> Value {
+    json!({
+        "id": entity_id("DEVICE_PROFILE", p.id),
+        "tenantId": entity_id("TENANT", p.tenant_id),
+        "name": p.name,
+        "image": null,
+        "defaultDashboardId": null,
+        "type": "DEFAULT",
+        "transportType": "DEFAULT",
+    })
+}
+
+fn profile_json(p: &DeviceProfile) -> Value {
+    let mut provision = json!({"type": p.provision.kind.as_str()});
+    if let Some(secret) = &p.provision.secret {
+        provision["provisionDeviceSecret"] = json!(secret);
+    }
+    json!({
+        "id": entity_id("DEVICE_PROFILE", p.id),
+        "tenantId": entity_id("TENANT", p.tenant_id),
+        "name": p.name,
+        "description": p.description,
+        "default": p.is_default,
+        "createdTime": p.created_ms,
+        "type": "DEFAULT",
+        "transportType": "DEFAULT",
+        "provisionType": p.provision.kind.as_str(),
+        "provisionDeviceKey": p.provision.key,
+        "profileData": {
+            "configuration": {"type": "DEFAULT"},
+            "transportConfiguration": {"type": "DEFAULT"},
+            "provisionConfiguration": provision,
+        },
+    })
+}
+
+/// The provisioning settings of a profile body, in either of ThingsBoard's places.
+fn provision_of(body: &Value) -> Result<Provision, ApiError> {
+    let conf = &body["profileData"]["provisionConfiguration"];
+    let kind = body["provisionType"]
+        .as_str()
+        .or_else(|| conf["type"].as_str())
+        .unwrap_or("DISABLED");
+    let kind = ProvisionType::parse(kind)
+        .ok_or_else(|| ApiError::bad_request(format!("Unknown provision type {kind}")))?;
+    let text = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(String::from);
+    Ok(Provision {
+        kind,
+        key: text(&body["provisionDeviceKey"]).or_else(|| text(&conf["provisionDeviceKey"])),
+        secret: text(&conf["provisionDeviceSecret"]),
+    })
+}
+
+/// `POST /api/deviceProfile`: creates a profile, or updates the one its `id` names.
+async fn save_profile(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<Value>, JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant_admin()?;
+    let Json(body) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let id = match body["id"]["id"].as_str() {
+        Some(s) => Some(Uuid::parse_str(s).map_err(|_| ApiError::bad_request("Invalid device profile id"))?),
+        None => None,
+    };
+    let name = body["name"].as_str().unwrap_or_default();
+    let description = body["description"].as_str().map(String::from);
+    let provision = provision_of(&body)?;
+    let p = state
+        .engine
+        .registry
+        .save_profile(caller.tenant_id, id, name, description, provision)
+        .await
+        .map_err(registry_error)?;
+    Ok(Json(profile_json(&p)))
+}
+
+async fn get_profile(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    let not_found = || ApiError::not_found(format!("Device profile with id [{id}] is not found"));
+    let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let p = state
+        .engine
+        .registry
+        .profile(uuid)
+        .filter(|p| p.tenant_id == caller.tenant_id)
+        .ok_or_else(not_found)?;
+    Ok(Json(profile_json(&p)))
+}
+
+async fn default_profile_info(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    let p = state
+        .engine
+        .registry
+        .default_profile(caller.tenant_id)
+        .ok_or_else(|| ApiError::not_found("Default device profile is not found"))?;
+    Ok(Json(profile_info_json(&p)))
+}
