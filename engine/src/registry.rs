@@ -605,6 +605,109 @@ impl Registry {
         }
     }
 
+    /// A device's claim window (ThingsBoard's device-side claim): until `now + duration_ms`, a
+    /// customer user who knows `secret` may claim the device.
+    pub async fn register_claim(
+        &self,
+        device: Uuid,
+        secret: &str,
+        duration_ms: i64,
+    ) -> Result<(), RegistryError> {
+        let claim = Claim {
+            secret: secret.to_string(),
+            expires_ms: now_ms().saturating_add(duration_ms.max(0)),
+        };
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Present(format!("reg/device/{device}"))],
+                ops: vec![MetaOp::Put(claim_key(device), enc(&claim))],
+            })
+            .await?;
+        match r.failed_check {
+            None => Ok(()),
+            Some(_) => Err(RegistryError::NotFound(format!(
+                "Device with id [{device}] is not found"
+            ))),
+        }
+    }
+
+    /// A customer claims the device `name` of `tenant` with `secret`: the device must be
+    /// unassigned and inside a claim window with that secret. On success it belongs to the
+    /// customer and the window is closed.
+    pub async fn claim_device(
+        &self,
+        tenant: Uuid,
+        name: &str,
+        customer: Uuid,
+        secret: &str,
+    ) -> Result<Result<Device, ClaimRefusal>, RegistryError> {
+        let Some(device) = self.device_by_name(tenant, name) else {
+            return Ok(Err(ClaimRefusal::Failure));
+        };
+        if device.customer_id != NULL_UUID {
+            return Ok(Err(ClaimRefusal::Claimed));
+        }
+        let (dkey, ckey) = (format!("reg/device/{}", device.id), claim_key(device.id));
+        let (Some(dbytes), Some(cbytes)) = (self.log.meta_get(&dkey), self.log.meta_get(&ckey)) else {
+            return Ok(Err(ClaimRefusal::Failure));
+        };
+        let Some(claim) = dec::<Claim>(&cbytes) else {
+            return Ok(Err(ClaimRefusal::Failure));
+        };
+        if claim.expires_ms < now_ms() || claim.secret != secret {
+            return Ok(Err(ClaimRefusal::Failure));
+        }
+        let claimed = Device {
+            customer_id: customer,
+            version: device.version + 1,
+            ..device
+        };
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![
+                    MetaCheck::Equals(dkey.clone(), dbytes),
+                    MetaCheck::Equals(ckey.clone(), cbytes),
+                ],
+                ops: vec![MetaOp::Put(dkey, enc(&claimed)), MetaOp::Delete(ckey)],
+            })
+            .await?;
+        Ok(match r.failed_check {
+            None => Ok(claimed),
+            // Changed meanwhile: claimed by someone else, or its window changed.
+            Some(_) => Err(ClaimRefusal::Claimed),
+        })
+    }
+
+    /// Takes a device back from its customer (ThingsBoard's re-claim).
+    pub async fn reclaim_device(&self, device: Uuid) -> Result<Device, RegistryError> {
+        let dkey = format!("reg/device/{device}");
+        let bytes = self
+            .log
+            .meta_get(&dkey)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{device}] is not found")))?;
+        let d: Device = dec(&bytes).ok_or_else(|| RegistryError::NotFound(dkey.clone()))?;
+        let freed = Device {
+            customer_id: NULL_UUID,
+            version: d.version + 1,
+            ..d
+        };
+        let r = self
+            .log
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Equals(dkey.clone(), bytes)],
+                ops: vec![MetaOp::Put(dkey, enc(&freed))],
+            })
+            .await?;
+        match r.failed_check {
+            None => Ok(freed),
+            Some(_) => Err(RegistryError::Conflict(
+                "device changed concurrently; retry".into(),
+            )),
+        }
+    }
+
     /// Deletes a device, its name index and its credentials; transports drop its sessions when
     /// they see the token disappear.
     pub async fn delete_device(&self, id: Uuid) -> Result<Device, RegistryError> {
@@ -759,6 +862,26 @@ impl Registry {
             )),
         }
     }
+}
+
+/// A device's open claim window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Claim {
+    secret: String,
+    expires_ms: i64,
+}
+
+/// Why a claim was refused (ThingsBoard's `ClaimResponse`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimRefusal {
+    /// The device already belongs to a customer.
+    Claimed,
+    /// No open window with that secret (or no such device).
+    Failure,
+}
+
+fn claim_key(device: Uuid) -> String {
+    format!("reg/claim/{device}")
 }
 
 fn provision_key(key: &str) -> String {

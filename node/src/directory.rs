@@ -81,6 +81,22 @@ impl Directory for EngineDirectory {
             Ok(provision(engine, v).await)
         })
     }
+
+    fn claim(
+        &self,
+        device: &DeviceRef,
+        secret: String,
+        duration_ms: i64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
+        let registry = self.engine.registry.clone();
+        let id = Uuid::from_bytes(device.device);
+        Box::pin(async move {
+            registry
+                .register_claim(id, &secret, duration_ms)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 const NOT_FOUND: &str = r#"{"errorMsg":"Provision data was not found!","status":"NOT_FOUND"}"#;

@@ -4,12 +4,14 @@
 //! - [`users`]: login, refresh, current user.
 //! - [`devices`]: devices and their credentials.
 //! - [`profiles`]: device profiles and their provisioning settings.
+//! - [`claims`]: device claiming by customer users.
 //! - [`telemetry`]: telemetry and attributes: save, latest, history, keys.
 //! - [`rpc`]: server-side RPC (v1, v2, persistent).
 //!
 //! Every handler authenticates with [`Caller`] and only ever sees its tenant's entities.
 
 pub mod auth;
+pub mod claims;
 pub mod devices;
 pub mod profiles;
 pub mod rpc;
@@ -131,6 +133,7 @@ pub fn router(state: AppState) -> Router {
         .merge(users::routes())
         .merge(devices::routes())
         .merge(profiles::routes())
+        .merge(claims::routes())
         .merge(telemetry::routes())
         .merge(rpc::routes())
         .with_state(state)

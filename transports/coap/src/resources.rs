@@ -145,6 +145,19 @@ async fn route(
                 },
             }
         }
+        (RequestType::Post, ["api", "v1", token, "claim"]) => {
+            let (s, _rx) = session(t, token, 0)?;
+            match (payload::parse_claim(&body), t.hub.directory()) {
+                (Err(e), _) => bad_payload(&e),
+                (Ok(_), None) => refuse(ErrorClass::Unavailable, "the registry is not ready"),
+                (Ok((secret, duration_ms)), Some(dir)) => {
+                    match dir.claim(&s.device, secret, duration_ms).await {
+                        Ok(()) => Reply::code(ResponseType::Created),
+                        Err(e) => refuse(ErrorClass::Unavailable, &e),
+                    }
+                }
+            }
+        }
         (RequestType::Post, ["api", "v1", "provision"]) => match t.hub.directory() {
             None => refuse(ErrorClass::Unavailable, "the registry is not ready"),
             Some(dir) => match dir.provision(&body).await {
@@ -152,7 +165,7 @@ async fn route(
                 Err(e) => bad_payload(&PayloadError::InvalidJson(e)),
             },
         },
-        (_, ["api", "v1", _, "telemetry" | "attributes" | "rpc"] | ["api", "v1", _, "rpc", _]) => {
+        (_, ["api", "v1", _, "telemetry" | "attributes" | "rpc" | "claim"] | ["api", "v1", _, "rpc", _]) => {
             refuse(ErrorClass::BadRequest, "method not allowed").with_code(ResponseType::MethodNotAllowed)
         }
         _ => refuse(ErrorClass::NotFound, "no such resource"),

@@ -95,6 +95,15 @@ pub trait Directory: Send + Sync {
     /// ThingsBoard's JSON with its `status` (SUCCESS, NOT_FOUND, FAILURE). `Err` when the request
     /// is not a JSON object.
     fn provision(&self, request: &[u8]) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
+
+    /// Opens `device`'s claim window: for `duration_ms`, a customer user who knows `secret`
+    /// may claim it.
+    fn claim(
+        &self,
+        device: &DeviceRef,
+        secret: String,
+        duration_ms: i64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 }
 
 /// The device transports' shared state on one node.

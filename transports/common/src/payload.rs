@@ -83,6 +83,40 @@ pub fn rpc_request_with_id(id: u32, json: &str) -> String {
     }
 }
 
+/// ThingsBoard's claim window when the device names none (`security.claim.duration`).
+pub const CLAIM_DURATION_MS: i64 = 86_400_000;
+
+/// A device's claim request `{"secretKey":"s","durationMs":60000}`; both optional, and an
+/// empty body means both defaults.
+pub fn parse_claim(payload: &[u8]) -> Result<(String, i64), PayloadError> {
+    if payload.iter().all(u8::is_ascii_whitespace) {
+        return Ok((String::new(), CLAIM_DURATION_MS));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(payload).map_err(|e| PayloadError::InvalidJson(e.to_string()))?;
+    claim_of(&v)
+}
+
+/// The claim request in an already parsed JSON value (the gateway's per-device form).
+pub fn claim_of(v: &serde_json::Value) -> Result<(String, i64), PayloadError> {
+    if !v.is_object() {
+        return Err(PayloadError::InvalidJson(
+            "claim request must be a JSON object".into(),
+        ));
+    }
+    let secret = v
+        .get("secretKey")
+        .and_then(|s| s.as_str())
+        .unwrap_or("")
+        .to_string();
+    let duration = v
+        .get("durationMs")
+        .and_then(serde_json::Value::as_i64)
+        .filter(|d| *d > 0)
+        .unwrap_or(CLAIM_DURATION_MS);
+    Ok((secret, duration))
+}
+
 /// The answer to a client-side RPC that nothing answered in time.
 pub const CLIENT_RPC_TIMEOUT: &str = r#"{"error":"timeout"}"#;
 

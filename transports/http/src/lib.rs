@@ -72,6 +72,7 @@ pub fn router(hub: Arc<Hub>, config: HttpDeviceConfig) -> Router {
         .route("/api/v1/{token}/attributes/updates", get(attribute_updates))
         .route("/api/v1/{token}/rpc", get(rpc_poll).post(client_rpc))
         .route("/api/v1/{token}/rpc/{id}", post(rpc_reply))
+        .route("/api/v1/{token}/claim", post(claim))
         .route("/api/v1/provision", post(provision))
         .with_state(Arc::new(Api { hub, config }))
 }
@@ -312,4 +313,21 @@ async fn provision(State(api): St, body: Body) -> Result<Response, DevError> {
         Ok(answer) => Ok(json(answer)),
         Err(e) => Err(PayloadError::InvalidJson(e).into()),
     }
+}
+
+/// `POST /api/v1/{token}/claim`: opens the device's claim window (body optional:
+/// `{"secretKey":..,"durationMs":..}`).
+async fn claim(State(api): St, Path(token): Path<String>, body: Body) -> Result<StatusCode, DevError> {
+    let (s, _rx) = api.session(&token, 0)?;
+    let body = read_body(body, api.config.max_rpc_payload_bytes).await?;
+    let (secret, duration_ms) = payload::parse_claim(&body)?;
+    let dir = api
+        .hub
+        .directory()
+        .ok_or_else(|| DevError::new(ErrorClass::Unavailable, "The registry is not ready"))?;
+    dir.claim(&s.device, secret, duration_ms).await.map_err(|e| {
+        tracing::warn!(error = %e, "claim not recorded");
+        DevError::new(ErrorClass::Unavailable, e)
+    })?;
+    Ok(StatusCode::OK)
 }

@@ -21,6 +21,7 @@ pub(crate) enum GatewayTopic {
     Attributes,
     AttributeRequest,
     Rpc,
+    Claim,
 }
 
 impl GatewayTopic {
@@ -32,6 +33,7 @@ impl GatewayTopic {
             "v1/gateway/attributes" => GatewayTopic::Attributes,
             "v1/gateway/attributes/request" => GatewayTopic::AttributeRequest,
             "v1/gateway/rpc" => GatewayTopic::Rpc,
+            "v1/gateway/claim" => GatewayTopic::Claim,
             _ => return None,
         })
     }
@@ -51,6 +53,8 @@ pub(crate) enum ChildOp {
         id: u32,
         single: Option<String>,
     },
+    /// Open the child's claim window: secret, duration.
+    Claim(String, i64),
 }
 
 fn invalid(why: impl Into<String>) -> PayloadError {
@@ -129,6 +133,14 @@ pub(crate) fn parse(topic: GatewayTopic, payload: &[u8]) -> Result<Vec<(String, 
                 shared_keys,
             };
             vec![(device_name(&v)?, ChildOp::AttributeRequest { msg, id, single })]
+        }
+        GatewayTopic::Claim => {
+            let mut out = Vec::new();
+            for (name, req) in obj {
+                let (secret, duration_ms) = thingraft_transport_common::payload::claim_of(req)?;
+                out.push((name.clone(), ChildOp::Claim(secret, duration_ms)));
+            }
+            out
         }
         GatewayTopic::Rpc => {
             let id = v

@@ -101,6 +101,7 @@ enum Topic<'a> {
     AttributeRequest(Family, &'a str),
     RpcResponse(&'a str),
     ClientRpc(Family, &'a str),
+    Claim,
     Unknown,
 }
 
@@ -111,6 +112,7 @@ fn classify(topic: &str) -> Topic<'_> {
     match topic {
         "v1/devices/me/telemetry" | "v2/t" | "v2/t/j" => return Topic::Telemetry,
         "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => return Topic::Attributes,
+        "v1/devices/me/claim" => return Topic::Claim,
         _ => {}
     }
     // Longer prefixes first: `v2/a/req/j/5` also starts with `v2/a/req/`.
@@ -565,6 +567,13 @@ impl Session {
             }),
             Topic::RpcResponse(id) => request_id(id).map(|id| payload::rpc_response(id, payload)),
             Topic::ClientRpc(family, id) => return self.client_rpc(family, id, payload, ack),
+            Topic::Claim => {
+                let claims = match payload::parse_claim(payload) {
+                    Ok(c) => vec![(self.s.device.clone(), c)],
+                    Err(e) => return self.refuse(topic, &e, ack),
+                };
+                return self.claim(claims, ack).await;
+            }
             Topic::Unknown => {
                 tracing::info!(topic, "publish to an unknown topic dropped");
                 if let Some(pkid) = ack {
@@ -655,6 +664,7 @@ impl Session {
         let gw = self.gateway.as_mut().expect("checked by the caller");
         let hub = &self.transport.hub;
         let mut queued = Vec::new();
+        let mut claims = Vec::new();
         for (name, op) in ops {
             if op == ChildOp::Disconnect {
                 // The child leaves the session table now; its disconnect is recorded and
@@ -704,11 +714,19 @@ impl Session {
                     push(msg);
                     Some((child.device.device, id, single))
                 }
+                ChildOp::Claim(secret, duration_ms) => {
+                    claims.push((child.device.clone(), (secret, duration_ms)));
+                    None
+                }
                 ChildOp::Connect(_) | ChildOp::Disconnect => None,
             };
             if let Some((device, id, single)) = expect {
                 gw.expect_response(device, id, single);
             }
+        }
+        if !claims.is_empty() {
+            self.queue.extend(queued);
+            return self.claim(claims, ack).await;
         }
         match (queued.last_mut(), ack) {
             (Some(last), _) => last.pkid = ack,
@@ -719,6 +737,39 @@ impl Session {
             (None, None) => {}
         }
         self.queue.extend(queued);
+        None
+    }
+}
+
+impl Session {
+    /// Opens claim windows through the registry; the PUBACK follows their commit.
+    async fn claim(
+        &mut self,
+        claims: Vec<(thingraft_proto::records::DeviceRef, (String, i64))>,
+        ack: Option<u16>,
+    ) -> Option<End> {
+        let Some(dir) = self.transport.hub.directory().cloned() else {
+            codec::write_disconnect(
+                &mut self.wbuf,
+                self.version,
+                DisconnectCode::ImplementationSpecificError,
+            );
+            return Some(End::Refused("registry not ready"));
+        };
+        for (device, (secret, duration_ms)) in claims {
+            if let Err(e) = dir.claim(&device, secret, duration_ms).await {
+                tracing::warn!(device = %device.name, error = %e, "claim not recorded");
+                codec::write_disconnect(
+                    &mut self.wbuf,
+                    self.version,
+                    DisconnectCode::ImplementationSpecificError,
+                );
+                return Some(End::Refused("claim not recorded"));
+            }
+        }
+        if let Some(pkid) = ack {
+            codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+        }
         None
     }
 }

@@ -1,0 +1,140 @@
+//! Device claiming end to end: devices open claim windows over MQTT, HTTP, CoAP and through a
+//! gateway; a customer user claims them through REST (and gives one back).
+
+use std::time::Duration;
+
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use serde_json::json;
+use thingraft_tests::{ProcCluster, Rest, coap_client, mosquitto_pub, next_packet, v5_client};
+
+const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
+const CUSTOMER: (&str, &str) = ("customer@thingsboard.org", "customer");
+
+fn claim(customer: &Rest, device: &str, secret: &str) -> anyhow::Result<(u16, serde_json::Value)> {
+    customer.call(
+        "POST",
+        &format!("/api/customer/device/{}/claim", device.replace(' ', "%20")),
+        Some(&json!({"secretKey": secret}).to_string()),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let tenant = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let customer = Rest::login(&c.http[&1], CUSTOMER.0, CUSTOMER.1).await?;
+    let (_, me) = customer.call("GET", "/api/auth/user", None)?;
+    let customer_id = me["customerId"]["id"].clone();
+
+    // MQTT: the device opens a window with a secret.
+    let id = tenant.create_device("Kettle", "KETTLE_TOKEN")?;
+    let rc = mosquitto_pub(
+        &c.mqtt[&1],
+        &[
+            "-q",
+            "1",
+            "-u",
+            "KETTLE_TOKEN",
+            "-t",
+            "v1/devices/me/claim",
+            "-m",
+            r#"{"secretKey":"abc","durationMs":60000}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    assert_eq!(
+        customer.call("GET", &format!("/api/device/{id}"), None)?.0,
+        403,
+        "not the customer's yet"
+    );
+    let (code, body) = claim(&customer, "Kettle", "wrong")?;
+    assert_eq!((code, body["response"].clone()), (400, json!("FAILURE")));
+    // Only customer users claim.
+    assert_eq!(claim(&tenant, "Kettle", "abc")?.0, 403);
+    let (code, body) = claim(&customer, "Kettle", "abc")?;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["response"], "SUCCESS");
+    assert_eq!(body["device"]["customerId"]["id"], customer_id);
+    let (code, seen) = customer.call("GET", &format!("/api/device/{id}"), None)?;
+    assert_eq!((code, seen["name"].clone()), (200, json!("Kettle")));
+    let (code, body) = claim(&customer, "Kettle", "abc")?;
+    assert_eq!((code, body["response"].clone()), (400, json!("CLAIMED")));
+    // Given back: the customer no longer sees it.
+    let (code, _) = customer.call("DELETE", "/api/customer/device/Kettle/claim", None)?;
+    assert_eq!(code, 200);
+    assert_eq!(customer.call("GET", &format!("/api/device/{id}"), None)?.0, 403);
+
+    // HTTP: a window that has closed cannot be used.
+    tenant.create_device("Toaster", "TOASTER_TOKEN")?;
+    let dev = Rest::new(&c.http[&1]);
+    let (code, _) = dev.call(
+        "POST",
+        "/api/v1/TOASTER_TOKEN/claim",
+        Some(r#"{"secretKey":"t","durationMs":500}"#),
+    )?;
+    assert_eq!(code, 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(claim(&customer, "Toaster", "t")?.1["response"], "FAILURE");
+
+    // CoAP: no body means an empty secret and the default window.
+    tenant.create_device("Blender", "BLENDER_TOKEN")?;
+    let out = coap_client(&[
+        "-m",
+        "post",
+        &format!("coap://{}/api/v1/BLENDER_TOKEN/claim", c.coap[&1]),
+    ])?;
+    assert_eq!(out.code, "2.01", "{out:?}");
+    assert_eq!(claim(&customer, "Blender", "")?.1["response"], "SUCCESS");
+
+    // A gateway opens windows for its children.
+    let body = json!({"name": "Gateway C", "additionalInfo": {"gateway": true}}).to_string();
+    assert_eq!(
+        tenant
+            .call("POST", "/api/device?accessToken=GWC_TOKEN", Some(&body))?
+            .0,
+        200
+    );
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "GWC_TOKEN");
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client
+        .publish(
+            "v1/gateway/claim",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"Fridge":{"secretKey":"g","durationMs":60000}}"#,
+        )
+        .await?;
+    let r = next_packet(&mut ev, |p| match p {
+        Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(r, PubAckReason::Success);
+    assert_eq!(claim(&customer, "Fridge", "g")?.1["response"], "SUCCESS");
+
+    // Bad claim bodies: 0x99 over MQTT 5, 400 over HTTP, 4.00 over CoAP; no window opens.
+    tenant.create_device("Oven", "OVEN_TOKEN")?;
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "OVEN_TOKEN");
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client
+        .publish("v1/devices/me/claim", QoS::AtLeastOnce, false, "[1]")
+        .await?;
+    let r = next_packet(&mut ev, |p| match p {
+        Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await?;
+    assert_eq!(r, PubAckReason::PayloadFormatInvalid);
+    assert_eq!(dev.call("POST", "/api/v1/OVEN_TOKEN/claim", Some("[1]"))?.0, 400);
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        "{bad",
+        &format!("coap://{}/api/v1/OVEN_TOKEN/claim", c.coap[&1]),
+    ])?;
+    assert_eq!(out.code, "4.00", "{out:?}");
+    assert_eq!(claim(&customer, "Oven", "")?.1["response"], "FAILURE");
+    Ok(())
+}
