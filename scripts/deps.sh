@@ -20,3 +20,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   echo "installing cargo-nextest" >&2
   cargo install --locked cargo-nextest >/dev/null
 fi
+# ThingsBoard's own Python device SDK, for the compatibility test (tests/tests/tb_sdk.rs), in a
+# virtualenv of its own so that no system Python is touched.
+venv="$HOME/.cache/thingraft-venv"
+if ! "$venv/bin/python3" -c "import tb_device_mqtt, mmh3" >/dev/null 2>&1; then
+  echo "installing tb-mqtt-client into $venv" >&2
+  if ! python3 -m venv "$venv" >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$venv"
+  fi
+  "$venv/bin/pip" install -q "tb-mqtt-client==1.13.14" mmh3 >/dev/null
+fi

@@ -171,7 +171,7 @@ async fn children_get_attributes_and_rpc_through_their_gateway() -> anyhow::Resu
         &client,
         &mut ev,
         "v1/gateway/attributes",
-        json!({"Lamp": {"model": "L1"}}).to_string(),
+        json!({"Lamp": {"model": "L1", "serial": "S9"}}).to_string(),
     )
     .await?;
     assert_eq!(r, PubAckReason::Success);
@@ -184,7 +184,8 @@ async fn children_get_attributes_and_rpc_through_their_gateway() -> anyhow::Resu
     let (_, pushed) = next_packet(&mut ev, |p| publish_on(p, "v1/gateway/attributes")).await?;
     assert_eq!(pushed, json!({"device": "Lamp", "data": {"brightness": 70}}));
 
-    // Attribute requests: one key → `value`, several → `values`.
+    // Attribute requests: one value found → `value`, several → `values` (ThingsBoard's rule,
+    // whether `key` or `keys` was asked).
     client
         .publish(
             "v1/gateway/attributes/request",
@@ -200,14 +201,24 @@ async fn children_get_attributes_and_rpc_through_their_gateway() -> anyhow::Resu
             "v1/gateway/attributes/request",
             QoS::AtLeastOnce,
             false,
-            r#"{"id":4,"device":"Lamp","client":true,"keys":["model"]}"#,
+            r#"{"id":4,"device":"Lamp","client":true,"keys":["model","serial"]}"#,
         )
         .await?;
     let (_, answer) = next_packet(&mut ev, |p| publish_on(p, "v1/gateway/attributes/response")).await?;
     assert_eq!(
         answer,
-        json!({"id": 4, "device": "Lamp", "values": {"model": "L1"}})
+        json!({"id": 4, "device": "Lamp", "values": {"model": "L1", "serial": "S9"}})
     );
+    client
+        .publish(
+            "v1/gateway/attributes/request",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"id":5,"device":"Lamp","client":true,"keys":["model"]}"#,
+        )
+        .await?;
+    let (_, answer) = next_packet(&mut ev, |p| publish_on(p, "v1/gateway/attributes/response")).await?;
+    assert_eq!(answer, json!({"id": 5, "device": "Lamp", "value": "L1"}));
 
     // A two-way RPC to the child reaches the gateway; its reply answers the user.
     let rest2 = rest.clone();

@@ -47,11 +47,10 @@ pub(crate) enum ChildOp {
     Disconnect,
     /// An ingest message from the child.
     Msg(IngestMsg),
-    /// An attribute request; `Some(key)` when one key was asked (answered with `value`).
+    /// An attribute request with its id.
     AttributeRequest {
         msg: IngestMsg,
         id: u32,
-        single: Option<String>,
     },
     /// Open the child's claim window: secret, duration.
     Claim(String, i64),
@@ -114,12 +113,11 @@ pub(crate) fn parse(topic: GatewayTopic, payload: &[u8]) -> Result<Vec<(String, 
                 .and_then(|i| u32::try_from(i).ok())
                 .ok_or_else(|| invalid("attribute request without a numeric id"))?;
             let client = v.get("client").and_then(Value::as_bool).unwrap_or(false);
-            let (keys, single) = match (v.get("key").and_then(Value::as_str), v.get("keys")) {
-                (Some(k), _) => (vec![k.to_string()], Some(k.to_string())),
-                (None, Some(Value::Array(ks))) => (
-                    ks.iter().filter_map(Value::as_str).map(String::from).collect(),
-                    None,
-                ),
+            let keys = match (v.get("key").and_then(Value::as_str), v.get("keys")) {
+                (Some(k), _) => vec![k.to_string()],
+                (None, Some(Value::Array(ks))) => {
+                    ks.iter().filter_map(Value::as_str).map(String::from).collect()
+                }
                 _ => return Err(invalid("attribute request without key or keys")),
             };
             let (client_keys, shared_keys) = if client {
@@ -132,7 +130,7 @@ pub(crate) fn parse(topic: GatewayTopic, payload: &[u8]) -> Result<Vec<(String, 
                 client_keys,
                 shared_keys,
             };
-            vec![(device_name(&v)?, ChildOp::AttributeRequest { msg, id, single })]
+            vec![(device_name(&v)?, ChildOp::AttributeRequest { msg, id })]
         }
         GatewayTopic::Claim => {
             let mut out = Vec::new();
@@ -167,8 +165,8 @@ pub(crate) struct Gateway {
     credentials_key: String,
     children: HashMap<String, Session>,
     names: HashMap<EntityId, String>,
-    /// Attribute requests waiting for their answer: (child, id) → the single key asked.
-    requests: HashMap<(EntityId, u32), Option<String>>,
+    /// Attribute requests waiting for their answer: (child, id).
+    requests: std::collections::HashSet<(EntityId, u32)>,
 }
 
 impl Gateway {
@@ -178,7 +176,7 @@ impl Gateway {
             credentials_key,
             children: HashMap::new(),
             names: HashMap::new(),
-            requests: HashMap::new(),
+            requests: std::collections::HashSet::new(),
         }
     }
 
@@ -217,12 +215,12 @@ impl Gateway {
         Some(s)
     }
 
-    pub fn expect_response(&mut self, child: EntityId, id: u32, single: Option<String>) {
+    pub fn expect_response(&mut self, child: EntityId, id: u32) {
         // Bounded: a gateway that never reads its answers loses the oldest expectations.
         if self.requests.len() >= 10_000 {
             self.requests.clear();
         }
-        self.requests.insert((child, id), single);
+        self.requests.insert((child, id));
     }
 
     /// Every child session, leaving none (the gateway is gone).
@@ -251,21 +249,24 @@ impl Gateway {
                 )
             }
             DownlinkMsg::AttributeResponse { request_id, json } => {
-                let single = self.requests.remove(&(device, request_id))?;
-                // The answer has one scope section (`client` or `shared`), as asked.
+                if !self.requests.remove(&(device, request_id)) {
+                    return None;
+                }
+                // The answer has one scope section (`client` or `shared`), as asked. As in
+                // ThingsBoard's `JsonConverter.getJsonObjectForGateway`: one value found →
+                // `value`, several → `values`, none → neither.
                 let v: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
                 let values = v
                     .as_object()
-                    .and_then(|o| o.values().next().cloned())
-                    .unwrap_or_else(|| serde_json::json!({}));
+                    .and_then(|o| o.values().next())
+                    .and_then(Value::as_object)
+                    .cloned()
+                    .unwrap_or_default();
                 let mut out = serde_json::json!({"id": request_id, "device": name});
-                match single {
-                    Some(key) => {
-                        if let Some(val) = values.get(&key) {
-                            out["value"] = val.clone();
-                        }
-                    }
-                    None => out["values"] = values,
+                match values.len() {
+                    0 => {}
+                    1 => out["value"] = values.values().next().cloned().unwrap_or(Value::Null),
+                    _ => out["values"] = Value::Object(values),
                 }
                 ("v1/gateway/attributes/response", out.to_string())
             }
@@ -297,6 +298,6 @@ mod tests {
             br#"{"id":4,"device":"A","client":true,"key":"fw"}"#,
         )
         .unwrap();
-        assert!(matches!(&ops[0].1, ChildOp::AttributeRequest { id: 4, single: Some(k), .. } if k == "fw"));
+        assert!(matches!(&ops[0].1, ChildOp::AttributeRequest { id: 4, .. }));
     }
 }

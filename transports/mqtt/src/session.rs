@@ -710,9 +710,9 @@ impl Session {
                     push(m);
                     None
                 }
-                ChildOp::AttributeRequest { msg, id, single } => {
+                ChildOp::AttributeRequest { msg, id } => {
                     push(msg);
-                    Some((child.device.device, id, single))
+                    Some((child.device.device, id))
                 }
                 ChildOp::Claim(secret, duration_ms) => {
                     claims.push((child.device.clone(), (secret, duration_ms)));
@@ -720,8 +720,8 @@ impl Session {
                 }
                 ChildOp::Connect(_) | ChildOp::Disconnect => None,
             };
-            if let Some((device, id, single)) = expect {
-                gw.expect_response(device, id, single);
+            if let Some((device, id)) = expect {
+                gw.expect_response(device, id);
             }
         }
         if !claims.is_empty() {
