@@ -9,6 +9,7 @@
 //!   attributes.
 
 pub mod connectivity;
+pub mod ota;
 pub mod registry;
 pub mod shard;
 pub mod store;

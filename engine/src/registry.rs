@@ -188,11 +188,11 @@ pub struct NewDevice {
     pub access_token: Option<String>,
 }
 
-fn enc<T: Serialize>(v: &T) -> Bytes {
+pub(crate) fn enc<T: Serialize>(v: &T) -> Bytes {
     postcard::to_stdvec(v).expect("postcard encode").into()
 }
 
-fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
+pub(crate) fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
     match postcard::from_bytes(b) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -242,6 +242,10 @@ pub struct Registry {
 }
 
 impl Registry {
+    pub(crate) fn log(&self) -> &LogHandle {
+        &self.log
+    }
+
     pub fn new(log: LogHandle) -> Self {
         Self { log }
     }
@@ -704,6 +708,54 @@ impl Registry {
             None => Ok(freed),
             Some(_) => Err(RegistryError::Conflict(
                 "device changed concurrently; retry".into(),
+            )),
+        }
+    }
+
+    /// Updates a device's name, label and `additionalInfo` (JSON text).
+    pub async fn update_device(
+        &self,
+        id: Uuid,
+        name: &str,
+        label: Option<String>,
+        additional_info: Option<String>,
+    ) -> Result<Device, RegistryError> {
+        let name = name.trim();
+        if name.is_empty() {
+            return Err(RegistryError::Invalid("Device name should be specified!".into()));
+        }
+        let key = format!("reg/device/{id}");
+        let bytes = self
+            .log
+            .meta_get(&key)
+            .ok_or_else(|| RegistryError::NotFound(format!("Device with id [{id}] is not found")))?;
+        let old: Device = dec(&bytes).ok_or_else(|| RegistryError::NotFound(key.clone()))?;
+        let new = Device {
+            name: name.to_string(),
+            label,
+            additional_info: additional_info.unwrap_or_else(|| "null".into()),
+            version: old.version + 1,
+            ..old.clone()
+        };
+        let mut checks = vec![MetaCheck::Equals(key.clone(), bytes)];
+        let mut ops = vec![MetaOp::Put(key, enc(&new))];
+        if new.name != old.name {
+            let name_key = format!("reg/device_name/{}/{}", new.tenant_id, new.name);
+            checks.push(MetaCheck::Absent(name_key.clone()));
+            ops.push(MetaOp::Delete(format!(
+                "reg/device_name/{}/{}",
+                old.tenant_id, old.name
+            )));
+            ops.push(MetaOp::Put(name_key, enc(&id)));
+        }
+        let r = self.log.meta_txn(MetaTxn { checks, ops }).await?;
+        match r.failed_check {
+            None => Ok(new),
+            Some(0) => Err(RegistryError::Conflict(
+                "device changed concurrently; retry".into(),
+            )),
+            Some(_) => Err(RegistryError::Conflict(
+                "Device with such name already exists!".into(),
             )),
         }
     }

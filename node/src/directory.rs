@@ -11,7 +11,7 @@ use thingraft_engine::registry::{
 };
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
-use thingraft_transport_common::Directory;
+use thingraft_transport_common::{Directory, OtaInfo, OtaKind};
 use uuid::Uuid;
 
 pub struct EngineDirectory {
@@ -96,6 +96,32 @@ impl Directory for EngineDirectory {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+
+    fn ota_info(&self, device: &EntityId, kind: OtaKind) -> Option<OtaInfo> {
+        let p = self
+            .engine
+            .registry
+            .device_ota(Uuid::from_bytes(*device), ota_kind(kind))?;
+        Some(OtaInfo {
+            title: p.title,
+            version: p.version,
+            size: p.size?,
+            file_name: p.file_name,
+        })
+    }
+
+    fn ota_read(&self, device: &EntityId, kind: OtaKind, offset: u64, len: u64) -> Option<Vec<u8>> {
+        let registry = &self.engine.registry;
+        let p = registry.device_ota(Uuid::from_bytes(*device), ota_kind(kind))?;
+        registry.ota_range(&p, offset, len)
+    }
+}
+
+fn ota_kind(k: OtaKind) -> thingraft_engine::ota::OtaKind {
+    match k {
+        OtaKind::Firmware => thingraft_engine::ota::OtaKind::Firmware,
+        OtaKind::Software => thingraft_engine::ota::OtaKind::Software,
     }
 }
 

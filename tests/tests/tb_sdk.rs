@@ -1,5 +1,5 @@
 //! Compatibility target A: ThingsBoard's own Python device SDK (tb-mqtt-client 1.13: MQTT
-//! device, provisioning, gateway, HTTP device) runs unchanged against a `thingraft serve`
+//! device, OTA firmware, provisioning, gateway, HTTP device) runs unchanged against a `thingraft serve`
 //! process. The checks are in `tests/python/tb_sdk.py`; each prints `ok <name>`.
 
 use std::process::Command;
@@ -25,8 +25,11 @@ async fn thingsboards_python_sdk_runs_unchanged() -> anyhow::Result<()> {
     let out = tokio::task::spawn_blocking({
         let (host, mqtt_port, http_port) = (host.to_string(), mqtt_port.to_string(), http_port.to_string());
         move || {
+            // The HTTP SDK stores downloaded firmware in its working directory.
+            let dir = tempfile::tempdir()?;
             Command::new(python())
                 .args([script, &host, &mqtt_port, &http_port])
+                .current_dir(dir.path())
                 .output()
         }
     })
@@ -47,7 +50,7 @@ async fn thingsboards_python_sdk_runs_unchanged() -> anyhow::Result<()> {
     // Every check ran.
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        24,
+        28,
         "{stdout}"
     );
     Ok(())

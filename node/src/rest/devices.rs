@@ -91,9 +91,25 @@ async fn save_device(
         .get("name")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("Device name should be specified!"))?;
-    if body.get("id").and_then(|v| v.get("id")).is_some() {
-        // Updating an existing device is not offered yet; say so instead of creating a copy.
-        return Err(ApiError::bad_request("updating a device is not supported yet"));
+    if let Some(id) = body.get("id").and_then(|v| v.get("id")).and_then(Value::as_str) {
+        // An update: name, label, additionalInfo, and the OTA packages assigned.
+        let current = caller.device(&state, parse_uuid(id)?)?;
+        let device = state
+            .engine
+            .registry
+            .update_device(
+                current.id,
+                name,
+                body.get("label").and_then(Value::as_str).map(str::to_string),
+                body.get("additionalInfo")
+                    .filter(|v| !v.is_null())
+                    .map(Value::to_string),
+            )
+            .await
+            .map_err(registry_error)?;
+        assign_ota(&state, &caller, &device, &body).await?;
+        tracing::info!(device = %device.id, name = %device.name, "device updated");
+        return Ok(Json(device_json(&device)));
     }
     let profile_id = match body
         .get("deviceProfileId")
@@ -122,8 +138,24 @@ async fn save_device(
         .create_device(new)
         .await
         .map_err(registry_error)?;
+    assign_ota(&state, &caller, &device, &body).await?;
     tracing::info!(device = %device.id, name = %device.name, "device created");
     Ok(Json(device_json(&device)))
+}
+
+/// The packages a device body names in `firmwareId` / `softwareId`.
+async fn assign_ota(
+    state: &AppState,
+    caller: &Caller,
+    device: &Device,
+    body: &Value,
+) -> Result<(), ApiError> {
+    for field in ["firmwareId", "softwareId"] {
+        if let Some(id) = body.get(field).and_then(|v| v.get("id")).and_then(Value::as_str) {
+            super::ota::assign(state, caller, device, id).await?;
+        }
+    }
+    Ok(())
 }
 
 async fn get_device(

@@ -5,6 +5,7 @@
 //! - [`devices`]: devices and their credentials.
 //! - [`profiles`]: device profiles and their provisioning settings.
 //! - [`claims`]: device claiming by customer users.
+//! - [`ota`]: OTA packages and their assignment to devices.
 //! - [`telemetry`]: telemetry and attributes: save, latest, history, keys.
 //! - [`rpc`]: server-side RPC (v1, v2, persistent).
 //!
@@ -13,6 +14,7 @@
 pub mod auth;
 pub mod claims;
 pub mod devices;
+pub mod ota;
 pub mod profiles;
 pub mod rpc;
 pub mod telemetry;
@@ -134,6 +136,7 @@ pub fn router(state: AppState) -> Router {
         .merge(devices::routes())
         .merge(profiles::routes())
         .merge(claims::routes())
+        .merge(ota::routes())
         .merge(telemetry::routes())
         .merge(rpc::routes())
         .with_state(state)

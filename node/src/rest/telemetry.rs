@@ -374,7 +374,7 @@ async fn attribute_keys_scope(
 }
 
 /// Appends an API write to the device's partition and waits until this replica applied it.
-async fn submit(state: &AppState, d: &Device, msg: IngestMsg) -> Result<(), ApiError> {
+pub(super) async fn submit(state: &AppState, d: &Device, msg: IngestMsg) -> Result<(), ApiError> {
     let ingest = Ingest {
         tenant: *d.tenant_id.as_bytes(),
         device: *d.id.as_bytes(),

@@ -378,11 +378,12 @@ fn empty(t: MessageType, mid: u16) -> Packet {
     p
 }
 
-/// An answer of the device API: code, JSON payload, Observe sequence number.
+/// An answer of the device API: code, payload with its content format, Observe sequence
+/// number.
 #[derive(Debug, Clone)]
 pub(crate) struct Reply {
     pub code: ResponseType,
-    pub payload: Option<String>,
+    pub payload: Option<(Vec<u8>, ContentFormat)>,
     pub observe: Option<u32>,
 }
 
@@ -398,7 +399,15 @@ impl Reply {
     pub fn json(code: ResponseType, body: String) -> Reply {
         Reply {
             code,
-            payload: Some(body),
+            payload: Some((body.into_bytes(), ContentFormat::ApplicationJSON)),
+            observe: None,
+        }
+    }
+
+    pub fn bytes(code: ResponseType, body: Vec<u8>) -> Reply {
+        Reply {
+            code,
+            payload: Some((body, ContentFormat::ApplicationOctetStream)),
             observe: None,
         }
     }
@@ -412,9 +421,9 @@ impl Reply {
         if let Some(seq) = self.observe {
             p.set_observe_value(seq & 0xff_ffff);
         }
-        if let Some(body) = self.payload {
-            p.set_content_format(ContentFormat::ApplicationJSON);
-            p.payload = body.into_bytes();
+        if let Some((body, format)) = self.payload {
+            p.set_content_format(format);
+            p.payload = body;
         }
         p
     }

@@ -13,7 +13,7 @@ use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::{Downlink, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms};
+use thingraft_transport_common::{Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk};
 use tokio::sync::mpsc;
 
 use crate::{Reply, Responder, Transport};
@@ -157,6 +157,14 @@ async fn route(
                     }
                 }
             }
+        }
+        (RequestType::Get, [ota @ ("fw" | "sw"), token]) => {
+            let kind = if *ota == "fw" {
+                OtaKind::Firmware
+            } else {
+                OtaKind::Software
+            };
+            ota_download(t, token, kind, &query(req))?
         }
         (RequestType::Post, ["api", "v1", "provision"]) => match t.hub.directory() {
             None => refuse(ErrorClass::Unavailable, "the registry is not ready"),
@@ -331,4 +339,36 @@ fn spawn_observation(
             .remove(&(peer, token));
     });
     t.observe(peer, token_key, task.abort_handle());
+}
+
+/// `GET /fw/{token}?title=&version=&size=&chunk=` (and `/sw/..`): a chunk of the package
+/// assigned to the device (all of it without `size`); long answers go block-wise.
+fn ota_download(t: &Transport, token: &str, kind: OtaKind, q: &[(String, String)]) -> Result<Reply, Reply> {
+    let (device, _) = t
+        .hub
+        .by_token(token)
+        .ok_or_else(|| refuse(ErrorClass::Unauthorized, "unknown access token"))?;
+    let dir = t
+        .hub
+        .directory()
+        .ok_or_else(|| refuse(ErrorClass::Unavailable, "the registry is not ready"))?;
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let info = dir
+        .ota_info(&device.device, kind)
+        .ok_or_else(|| refuse(ErrorClass::NotFound, "no OTA package assigned"))?;
+    if param("title").is_some_and(|x| x != info.title) || param("version").is_some_and(|x| x != info.version)
+    {
+        return Err(refuse(ErrorClass::BadRequest, "title or version do not match"));
+    }
+    let number = |k: &str| {
+        param(k)
+            .filter(|v| !v.is_empty())
+            .map_or(Ok(0), str::parse::<u64>)
+    };
+    let (Ok(size), Ok(chunk)) = (number("size"), number("chunk")) else {
+        return Err(refuse(ErrorClass::BadRequest, "size and chunk must be numbers"));
+    };
+    let data = ota_chunk(dir.as_ref(), &device.device, kind, size, chunk)
+        .ok_or_else(|| refuse(ErrorClass::NotFound, "OTA package data not available"))?;
+    Ok(Reply::bytes(ResponseType::Content, data))
 }

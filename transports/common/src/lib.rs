@@ -75,6 +75,22 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// Firmware or software, for OTA updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtaKind {
+    Firmware,
+    Software,
+}
+
+/// The OTA package assigned to a device, as its downloads see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtaInfo {
+    pub title: String,
+    pub version: String,
+    pub size: u64,
+    pub file_name: Option<String>,
+}
+
 /// What transports ask of the entity registry beyond credential lookups; the node implements it
 /// with the engine's registry (transports never depend on the engine).
 pub trait Directory: Send + Sync {
@@ -104,6 +120,28 @@ pub trait Directory: Send + Sync {
         secret: String,
         duration_ms: i64,
     ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+
+    /// The OTA package of `kind` assigned to `device`, if its data is uploaded.
+    fn ota_info(&self, device: &EntityId, kind: OtaKind) -> Option<OtaInfo>;
+
+    /// `len` bytes of that package from `offset` (fewer at its end, none past it).
+    fn ota_read(&self, device: &EntityId, kind: OtaKind, offset: u64, len: u64) -> Option<Vec<u8>>;
+}
+
+/// A chunk of an OTA download as ThingsBoard's transports define it: chunk `index` of `size`
+/// bytes each (`size` 0 or absent: the whole package).
+pub fn ota_chunk(
+    dir: &dyn Directory,
+    device: &EntityId,
+    kind: OtaKind,
+    size: u64,
+    index: u64,
+) -> Option<Vec<u8>> {
+    let info = dir.ota_info(device, kind)?;
+    if size == 0 {
+        return dir.ota_read(device, kind, 0, info.size);
+    }
+    dir.ota_read(device, kind, index.saturating_mul(size), size)
 }
 
 /// The device transports' shared state on one node.

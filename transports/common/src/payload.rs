@@ -32,15 +32,17 @@ pub fn parse_attribute_request(payload: &[u8]) -> Result<KeyLists, PayloadError>
 }
 
 /// The same request given as URL query parameters (`?clientKeys=a,b&sharedKeys=c`), as the
-/// HTTP and CoAP APIs take it.
+/// HTTP and CoAP APIs take it. A repeated parameter adds its keys (`?sharedKeys=a&sharedKeys=b`,
+/// as Python's `requests` sends a list; Spring joins them the same way).
 pub fn attribute_request_from_query<'a>(params: impl IntoIterator<Item = (&'a str, &'a str)>) -> KeyLists {
-    let (mut client, mut shared) = (None, None);
+    let (mut client, mut shared): KeyLists = (None, None);
     for (k, v) in params {
-        match k {
-            "clientKeys" => client = Some(key_list(v)),
-            "sharedKeys" => shared = Some(key_list(v)),
-            _ => {}
-        }
+        let list = match k {
+            "clientKeys" => &mut client,
+            "sharedKeys" => &mut shared,
+            _ => continue,
+        };
+        list.get_or_insert_with(Vec::new).extend(key_list(v));
     }
     (client, shared)
 }
@@ -131,6 +133,8 @@ mod tests {
         assert_eq!(body, (Some(vec!["a".into(), "b".into()]), Some(vec![])));
         assert_eq!(body, query);
         assert_eq!(parse_attribute_request(b" ").unwrap(), (None, None));
+        let repeated = attribute_request_from_query([("sharedKeys", "a"), ("sharedKeys", "b,c")]);
+        assert_eq!(repeated, (None, Some(vec!["a".into(), "b".into(), "c".into()])));
         assert!(parse_attribute_request(b"[1]").is_err());
         assert!(parse_attribute_request(b"{").is_err());
     }

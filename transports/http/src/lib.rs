@@ -25,7 +25,9 @@ use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::{ErrorClass, tb_error_envelope};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::{Downlink, Hub, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms};
+use thingraft_transport_common::{
+    Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+};
 use tokio::sync::mpsc;
 
 /// The `[http.device]` section of the node's config.
@@ -73,6 +75,8 @@ pub fn router(hub: Arc<Hub>, config: HttpDeviceConfig) -> Router {
         .route("/api/v1/{token}/rpc", get(rpc_poll).post(client_rpc))
         .route("/api/v1/{token}/rpc/{id}", post(rpc_reply))
         .route("/api/v1/{token}/claim", post(claim))
+        .route("/api/v1/{token}/firmware", get(firmware))
+        .route("/api/v1/{token}/software", get(software))
         .route("/api/v1/provision", post(provision))
         .with_state(Arc::new(Api { hub, config }))
 }
@@ -330,4 +334,69 @@ async fn claim(State(api): St, Path(token): Path<String>, body: Body) -> Result<
         DevError::new(ErrorClass::Unavailable, e)
     })?;
     Ok(StatusCode::OK)
+}
+
+async fn firmware(
+    State(api): St,
+    Path(token): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<Response, DevError> {
+    ota(&api, &token, &q, OtaKind::Firmware)
+}
+
+async fn software(
+    State(api): St,
+    Path(token): Path<String>,
+    Query(q): Query<Vec<(String, String)>>,
+) -> Result<Response, DevError> {
+    ota(&api, &token, &q, OtaKind::Software)
+}
+
+/// `GET /api/v1/{token}/firmware?title=&version=&size=&chunk=` (and `/software`): chunk `chunk`
+/// of `size` bytes of the package assigned to the device (all of it without `size`); 404 when
+/// none is, 400 when `title`/`version` name another.
+fn ota(api: &Api, token: &str, q: &[(String, String)], kind: OtaKind) -> Result<Response, DevError> {
+    let Some((device, _)) = api.hub.by_token(token) else {
+        return Err(DevError::new(ErrorClass::Unauthorized, "Invalid access token"));
+    };
+    let dir = api
+        .hub
+        .directory()
+        .ok_or_else(|| DevError::new(ErrorClass::Unavailable, "The registry is not ready"))?;
+    let param = |k: &str| q.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    let info = dir
+        .ota_info(&device.device, kind)
+        .ok_or_else(|| DevError::new(ErrorClass::NotFound, "No OTA package is assigned to the device"))?;
+    if param("title").is_some_and(|t| t != info.title) || param("version").is_some_and(|v| v != info.version)
+    {
+        return Err(DevError::new(
+            ErrorClass::BadRequest,
+            "Title or version do not match the assigned OTA package",
+        ));
+    }
+    let number = |k: &str| -> Result<u64, DevError> {
+        match param(k) {
+            None | Some("") => Ok(0),
+            Some(v) => v
+                .parse()
+                .map_err(|_| DevError::new(ErrorClass::BadRequest, format!("{k} must be a number"))),
+        }
+    };
+    let (size, chunk) = (number("size")?, number("chunk")?);
+    let data = ota_chunk(dir.as_ref(), &device.device, kind, size, chunk)
+        .ok_or_else(|| DevError::new(ErrorClass::NotFound, "OTA package data is not available"))?;
+    let name = info.file_name.unwrap_or_else(|| info.title.clone());
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename={name}"),
+            ),
+            (header::HeaderName::from_static("x-filename"), name),
+        ],
+        data,
+    )
+        .into_response())
 }

@@ -16,7 +16,7 @@ use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::{Downlink, SUB_ATTRIBUTES, SUB_RPC, now_ms};
+use thingraft_transport_common::{Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -102,6 +102,8 @@ enum Topic<'a> {
     RpcResponse(&'a str),
     ClientRpc(Family, &'a str),
     Claim,
+    /// An OTA chunk request: kind, request id, chunk index.
+    Ota(OtaKind, &'a str, &'a str),
     Unknown,
 }
 
@@ -114,6 +116,18 @@ fn classify(topic: &str) -> Topic<'_> {
         "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => return Topic::Attributes,
         "v1/devices/me/claim" => return Topic::Claim,
         _ => {}
+    }
+    for (prefix, kind) in [
+        ("v2/fw/request/", OtaKind::Firmware),
+        ("v2/sw/request/", OtaKind::Software),
+    ] {
+        if let Some((rid, idx)) = topic.strip_prefix(prefix).and_then(|r| r.split_once("/chunk/"))
+            && !rid.is_empty()
+            && !idx.is_empty()
+            && !idx.contains('/')
+        {
+            return Topic::Ota(kind, rid, idx);
+        }
     }
     // Longer prefixes first: `v2/a/req/j/5` also starts with `v2/a/req/`.
     let prefixed: [(&str, TopicOf); 9] = [
@@ -203,6 +217,8 @@ struct Session {
     client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String)>,
     /// The children of a gateway device's connection (`None`: not a gateway).
     gateway: Option<Gateway>,
+    /// The OTA chunk size this device asked for last (0: whole packages).
+    ota_chunk_size: u64,
 }
 
 /// Serves one accepted connection until it ends.
@@ -296,6 +312,7 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
         gateway,
+        ota_chunk_size: 0,
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.s.device.name, session = s.s.id.session);
@@ -378,6 +395,10 @@ impl Session {
         let mut next_report = tokio::time::Instant::now() + report_every;
         // Packets seen since the last record this session appended (which reports activity).
         let mut unreported = false;
+        // Packets the client sent right behind its CONNECT are already buffered.
+        if let Some(end) = self.handle_buffered().await {
+            return end;
+        }
         loop {
             if !self.queue.is_empty() {
                 unreported = false;
@@ -402,21 +423,8 @@ impl Session {
                     }
                     last_packet = tokio::time::Instant::now();
                     unreported = true;
-                    loop {
-                        match codec::read(&mut self.rbuf, Some(self.version), self.transport.config.max_packet_bytes) {
-                            Ok(None) => break,
-                            Ok(Some(p)) => {
-                                if let Some(end) = self.handle(p).await {
-                                    let _ = self.stream.write_all(&self.wbuf).await;
-                                    return end;
-                                }
-                            }
-                            Err(e) => {
-                                codec::write_disconnect(&mut self.wbuf, self.version, e.disconnect_code());
-                                let _ = self.stream.write_all(&self.wbuf).await;
-                                return End::Protocol(e.to_string());
-                            }
-                        }
+                    if let Some(end) = self.handle_buffered().await {
+                        return end;
                     }
                 }
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
@@ -495,6 +503,31 @@ impl Session {
         }
     }
 
+    /// Handles every whole packet in the read buffer; `Some` ends the session (what it owes the
+    /// client is written first).
+    async fn handle_buffered(&mut self) -> Option<End> {
+        loop {
+            match codec::read(
+                &mut self.rbuf,
+                Some(self.version),
+                self.transport.config.max_packet_bytes,
+            ) {
+                Ok(None) => return None,
+                Ok(Some(p)) => {
+                    if let Some(end) = self.handle(p).await {
+                        let _ = self.stream.write_all(&self.wbuf).await;
+                        return Some(end);
+                    }
+                }
+                Err(e) => {
+                    codec::write_disconnect(&mut self.wbuf, self.version, e.disconnect_code());
+                    let _ = self.stream.write_all(&self.wbuf).await;
+                    return Some(End::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+
     /// Handles one packet; `Some` ends the session.
     async fn handle(&mut self, p: Incoming) -> Option<End> {
         match p {
@@ -567,6 +600,7 @@ impl Session {
             }),
             Topic::RpcResponse(id) => request_id(id).map(|id| payload::rpc_response(id, payload)),
             Topic::ClientRpc(family, id) => return self.client_rpc(family, id, payload, ack),
+            Topic::Ota(kind, rid, idx) => return self.ota(kind, rid, idx, payload, ack),
             Topic::Claim => {
                 let claims = match payload::parse_claim(payload) {
                     Ok(c) => vec![(self.s.device.clone(), c)],
@@ -742,6 +776,70 @@ impl Session {
 }
 
 impl Session {
+    /// An OTA chunk request `v2/fw/request/{rid}/chunk/{i}` (payload: the chunk size in ASCII,
+    /// or empty for the size used before, or the whole package): the chunk goes out on
+    /// `v2/fw/response/{rid}/chunk/{i}` whatever the device subscribed to; a missing package
+    /// or a chunk over the packet limit is answered on `v2/fw/error` and the connection closed,
+    /// as ThingsBoard does.
+    fn ota(&mut self, kind: OtaKind, rid: &str, idx: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
+        let part = match kind {
+            OtaKind::Firmware => "fw",
+            OtaKind::Software => "sw",
+        };
+        if let Some(pkid) = ack {
+            codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+        }
+        let text = String::from_utf8_lossy(payload);
+        let size = match text.trim() {
+            "" => self.ota_chunk_size,
+            s => match s.parse::<u64>() {
+                Ok(n) => n,
+                Err(_) => {
+                    return self.refuse(
+                        &format!("v2/{part}/request/{rid}/chunk/{idx}"),
+                        &PayloadError::InvalidJson("chunk size is not a number".into()),
+                        None,
+                    );
+                }
+            },
+        };
+        self.ota_chunk_size = size;
+        let data = match idx.parse::<u64>() {
+            Ok(i) => self.transport.hub.directory().and_then(|d| {
+                thingraft_transport_common::ota_chunk(d.as_ref(), &self.s.device.device, kind, size, i)
+            }),
+            Err(_) => None,
+        };
+        let error = match data {
+            None => "NOT_FOUND",
+            Some(d) if d.len() + 64 + rid.len() + idx.len() > self.transport.config.max_packet_bytes => {
+                "PAYLOAD_TOO_LARGE"
+            }
+            Some(d) => {
+                let topic = format!("v2/{part}/response/{rid}/chunk/{idx}");
+                let pkid = self.transport.next_pkid();
+                codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &d);
+                return None;
+            }
+        };
+        tracing::info!(error, "OTA chunk request refused");
+        let pkid = self.transport.next_pkid();
+        codec::write_publish(
+            &mut self.wbuf,
+            self.version,
+            &format!("v2/{part}/error"),
+            1,
+            pkid,
+            error.as_bytes(),
+        );
+        codec::write_disconnect(
+            &mut self.wbuf,
+            self.version,
+            DisconnectCode::ImplementationSpecificError,
+        );
+        Some(End::Refused("OTA chunk refused"))
+    }
+
     /// Opens claim windows through the registry; the PUBACK follows their commit.
     async fn claim(
         &mut self,
