@@ -66,6 +66,8 @@ async fn firmware_is_uploaded_assigned_and_downloaded_over_http_coap_and_mqtt() 
     let body = json!({"id": {"entityType": "DEVICE", "id": id}, "name": "Updater",
                       "firmwareId": {"entityType": "OTA_PACKAGE", "id": pkg_id}});
     assert_eq!(rest.call("POST", "/api/device", Some(&body.to_string()))?.0, 200);
+    let (_, dev) = rest.call("GET", &format!("/api/device/{id}"), None)?;
+    assert_eq!(dev["firmwareId"]["id"], pkg_id.as_str(), "{dev}");
     let (_, attrs) = Rest::new(&c.http[&1]).call("GET", "/api/v1/UPD_TOKEN/attributes?sharedKeys=fw_title,fw_version,fw_size,fw_checksum,fw_checksum_algorithm", None)?;
     assert_eq!(
         attrs["shared"],

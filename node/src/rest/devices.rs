@@ -7,6 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use thingraft_engine::ota::OtaKind;
 use thingraft_engine::registry::{Authority, Credentials, Device, NewDevice, RegistryError};
 use uuid::Uuid;
 
@@ -109,7 +110,7 @@ async fn save_device(
             .map_err(registry_error)?;
         assign_ota(&state, &caller, &device, &body).await?;
         tracing::info!(device = %device.id, name = %device.name, "device updated");
-        return Ok(Json(device_json(&device)));
+        return Ok(Json(device_json_with_ota(&state, &device)));
     }
     let profile_id = match body
         .get("deviceProfileId")
@@ -140,7 +141,21 @@ async fn save_device(
         .map_err(registry_error)?;
     assign_ota(&state, &caller, &device, &body).await?;
     tracing::info!(device = %device.id, name = %device.name, "device created");
-    Ok(Json(device_json(&device)))
+    Ok(Json(device_json_with_ota(&state, &device)))
+}
+
+/// [`device_json`] with the OTA packages assigned to the device.
+fn device_json_with_ota(state: &AppState, d: &Device) -> Value {
+    let mut v = device_json(d);
+    for (field, kind) in [
+        ("firmwareId", OtaKind::Firmware),
+        ("softwareId", OtaKind::Software),
+    ] {
+        if let Some(p) = state.engine.registry.device_ota(d.id, kind) {
+            v[field] = entity_id("OTA_PACKAGE", p.id);
+        }
+    }
+    v
 }
 
 /// The packages a device body names in `firmwareId` / `softwareId`.
@@ -164,7 +179,7 @@ async fn get_device(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let d = caller.device(&state, parse_uuid(&id)?)?;
-    Ok(Json(device_json(&d)))
+    Ok(Json(device_json_with_ota(&state, &d)))
 }
 
 async fn delete_device(
