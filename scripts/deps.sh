@@ -10,6 +10,7 @@ command -v make >/dev/null 2>&1 || need+=(make)
 command -v curl >/dev/null 2>&1 || need+=(curl)                 # tests call the REST API with curl
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients) # tests and the README tour
 command -v coap-client-notls >/dev/null 2>&1 || need+=(libcoap3-bin)      # CoAP tests and the README tour
+command -v openssl >/dev/null 2>&1 || need+=(openssl)                # certificates for the MQTT TLS test
 if [ "${#need[@]}" -gt 0 ]; then
   echo "installing: ${need[*]}" >&2
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -849,7 +849,7 @@ impl Registry {
     }
 
     /// Replaces a device's credentials with an X.509 certificate (PEM or base64 DER), looked up
-    /// by the SHA3-256 of its text as ThingsBoard does.
+    /// by the SHA3-256 of its base64 text as ThingsBoard does (`x509_hash`).
     pub async fn update_x509(
         &self,
         device_id: Uuid,
@@ -859,7 +859,7 @@ impl Registry {
         if cert.is_empty() {
             return Err(RegistryError::Invalid("X509 certificate is empty".into()));
         }
-        let hash = mqtt_basic_hash(cert, "");
+        let hash = thingraft_proto::records::x509_hash(cert);
         self.replace_credentials(
             device_id,
             CredentialsType::X509Certificate,
@@ -945,7 +945,7 @@ fn credentials_key(c: &Credentials) -> String {
     match c.kind {
         CredentialsType::AccessToken => token_key(&c.credentials_id),
         CredentialsType::MqttBasic => basic_key(&c.credentials_id),
-        CredentialsType::X509Certificate => format!("reg/x509/{}", c.credentials_id),
+        CredentialsType::X509Certificate => thingraft_proto::records::x509_key_of_hash(&c.credentials_id),
     }
 }
 

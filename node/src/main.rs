@@ -117,6 +117,15 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
                 .with_context(|| format!("binding MQTT {a}"))?,
         ),
     };
+    let mqtt_tls = match cfg.mqtt.tls_listen.as_str() {
+        "" => None,
+        a => Some((
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding MQTT TLS {a}"))?,
+            thingraft_transport_mqtt::tls::acceptor(&cfg.mqtt).context("MQTT TLS certificate")?,
+        )),
+    };
     let http_listener = match cfg.http.listen.as_str() {
         "" => None,
         a => Some(
@@ -151,6 +160,10 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");
         tokio::spawn(mqtt.clone().serve(l));
+    }
+    if let Some((l, acceptor)) = mqtt_tls {
+        tracing::info!(addr = %cfg.mqtt.tls_listen, "MQTT over TLS listening");
+        tokio::spawn(mqtt.clone().serve_tls(l, acceptor));
     }
     let coap = coap_socket.map(|socket| {
         tracing::info!(addr = %cfg.coap.listen, "CoAP listening");

@@ -50,6 +50,38 @@ pub fn token_key(token: &str) -> String {
     format!("reg/token/{token}")
 }
 
+/// ThingsBoard's lookup hash of X.509 credentials: the SHA3-256 hex of the certificate's base64
+/// text without PEM armour or line breaks (`EncryptionUtil.certTrimNewLines`).
+pub fn x509_hash(certificate: &str) -> String {
+    let trimmed: String = certificate
+        .replace("-----BEGIN CERTIFICATE-----", "")
+        .replace("-----END CERTIFICATE-----", "")
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    sha3_hex(trimmed.as_bytes())
+}
+
+/// Metadata-map key of the X.509 credentials of a certificate (its DER bytes), as a TLS
+/// connection presents it.
+pub fn x509_key(der: &[u8]) -> String {
+    use base64::Engine;
+    x509_key_of_hash(&x509_hash(&base64::engine::general_purpose::STANDARD.encode(der)))
+}
+
+/// Metadata-map key of X.509 credentials, by their lookup hash.
+pub fn x509_key_of_hash(hash: &str) -> String {
+    format!("reg/x509/{hash}")
+}
+
+fn sha3_hex(b: &[u8]) -> String {
+    use sha3::Digest;
+    sha3::Sha3_256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
 /// Metadata-map key of MQTT basic credentials, by their lookup hash.
 pub fn basic_key(hash: &str) -> String {
     format!("reg/basic/{hash}")
@@ -58,13 +90,11 @@ pub fn basic_key(hash: &str) -> String {
 /// ThingsBoard's lookup hash of MQTT basic credentials: the SHA3-256 hex of the non-empty
 /// parts joined by `|` (client id, then user name).
 pub fn mqtt_basic_hash(client_id: &str, user_name: &str) -> String {
-    use sha3::Digest;
     let parts: Vec<&str> = [client_id, user_name]
         .into_iter()
         .filter(|p| !p.is_empty())
         .collect();
-    let digest = sha3::Sha3_256::digest(parts.join("|").as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    sha3_hex(parts.join("|").as_bytes())
 }
 
 /// Attribute scopes, as ThingsBoard names them.

@@ -249,6 +249,19 @@ async fn update_credentials(
                 .map_err(registry_error)?;
             return Ok(Json(credentials_json(&c)));
         }
+        Some("X509_CERTIFICATE") => {
+            let pem = body
+                .get("credentialsValue")
+                .and_then(Value::as_str)
+                .ok_or_else(|| ApiError::bad_request("Invalid credentials body for X509 credentials!"))?;
+            let c = state
+                .engine
+                .registry
+                .update_x509(d.id, pem)
+                .await
+                .map_err(registry_error)?;
+            return Ok(Json(credentials_json(&c)));
+        }
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "credentials type {other} is not supported yet"

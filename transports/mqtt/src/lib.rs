@@ -14,6 +14,14 @@ pub mod codec;
 mod gateway;
 mod provision;
 pub mod session;
+pub mod tls;
+
+/// A device connection: plain TCP, or TLS over it.
+pub(crate) type Stream = Box<dyn Io>;
+
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
@@ -42,6 +50,11 @@ pub struct MqttConfig {
     /// A session that saw packets but sent no message reports the device's activity this often
     /// (ThingsBoard's `transport.sessions.report_timeout`), so keep-alive pings keep it active.
     pub activity_report_ms: u64,
+    /// Address of the MQTT-over-TLS listener (ThingsBoard: 8883); empty disables it.
+    pub tls_listen: String,
+    /// The server's certificate chain and private key (PEM files), for `tls_listen`.
+    pub tls_cert_file: String,
+    pub tls_key_file: String,
 }
 
 impl Default for MqttConfig {
@@ -52,6 +65,9 @@ impl Default for MqttConfig {
             connect_timeout_ms: 10_000,
             queued_messages_max: 100,
             activity_report_ms: 3_000,
+            tls_listen: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
         }
     }
 }
@@ -69,6 +85,10 @@ impl MqttConfig {
         anyhow::ensure!(
             self.connect_timeout_ms >= 100,
             "mqtt.connect_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
+            self.tls_listen.is_empty() || (!self.tls_cert_file.is_empty() && !self.tls_key_file.is_empty()),
+            "mqtt.tls_listen needs mqtt.tls_cert_file and mqtt.tls_key_file"
         );
         Ok(())
     }
@@ -99,7 +119,8 @@ impl Transport {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
-                        tokio::spawn(session::run(self.clone(), stream, peer));
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(session::run(self.clone(), Box::new(stream), peer, None));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "MQTT accept failed");

@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::Transport;
 use crate::codec::{self, ConnackCode, Connect, DisconnectCode, Incoming, PubAckCode, Version};
@@ -22,7 +21,12 @@ pub(crate) fn is_provisioning(c: &Connect) -> bool {
 }
 
 /// Serves a provisioning connection until the device leaves (or stays silent for a minute).
-pub(crate) async fn serve(t: Arc<Transport>, mut stream: TcpStream, mut rbuf: BytesMut, version: Version) {
+pub(crate) async fn serve(
+    t: Arc<Transport>,
+    mut stream: crate::Stream,
+    mut rbuf: BytesMut,
+    version: Version,
+) {
     let mut wbuf = BytesMut::new();
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, false);
     loop {

@@ -18,7 +18,6 @@ use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::{Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::Transport;
@@ -206,7 +205,7 @@ struct Queued {
 
 struct Session {
     transport: Arc<Transport>,
-    stream: TcpStream,
+    stream: crate::Stream,
     rbuf: BytesMut,
     wbuf: BytesMut,
     version: Version,
@@ -222,8 +221,13 @@ struct Session {
 }
 
 /// Serves one accepted connection until it ends.
-pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std::net::SocketAddr) {
-    let _ = stream.set_nodelay(true);
+/// `x509` is the credentials key of the client certificate a TLS connection presented, if any.
+pub(crate) async fn run(
+    transport: Arc<Transport>,
+    stream: crate::Stream,
+    peer: std::net::SocketAddr,
+    x509: Option<String>,
+) {
     let mut rbuf = BytesMut::with_capacity(4096);
     let mut wbuf = BytesMut::new();
     let mut stream = stream;
@@ -283,7 +287,16 @@ pub(crate) async fn run(transport: Arc<Transport>, stream: TcpStream, peer: std:
         crate::provision::serve(transport, stream, rbuf, version).await;
         return;
     }
-    let (device, credentials_key) = match transport.authenticate(&connect) {
+    let authenticated = match &x509 {
+        // A client certificate decides alone, as in ThingsBoard.
+        Some(key) => transport
+            .hub
+            .lookup(key)
+            .map(|d| ((*d).clone(), key.clone()))
+            .ok_or(ConnackCode::NotAuthorized),
+        None => transport.authenticate(&connect),
+    };
+    let (device, credentials_key) = match authenticated {
         Ok(d) => d,
         Err(code) => {
             tracing::info!(%peer, client_id = %connect.client_id, ?code, "MQTT CONNECT refused");

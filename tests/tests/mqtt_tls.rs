@@ -1,0 +1,157 @@
+//! MQTT over TLS with `mosquitto_pub`: a device authenticates by access token over TLS, or by
+//! its client certificate (X.509 credentials set through REST); an unknown certificate is
+//! refused and stores nothing. Certificates are made by `openssl` for the test.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use thingraft_tests::{ProcCluster, Rest, free_ports, mosquitto_pub};
+
+/// A self-signed EC certificate for `cn` (valid for 127.0.0.1), as `<name>.pem` / `<name>.key`.
+fn certificate(dir: &Path, name: &str, cn: &str) -> anyhow::Result<()> {
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")))
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        status.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_over_tls_with_a_token_or_their_certificate() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    certificate(d, "server", "thingraft")?;
+    certificate(d, "device", "meter-x509")?;
+    certificate(d, "stranger", "stranger")?;
+    let port = free_ports(1)[0];
+    let config = format!(
+        "[mqtt]\ntls_listen = \"127.0.0.1:{port}\"\ntls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n",
+        d.join("server.pem").display(),
+        d.join("server.key").display()
+    );
+    let c = ProcCluster::start_with_config(1, 4, Some(&config)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let tls = format!("127.0.0.1:{port}");
+    let ca = d.join("server.pem").display().to_string();
+
+    // An access token over TLS.
+    let by_token = rest.create_device("TLS token", "TLS_TOKEN")?;
+    let rc = mosquitto_pub(
+        &tls,
+        &[
+            "--cafile",
+            &ca,
+            "-q",
+            "1",
+            "-u",
+            "TLS_TOKEN",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"tls":1}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    let v = rest
+        .wait_latest(&by_token, Duration::from_secs(5), |v| v.get("tls").is_some())
+        .await?;
+    assert_eq!(v["tls"][0]["value"], "1");
+
+    // A client certificate registered as the device's X.509 credentials.
+    let by_cert = rest.create_device("TLS cert", "TLS_CERT_PLACEHOLDER")?;
+    let pem = std::fs::read_to_string(d.join("device.pem"))?;
+    let body = json!({"deviceId": {"entityType": "DEVICE", "id": by_cert}, "credentialsType": "X509_CERTIFICATE", "credentialsValue": pem});
+    let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{creds}");
+    assert_eq!(creds["credentialsType"], "X509_CERTIFICATE");
+    let cert = d.join("device.pem").display().to_string();
+    let key = d.join("device.key").display().to_string();
+    let rc = mosquitto_pub(
+        &tls,
+        &[
+            "--cafile",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-q",
+            "1",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"x509":2}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    let v = rest
+        .wait_latest(&by_cert, Duration::from_secs(5), |v| v.get("x509").is_some())
+        .await?;
+    assert_eq!(v["x509"][0]["value"], "2");
+
+    // A certificate nobody registered: refused (CONNACK 5, not authorized), nothing stored.
+    let cert = d.join("stranger.pem").display().to_string();
+    let key = d.join("stranger.key").display().to_string();
+    let rc = mosquitto_pub(
+        &tls,
+        &[
+            "--cafile",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "-q",
+            "1",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"x509":3}"#,
+        ],
+    )?;
+    assert_ne!(rc, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(rest.latest(&by_cert)?["x509"][0]["value"], "2");
+    // Plain TCP still works beside TLS.
+    let rc = mosquitto_pub(
+        &c.mqtt[&1],
+        &[
+            "-q",
+            "1",
+            "-u",
+            "TLS_TOKEN",
+            "-t",
+            "v1/devices/me/telemetry",
+            "-m",
+            r#"{"tls":4}"#,
+        ],
+    )?;
+    assert_eq!(rc, 0);
+    Ok(())
+}
