@@ -600,6 +600,17 @@ pub async fn next_packet<T>(
     }
 }
 
+/// The reason code of the next PUBACK.
+pub async fn next_puback(
+    ev: &mut rumqttc::v5::EventLoop,
+) -> anyhow::Result<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+    next_packet(ev, |p| match p {
+        rumqttc::v5::mqttbytes::v5::Packet::PubAck(a) => Some(a.reason),
+        _ => None,
+    })
+    .await
+}
+
 /// A PUBLISH whose topic starts with `prefix`: its topic and JSON payload.
 pub fn publish_on(
     p: &rumqttc::v5::mqttbytes::v5::Packet,

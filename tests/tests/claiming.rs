@@ -6,7 +6,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde_json::json;
-use thingraft_tests::{ProcCluster, Rest, coap_client, mosquitto_pub, next_packet, v5_client};
+use thingraft_tests::{ProcCluster, Rest, coap_client, mosquitto_pub, next_packet, next_puback, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 const CUSTOMER: (&str, &str) = ("customer@thingsboard.org", "customer");
@@ -105,11 +105,7 @@ async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<
             r#"{"Fridge":{"secretKey":"g","durationMs":60000}}"#,
         )
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::Success);
     assert_eq!(claim(&customer, "Fridge", "g")?.1["response"], "SUCCESS");
 
@@ -120,11 +116,7 @@ async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<
     client
         .publish("v1/devices/me/claim", QoS::AtLeastOnce, false, "[1]")
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::PayloadFormatInvalid);
     assert_eq!(dev.call("POST", "/api/v1/OVEN_TOKEN/claim", Some("[1]"))?.0, 400);
     let out = coap_client(&[

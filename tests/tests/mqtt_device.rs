@@ -7,7 +7,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use serde_json::Value;
-use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, publish_on, v5_client};
+use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, next_puback, publish_on, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -190,22 +190,14 @@ async fn bad_mqtt_input_gets_reason_codes_and_stores_nothing() -> anyhow::Result
     client
         .publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, "{not json")
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::PayloadFormatInvalid);
 
     // A topic ThingsBoard does not have: PUBACK 0x90, topic name invalid.
     client
         .publish("v1/devices/me/elsewhere", QoS::AtLeastOnce, false, r#"{"y":2}"#)
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::TopicNameInvalid);
 
     // Wildcards are refused at SUBACK (0x8F); ThingsBoard's own filters are granted QoS 1.
@@ -291,11 +283,7 @@ async fn bad_mqtt_input_gets_reason_codes_and_stores_nothing() -> anyhow::Result
             r#"{"marker":1}"#,
         )
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::Success);
     let v = rest
         .wait_latest(&id, Duration::from_secs(5), |v| v.get("marker").is_some())
@@ -586,11 +574,7 @@ async fn a_client_side_rpc_nobody_answers_times_out() -> anyhow::Result<()> {
             r#"{"method":"getTime","params":{}}"#,
         )
         .await?;
-    let r = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let r = next_puback(&mut ev).await?;
     assert_eq!(r, PubAckReason::Success);
     let (topic, body) = next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/rpc/response/")).await?;
     assert_eq!(topic, "v1/devices/me/rpc/response/3");
@@ -860,11 +844,7 @@ async fn v2_short_topics_carry_the_same_exchanges_and_answers_use_the_family_ask
     // Telemetry and attributes on the short topics.
     for (topic, body) in [("v2/t", r#"{"level":7}"#), ("v2/a", r#"{"mode":"eco"}"#)] {
         client.publish(topic, QoS::AtLeastOnce, false, body).await?;
-        let r = next_packet(&mut ev, |p| match p {
-            Packet::PubAck(a) => Some(a.reason),
-            _ => None,
-        })
-        .await?;
+        let r = next_puback(&mut ev).await?;
         assert_eq!(r, PubAckReason::Success, "{topic}");
     }
     let v = rest

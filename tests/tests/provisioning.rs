@@ -6,7 +6,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde_json::{Value, json};
-use thingraft_tests::{ProcCluster, Rest, coap_client, mosquitto_pub, next_packet, publish_on, v5_client};
+use thingraft_tests::{
+    ProcCluster, Rest, coap_client, mosquitto_pub, next_packet, next_puback, publish_on, v5_client,
+};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -49,11 +51,7 @@ async fn provision_over_mqtt(addr: &str, request: Value) -> anyhow::Result<(PubA
     client
         .publish("/provision/request", QoS::AtLeastOnce, false, request.to_string())
         .await?;
-    let reason = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let reason = next_puback(&mut ev).await?;
     if reason != PubAckReason::Success {
         return Ok((reason, None));
     }
@@ -207,11 +205,7 @@ async fn devices_provision_themselves_over_mqtt_http_and_coap_and_then_connect()
     client
         .publish("/provision/request", QoS::AtLeastOnce, false, "{nope")
         .await?;
-    let reason = next_packet(&mut ev, |p| match p {
-        Packet::PubAck(a) => Some(a.reason),
-        _ => None,
-    })
-    .await?;
+    let reason = next_puback(&mut ev).await?;
     assert_eq!(reason, PubAckReason::PayloadFormatInvalid);
     let (_, list) = rest.call("GET", "/api/tenant/devices?pageSize=100&page=0", None)?;
     assert_eq!(list["totalElements"], 4, "Prov A–D only: {list}");

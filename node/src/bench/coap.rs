@@ -12,20 +12,15 @@ use std::time::{Duration, Instant};
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
-use super::{histogram, http};
+use super::{RestArgs, histogram};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// CoAP (UDP) address of a node.
     #[arg(long, default_value = "127.0.0.1:5683")]
     coap: String,
-    /// REST address of a node (devices are created there).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http: String,
-    #[arg(long, default_value = "tenant@thingsboard.org")]
-    user: String,
-    #[arg(long, default_value = "tenant")]
-    password: String,
+    #[command(flatten)]
+    rest: RestArgs,
     /// Clients, each with its own socket and device.
     #[arg(long, default_value_t = 100)]
     clients: usize,
@@ -54,8 +49,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         a.clients > 0 && a.inflight > 0,
         "clients and inflight must be > 0"
     );
-    let jwt = http::login(&a.http, &a.user, &a.password).await?;
-    super::create_devices(&a.http, &jwt, a.clients).await?;
+    let jwt = a.rest.login().await?;
+    super::create_devices(&a.rest.http, &jwt, a.clients).await?;
     let shared = Arc::new(Shared {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),

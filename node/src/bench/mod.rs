@@ -26,15 +26,29 @@ pub enum BenchCommand {
     Devices(DevicesArgs),
 }
 
+/// Where the bench devices are created, and as whom.
+#[derive(clap::Args)]
+pub struct RestArgs {
+    /// REST address of a node (bench devices are created there).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: String,
+    #[arg(long, default_value = "tenant@thingsboard.org")]
+    pub user: String,
+    #[arg(long, default_value = "tenant")]
+    pub password: String,
+}
+
+impl RestArgs {
+    /// A JWT of the user.
+    pub async fn login(&self) -> anyhow::Result<String> {
+        http::login(&self.http, &self.user, &self.password).await
+    }
+}
+
 #[derive(clap::Args)]
 pub struct DevicesArgs {
-    /// REST address of a node.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http: String,
-    #[arg(long, default_value = "tenant@thingsboard.org")]
-    user: String,
-    #[arg(long, default_value = "tenant")]
-    password: String,
+    #[command(flatten)]
+    rest: RestArgs,
     #[arg(long, default_value_t = 100)]
     count: usize,
 }
@@ -46,8 +60,8 @@ pub async fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Mqtt(a) => mqtt::run(a).await,
         BenchCommand::Coap(a) => coap::run(a).await,
         BenchCommand::Devices(a) => {
-            let jwt = http::login(&a.http, &a.user, &a.password).await?;
-            create_devices(&a.http, &jwt, a.count).await
+            let jwt = a.rest.login().await?;
+            create_devices(&a.rest.http, &jwt, a.count).await
         }
     }
 }

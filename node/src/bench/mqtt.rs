@@ -16,20 +16,15 @@ use thingraft_transport_mqtt::codec::{self, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{histogram, http};
+use super::{RestArgs, histogram, http};
 
 #[derive(clap::Args)]
 pub struct Args {
     /// MQTT address of a node.
     #[arg(long, default_value = "127.0.0.1:1883")]
     mqtt: String,
-    /// REST address of a node (devices are created there; the lag probe reads there).
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    http: String,
-    #[arg(long, default_value = "tenant@thingsboard.org")]
-    user: String,
-    #[arg(long, default_value = "tenant")]
-    password: String,
+    #[command(flatten)]
+    rest: RestArgs,
     /// Device connections.
     #[arg(long, default_value_t = 100)]
     connections: usize,
@@ -58,8 +53,8 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         "connections and inflight must be > 0"
     );
     anyhow::ensure!(a.inflight < 60_000, "inflight must be < 60000");
-    let token = http::login(&a.http, &a.user, &a.password).await?;
-    super::create_devices(&a.http, &token, a.connections + 1).await?;
+    let token = a.rest.login().await?;
+    super::create_devices(&a.rest.http, &token, a.connections + 1).await?;
     let shared = Arc::new(Shared {
         measuring: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -87,10 +82,10 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     }
     // The lag probe: its own device, one message at a time, read back through REST.
     let probe_stream = connect(&a.mqtt, &format!("bench-token-{}", a.connections)).await?;
-    let probe_id = device_id(&a.http, &token, &format!("bench-{}", a.connections)).await?;
+    let probe_id = device_id(&a.rest.http, &token, &format!("bench-{}", a.connections)).await?;
     let probe = tokio::spawn(lag_probe(
         probe_stream,
-        a.http.clone(),
+        a.rest.http.clone(),
         token.clone(),
         probe_id,
         shared.clone(),

@@ -114,13 +114,25 @@ impl Transport {
 
     /// Accepts connections until [`Transport::shutdown`].
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.accept_loop(listener, |t, stream, peer| {
+            tokio::spawn(session::run(t, Box::new(stream), peer, None));
+        })
+        .await
+    }
+
+    /// Accepts TCP connections until [`Transport::shutdown`], handing each to `serve`.
+    pub(crate) async fn accept_loop(
+        self: Arc<Self>,
+        listener: TcpListener,
+        serve: impl Fn(Arc<Self>, tokio::net::TcpStream, std::net::SocketAddr),
+    ) {
         let mut stop = self.shutdown.subscribe();
         loop {
             tokio::select! {
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(session::run(self.clone(), Box::new(stream), peer, None));
+                        serve(self.clone(), stream, peer);
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "MQTT accept failed");

@@ -88,36 +88,24 @@ impl ClientCertVerifier for AnyClientCert {
 impl Transport {
     /// Accepts TLS connections until [`Transport::shutdown`].
     pub async fn serve_tls(self: Arc<Self>, listener: TcpListener, acceptor: TlsAcceptor) {
-        let mut stop = self.shutdown.subscribe();
-        loop {
-            tokio::select! {
-                r = listener.accept() => match r {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let (t, acceptor) = (self.clone(), acceptor.clone());
-                        let handshake = Duration::from_millis(self.config.connect_timeout_ms);
-                        tokio::spawn(async move {
-                            let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => tls,
-                                Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
-                            };
-                            let x509 = tls
-                                .get_ref()
-                                .1
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .map(|der| x509_key(der.as_ref()));
-                            crate::session::run(t, Box::new(tls), peer, x509).await;
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "MQTT TLS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                },
-                () = crate::stopped(&mut stop) => return,
-            }
-        }
+        let handshake = Duration::from_millis(self.config.connect_timeout_ms);
+        self.accept_loop(listener, move |t, stream, peer| {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(handshake, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::info!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::info!(%peer, "TLS handshake timed out"),
+                };
+                let x509 = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|c| c.first())
+                    .map(|der| x509_key(der.as_ref()));
+                crate::session::run(t, Box::new(tls), peer, x509).await;
+            });
+        })
+        .await
     }
 }
