@@ -6,13 +6,13 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use coap_lite::{CoapOption, MessageClass, MessageType, Packet, RequestType, ResponseType};
 use tokio::net::UdpSocket;
 
-use super::{RestArgs, histogram};
+use super::{Meter, RestArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -34,14 +34,11 @@ pub struct Args {
 }
 
 struct Shared {
-    measuring: AtomicBool,
-    stop: AtomicBool,
-    answered: AtomicU64,
+    meter: Arc<Meter>,
     /// Requests with no answer in 5 s.
     lost: AtomicU64,
     /// Requests answered with another code than 2.01.
     refused: AtomicU64,
-    hist: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
@@ -52,12 +49,9 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     let jwt = a.rest.login().await?;
     super::create_devices(&a.rest.http, &jwt, a.clients).await?;
     let shared = Arc::new(Shared {
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        answered: AtomicU64::new(0),
+        meter: Meter::new(),
         lost: AtomicU64::new(0),
         refused: AtomicU64::new(0),
-        hist: std::sync::Mutex::new(histogram()),
     });
     let mut tasks = Vec::new();
     for i in 0..a.clients {
@@ -65,20 +59,12 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         sock.connect(&a.coap).await?;
         tasks.push(tokio::spawn(client(sock, i, a.inflight, shared.clone())));
     }
-    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
-    let start = shared.answered.load(Ordering::Relaxed);
-    shared.measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-    let answered = shared.answered.load(Ordering::Relaxed) - start;
-    let secs = t0.elapsed().as_secs_f64();
-    shared.stop.store(true, Ordering::Relaxed);
+    let (answered, secs, h) = shared.meter.window(a.warmup, a.seconds).await;
     for t in tasks {
         if let Ok(Err(e)) = t.await {
             eprintln!("client failed: {e:#}");
         }
     }
-    let h = shared.hist.lock().expect("hist").clone();
     let extra = format!(
         "clients: {}, in flight per client: {}, data points per request: 3, unanswered in 5 s: {}, refused: {}",
         a.clients,
@@ -116,7 +102,7 @@ async fn client(sock: UdpSocket, i: usize, inflight: usize, shared: Arc<Shared>)
     let mut sent: HashMap<u16, Instant> = HashMap::new();
     let mut seq = 0u64;
     let mut buf = [0u8; 1500];
-    while !shared.stop.load(Ordering::Relaxed) {
+    while !shared.meter.stopped() {
         while sent.len() < inflight {
             mid = mid.wrapping_add(1);
             sock.send(&request(&token, mid, seq)?).await?;
@@ -159,14 +145,7 @@ async fn client(sock: UdpSocket, i: usize, inflight: usize, shared: Arc<Shared>)
                     shared.refused.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                shared.answered.fetch_add(1, Ordering::Relaxed);
-                if shared.measuring.load(Ordering::Relaxed) {
-                    let _ = shared
-                        .hist
-                        .lock()
-                        .expect("hist")
-                        .record(t.elapsed().as_micros() as u64);
-                }
+                shared.meter.answered([t], Instant::now());
             }
         }
     }

@@ -9,6 +9,10 @@ mod log;
 mod mqtt;
 mod nats;
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use hdrhistogram::Histogram;
 
 #[derive(clap::Subcommand)]
@@ -86,6 +90,64 @@ pub async fn create_devices(addr: &str, jwt: &str, n: usize) -> anyhow::Result<(
         );
     }
     Ok(())
+}
+
+/// What a load generator's workers share: whether the measured window is open, whether to stop,
+/// answers counted, and their latency while measuring.
+pub struct Meter {
+    measuring: AtomicBool,
+    stop: AtomicBool,
+    answered: AtomicU64,
+    hist: Mutex<Histogram<u64>>,
+}
+
+impl Meter {
+    pub fn new() -> Arc<Meter> {
+        Arc::new(Meter {
+            measuring: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            answered: AtomicU64::new(0),
+            hist: Mutex::new(histogram()),
+        })
+    }
+
+    pub fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    pub fn measuring(&self) -> bool {
+        self.measuring.load(Ordering::Relaxed)
+    }
+
+    /// Counts answers; while measuring, records the latency of each (sent at the instants
+    /// given) up to `now`.
+    pub fn answered(&self, sent: impl IntoIterator<Item = Instant>, now: Instant) {
+        let mut n = 0;
+        let mut h = self.measuring().then(|| self.hist.lock().expect("hist"));
+        for t in sent {
+            n += 1;
+            if let Some(h) = h.as_mut() {
+                let _ = h.record(now.duration_since(t).as_micros() as u64);
+            }
+        }
+        drop(h);
+        self.answered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Warms up, measures for `seconds`, then tells the workers to stop; returns the answers in
+    /// the window, its length in seconds, and their latency histogram.
+    pub async fn window(&self, warmup: u64, seconds: u64) -> (u64, f64, Histogram<u64>) {
+        tokio::time::sleep(Duration::from_secs(warmup)).await;
+        let start = self.answered.load(Ordering::Relaxed);
+        self.measuring.store(true, Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let answered = self.answered.load(Ordering::Relaxed) - start;
+        let secs = t0.elapsed().as_secs_f64();
+        self.measuring.store(false, Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
+        (answered, secs, self.hist.lock().expect("hist").clone())
+    }
 }
 
 /// A latency histogram in microseconds, 1 µs to 60 s at 3 significant digits.

@@ -7,7 +7,6 @@
 //! load generator costs little of the machine it shares with the node.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -16,7 +15,7 @@ use thingraft_transport_mqtt::codec::{self, Version};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{RestArgs, histogram, http};
+use super::{Meter, RestArgs, histogram, http};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,13 +39,6 @@ pub struct Args {
     warmup: u64,
 }
 
-struct Shared {
-    measuring: AtomicBool,
-    stop: AtomicBool,
-    acked: AtomicU64,
-    hist: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
-}
-
 pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(
         a.connections > 0 && a.inflight > 0,
@@ -55,12 +47,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.inflight < 60_000, "inflight must be < 60000");
     let token = a.rest.login().await?;
     super::create_devices(&a.rest.http, &token, a.connections + 1).await?;
-    let shared = Arc::new(Shared {
-        measuring: AtomicBool::new(false),
-        stop: AtomicBool::new(false),
-        acked: AtomicU64::new(0),
-        hist: std::sync::Mutex::new(histogram()),
-    });
+    let shared = Meter::new();
     eprintln!("connecting {} devices", a.connections);
     let mut conns = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
@@ -91,15 +78,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         shared.clone(),
     ));
 
-    tokio::time::sleep(Duration::from_secs(a.warmup)).await;
-    let start_acked = shared.acked.load(Ordering::Relaxed);
-    shared.measuring.store(true, Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(Duration::from_secs(a.seconds)).await;
-    let acked = shared.acked.load(Ordering::Relaxed) - start_acked;
-    let secs = t0.elapsed().as_secs_f64();
-    shared.measuring.store(false, Ordering::Relaxed);
-    shared.stop.store(true, Ordering::Relaxed);
+    let (acked, secs, h) = shared.window(a.warmup, a.seconds).await;
     let lag = probe.await??;
     let mut failed = 0;
     for t in tasks {
@@ -108,7 +87,6 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
             eprintln!("connection failed: {e:#}");
         }
     }
-    let h = shared.hist.lock().expect("hist").clone();
     let extra = format!(
         "connections: {} (failed {failed}), in flight per connection: {}, data points per message: 3\n\
          readable through REST after ack+apply: samples {}, lag µs p50 {} p99 {} max {}",
@@ -215,7 +193,7 @@ async fn publisher(
     conn: usize,
     inflight: usize,
     rate: Option<f64>,
-    shared: Arc<Shared>,
+    shared: Arc<Meter>,
 ) -> anyhow::Result<()> {
     let (mut rd, mut wr) = s.into_split();
     let mut sent_at: std::collections::HashMap<u16, Instant> =
@@ -229,7 +207,7 @@ async fn publisher(
     let start = Instant::now();
     let mut sent_total = 0u64;
     loop {
-        if shared.stop.load(Ordering::Relaxed) {
+        if shared.stopped() {
             return Ok(());
         }
         // Fill the window (within the rate, if any).
@@ -280,19 +258,9 @@ async fn publisher(
         anyhow::ensure!(read > 0, "connection closed by the server");
         acks.clear();
         take_pubacks(&mut rbuf, &mut acks)?;
-        let now = Instant::now();
-        let measuring = shared.measuring.load(Ordering::Relaxed);
-        let mut h = measuring.then(|| shared.hist.lock().expect("hist"));
-        for pkid in &acks {
-            if let Some(t) = sent_at.remove(pkid) {
-                outstanding -= 1;
-                if let Some(h) = h.as_mut() {
-                    let _ = h.record(now.duration_since(t).as_micros() as u64);
-                }
-            }
-        }
-        drop(h);
-        shared.acked.fetch_add(acks.len() as u64, Ordering::Relaxed);
+        let sent: Vec<Instant> = acks.iter().filter_map(|pkid| sent_at.remove(pkid)).collect();
+        outstanding -= sent.len();
+        shared.answered(sent, Instant::now());
     }
 }
 
@@ -302,16 +270,16 @@ async fn lag_probe(
     http_addr: String,
     token: String,
     device: String,
-    shared: Arc<Shared>,
+    shared: Arc<Meter>,
 ) -> anyhow::Result<hdrhistogram::Histogram<u64>> {
     let (mut rd, mut wr) = s.into_split();
     let mut h = histogram();
     let mut n = 0u64;
     let mut rbuf = BytesMut::new();
     let path = format!("/api/plugins/telemetry/DEVICE/{device}/values/timeseries?keys=probe");
-    while !shared.stop.load(Ordering::Relaxed) {
+    while !shared.stopped() {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        if !shared.measuring.load(Ordering::Relaxed) {
+        if !shared.measuring() {
             continue;
         }
         n += 1;
