@@ -291,8 +291,10 @@ impl Transport {
     async fn answer(&self, msg: &Packet, peer: SocketAddr, mid: u16) {
         match msg.to_bytes() {
             Ok(bytes) => {
+                // Remembered before it is sent: a retransmission that races the answer must find
+                // it, or it would be taken for a request still in progress and go unanswered.
+                self.remember(peer, mid, bytes.clone());
                 let _ = self.socket.send_to(&bytes, peer).await;
-                self.remember(peer, mid, bytes);
             }
             Err(e) => tracing::warn!(error = ?e, "CoAP answer not encodable"),
         }
@@ -454,8 +456,8 @@ impl Responder {
         if self.confirmable && matches!(*st, Answer::Pending) {
             let ack = empty(MessageType::Acknowledgement, self.mid);
             if let Ok(bytes) = ack.to_bytes() {
+                self.t.remember(self.peer, self.mid, bytes.clone());
                 let _ = self.t.socket.send_to(&bytes, self.peer).await;
-                self.t.remember(self.peer, self.mid, bytes);
             }
             *st = Answer::EmptyAcked;
         }
