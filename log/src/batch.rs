@@ -80,12 +80,20 @@ pub fn header(buf: &[u8]) -> Result<Header, CorruptBatch> {
     })
 }
 
-fn take<'a>(buf: &'a [u8], pos: &mut usize) -> Result<&'a [u8], CorruptBatch> {
+/// The range of the next length-prefixed field.
+fn take_range(buf: &[u8], pos: &mut usize) -> Result<std::ops::Range<usize>, CorruptBatch> {
     let len = get_varint(buf, pos)? as usize;
     let end = pos.checked_add(len).ok_or(CorruptBatch("length overflow"))?;
-    let s = buf.get(*pos..end).ok_or(CorruptBatch("truncated record"))?;
+    if end > buf.len() {
+        return Err(CorruptBatch("truncated record"));
+    }
+    let r = *pos..end;
     *pos = end;
-    Ok(s)
+    Ok(r)
+}
+
+fn take(buf: &[u8], pos: &mut usize) -> Result<(), CorruptBatch> {
+    take_range(buf, pos).map(|_| ())
 }
 
 /// Checks that a batch holds exactly what its header says, without copying its records.
@@ -102,14 +110,15 @@ pub fn validate(buf: &[u8]) -> Result<Header, CorruptBatch> {
     Ok(h)
 }
 
-/// Decodes a whole batch, checking that it holds exactly what its header says.
-pub fn decode(buf: &[u8]) -> Result<Decoded, CorruptBatch> {
+/// Decodes a whole batch, checking that it holds exactly what its header says. The records'
+/// keys and values are slices of `buf`: no copy per record.
+pub fn decode(buf: &Bytes) -> Result<Decoded, CorruptBatch> {
     let h = header(buf)?;
     let mut pos = HEADER_BYTES;
     let mut records = Vec::with_capacity((h.count as usize).min(buf.len()));
     for _ in 0..h.count {
-        let key = Bytes::copy_from_slice(take(buf, &mut pos)?);
-        let value = Bytes::copy_from_slice(take(buf, &mut pos)?);
+        let key = buf.slice(take_range(buf, &mut pos)?);
+        let value = buf.slice(take_range(buf, &mut pos)?);
         records.push(Record { key, value });
     }
     if pos != buf.len() {
@@ -132,7 +141,7 @@ mod tests {
             .map(|&n| Record::new(vec![7u8; n % 300], vec![n as u8; n]))
             .collect();
         let buf = encode(42, &records);
-        let d = decode(&buf).unwrap();
+        let d = decode(&Bytes::from(buf.clone())).unwrap();
         assert_eq!(d.ts_ms, 42);
         assert_eq!(d.records, records);
         assert_eq!(
@@ -148,14 +157,17 @@ mod tests {
     fn rejects_truncated_and_padded_batches() {
         let buf = encode(1, &[Record::new("k", "value")]);
         for cut in 0..buf.len() {
-            assert!(decode(&buf[..cut]).is_err(), "cut at {cut} must not decode");
+            assert!(
+                decode(&Bytes::copy_from_slice(&buf[..cut])).is_err(),
+                "cut at {cut} must not decode"
+            );
         }
         for cut in 0..buf.len() {
             assert!(validate(&buf[..cut]).is_err(), "cut at {cut} must not validate");
         }
         let mut padded = buf.clone();
         padded.push(0);
-        assert!(decode(&padded).is_err());
+        assert!(decode(&Bytes::from(padded.clone())).is_err());
         assert!(validate(&padded).is_err());
         assert_eq!(validate(&buf).unwrap(), header(&buf).unwrap());
     }

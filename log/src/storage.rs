@@ -612,7 +612,8 @@ impl SmReader {
                 break;
             }
             let first = key_index(k);
-            let decoded = batch::decode(v).map_err(read_err)?;
+            // One copy of the stored batch; its records are slices of it.
+            let decoded = batch::decode(&Bytes::copy_from_slice(v)).map_err(read_err)?;
             for (i, rec) in decoded.records.into_iter().enumerate() {
                 let offset = first + i as u64;
                 if offset < from || offset >= next {

@@ -1,14 +1,20 @@
-//! `thingraft bench log`: N workers each keep one record in flight; a sender per partition packs
-//! whatever records are waiting into one append request (like a Kafka producer with linger 0),
-//! so N is the number of records in flight, and each record's latency is submit → commit ack.
+//! `thingraft bench log`: a closed loop with `--inflight` records outstanding, spread evenly
+//! over the partitions. Each partition keeps its share as the submit times of its waiting
+//! records and sends whatever is waiting in one append request (like a Kafka producer with
+//! linger 0), at most `--requests-per-partition` requests at a time. When a request is
+//! acknowledged, each of its records is measured (submit → commit ack) and replaced by a new
+//! record submitted at that instant. No task or channel per record: the load generator shares
+//! the 2 cores with the nodes, so its own cost per record is kept small.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hdrhistogram::Histogram;
 use thingraft_log::{LogClient, LogError, Record};
-use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinSet;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -38,41 +44,67 @@ pub struct Args {
     partitions: u32,
 }
 
-type Job = (Record, oneshot::Sender<Result<(), LogError>>);
-
-/// Sends one partition's waiting records: at most `requests_max` requests in flight, each
-/// carrying every record that queued meanwhile (like Kafka's max.in.flight.requests).
-async fn partition_sender(
+/// What one partition's loop needs.
+struct Load {
     client: Arc<LogClient>,
     partition: u32,
-    mut rx: mpsc::Receiver<Job>,
+    /// This partition's share of the records in flight.
+    records: usize,
     max: usize,
     requests_max: usize,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(requests_max));
-    while let Some(first) = rx.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+    value: Bytes,
+    measuring: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+    errors: Arc<AtomicU64>,
+}
+
+/// Keeps `records` records of one partition outstanding until `stop`; returns their latencies.
+async fn partition_load(l: Load) -> Histogram<u64> {
+    let mut h = super::histogram();
+    let key = Bytes::from(format!("bench-{}", l.partition));
+    let now = Instant::now();
+    let mut waiting: VecDeque<Instant> = std::iter::repeat_n(now, l.records).collect();
+    let mut requests: JoinSet<(Vec<Instant>, Result<(), LogError>)> = JoinSet::new();
+    loop {
+        let stopping = l.stop.load(Ordering::Relaxed);
+        while !stopping && requests.len() < l.requests_max && !waiting.is_empty() {
+            let n = waiting.len().min(l.max);
+            let submitted: Vec<Instant> = waiting.drain(..n).collect();
+            let records = vec![
+                Record {
+                    key: key.clone(),
+                    value: l.value.clone(),
+                };
+                n
+            ];
+            let (client, partition) = (l.client.clone(), l.partition);
+            requests.spawn(async move {
+                let res = client.append(partition, records).await.map(|_| ());
+                (submitted, res)
+            });
+        }
+        let Some(done) = requests.join_next().await else {
+            return h;
         };
-        let mut records = vec![first.0];
-        let mut replies = vec![first.1];
-        while records.len() < max {
-            match rx.try_recv() {
-                Ok((r, tx)) => {
-                    records.push(r);
-                    replies.push(tx);
+        let Ok((submitted, res)) = done else {
+            return h;
+        };
+        let now = Instant::now();
+        match res {
+            Ok(()) => {
+                if l.measuring.load(Ordering::Relaxed) {
+                    for t0 in &submitted {
+                        h.saturating_record(now.duration_since(*t0).as_micros() as u64);
+                    }
                 }
-                Err(_) => break,
+            }
+            Err(_) => {
+                l.errors.fetch_add(submitted.len() as u64, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
-        let client = client.clone();
-        tokio::spawn(async move {
-            let res = client.append(partition, records).await.map(|_| ());
-            drop(permit);
-            for tx in replies {
-                let _ = tx.send(res.clone());
-            }
-        });
+        // Each answered record is replaced by a new one, submitted now.
+        waiting.extend(std::iter::repeat_n(Instant::now(), submitted.len()));
     }
 }
 
@@ -85,60 +117,29 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     } else {
         a.partitions.min(client.partitions())
     };
-    let mut senders = Vec::new();
-    for p in 0..partitions {
-        let (tx, rx) = mpsc::channel(a.inflight.max(16));
-        tokio::spawn(partition_sender(
-            client.clone(),
-            p,
-            rx,
-            a.request_records_max,
-            a.requests_per_partition.max(1),
-        ));
-        senders.push(tx);
-    }
     let measuring = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));
     let value = Bytes::from(vec![b'x'; a.size]);
     let mut workers = Vec::new();
-    for w in 0..a.inflight {
-        let tx = senders[w % senders.len()].clone();
-        let (measuring, stop, errors, value) =
-            (measuring.clone(), stop.clone(), errors.clone(), value.clone());
-        workers.push(tokio::spawn(async move {
-            let mut h = super::histogram();
-            let key = Bytes::from(format!("bench-{w}"));
-            while !stop.load(Ordering::Relaxed) {
-                let (rtx, rrx) = oneshot::channel();
-                let t0 = Instant::now();
-                if tx
-                    .send((
-                        Record {
-                            key: key.clone(),
-                            value: value.clone(),
-                        },
-                        rtx,
-                    ))
-                    .await
-                    .is_err()
-                {
-                    break;
-                }
-                match rrx.await {
-                    Ok(Ok(())) => {
-                        if measuring.load(Ordering::Relaxed) {
-                            h.saturating_record(t0.elapsed().as_micros() as u64);
-                        }
-                    }
-                    _ => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-            h
-        }));
+    for p in 0..partitions {
+        // Record w of the old one-task-per-record model went to partition w % partitions.
+        let share =
+            a.inflight / partitions as usize + usize::from((p as usize) < a.inflight % partitions as usize);
+        if share == 0 {
+            continue;
+        }
+        workers.push(tokio::spawn(partition_load(Load {
+            client: client.clone(),
+            partition: p,
+            records: share,
+            max: a.request_records_max,
+            requests_max: a.requests_per_partition.max(1),
+            value: value.clone(),
+            measuring: measuring.clone(),
+            stop: stop.clone(),
+            errors: errors.clone(),
+        })));
     }
     tokio::time::sleep(Duration::from_secs(a.warmup)).await;
     let before = server_counters(&client).await;
