@@ -258,7 +258,10 @@ impl LogNode {
             }),
         };
 
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // tonic applies `tcp_nodelay` only to listeners it binds itself: without it here every
+        // accepted connection ran with Nagle's algorithm, and replies waited for the peer's
+        // delayed ACK (~40 ms tails on Raft and append RPCs).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = crate::server::router(handle.clone());
         let server = tokio::spawn(async move {
             let stop = async move {

@@ -207,6 +207,13 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
             })
             .merge(thingraft_transport_http::router(hub, device_http));
             tracing::info!(%addr, "REST API listening");
+            use axum::serve::ListenerExt;
+            // Answers go out at once, not after the client's delayed ACK.
+            let l = l.tap_io(|tcp| {
+                if let Err(e) = tcp.set_nodelay(true) {
+                    tracing::debug!(error = %e, "TCP_NODELAY not set");
+                }
+            });
             if let Err(e) = axum::serve(l, app).await {
                 tracing::error!(error = %e, "REST server failed");
             }
