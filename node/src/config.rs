@@ -27,7 +27,26 @@ pub struct NodeConfig {
     pub mqtt: MqttConfig,
     pub http: HttpSection,
     pub coap: CoapConfig,
+    pub security: SecuritySection,
     pub seed: SeedSection,
+}
+
+/// Platform security settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecuritySection {
+    /// Whether any unassigned device may open a claim window (ThingsBoard's
+    /// `security.claim.allowClaimingByDefault`); when false, only devices whose server attribute
+    /// `claimingAllowed` is `true` may.
+    pub claim_allowed_by_default: bool,
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self {
+            claim_allowed_by_default: true,
+        }
+    }
 }
 
 /// The HTTP listener: the REST API and ThingsBoard's HTTP device API.

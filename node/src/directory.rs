@@ -11,11 +11,28 @@ use thingraft_engine::registry::{
 };
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
-use thingraft_transport_common::{Directory, OtaInfo, OtaKind};
+use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind};
 use uuid::Uuid;
 
 pub struct EngineDirectory {
     pub engine: EngineHandle,
+    /// `[security] claim_allowed_by_default`.
+    pub claim_allowed_by_default: bool,
+}
+
+/// The server attribute that lets a device be claimed when claiming is not allowed by default.
+pub const CLAIMING_ALLOWED: &str = "claimingAllowed";
+
+impl EngineDirectory {
+    /// Whether the device's server attribute `claimingAllowed` is `true` (this replica's store).
+    fn claiming_allowed_attribute(&self, device: &EntityId) -> bool {
+        self.engine
+            .store
+            .attributes(device, Scope::Server, &[CLAIMING_ALLOWED.to_string()])
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .is_some_and(|(_, tv)| tv.value == TypedValue::Bool(true))
+    }
 }
 
 impl Directory for EngineDirectory {
@@ -87,14 +104,29 @@ impl Directory for EngineDirectory {
         device: &DeviceRef,
         secret: String,
         duration_ms: i64,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<(), ClaimError>> + Send>> {
         let registry = self.engine.registry.clone();
         let id = Uuid::from_bytes(device.device);
+        // As ThingsBoard: only an unassigned device may open a claim window, and, unless claiming
+        // is allowed by default, only one whose server attribute `claimingAllowed` is true.
+        let allowed = self.claim_allowed_by_default || self.claiming_allowed_attribute(&device.device);
         Box::pin(async move {
+            let assigned = registry.device(id).is_some_and(|d| d.customer_id != NULL_UUID);
+            if assigned {
+                return Err(ClaimError::Refused(format!("device {id} is already claimed")));
+            }
+            if !allowed {
+                return Err(ClaimError::Refused(format!(
+                    "claiming is not allowed for device {id}: its server attribute {CLAIMING_ALLOWED} is not true"
+                )));
+            }
             registry
                 .register_claim(id, &secret, duration_ms)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| match e {
+                    RegistryError::NotFound(m) => ClaimError::Refused(m),
+                    other => ClaimError::Failed(other.to_string()),
+                })
         })
     }
 

@@ -156,6 +156,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     let eh = engine.handle();
     hub.set_directory(std::sync::Arc::new(directory::EngineDirectory {
         engine: eh.clone(),
+        claim_allowed_by_default: cfg.security.claim_allowed_by_default,
     }));
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");

@@ -130,3 +130,80 @@ async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<
     assert_eq!(claim(&customer, "Oven", "")?.1["response"], "FAILURE");
     Ok(())
 }
+
+/// With `[security] claim_allowed_by_default = false` (ThingsBoard's
+/// `security.claim.allowClaimingByDefault`), only a device whose server attribute
+/// `claimingAllowed` is true may open a claim window; a claimed device may not open another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claiming_needs_claiming_allowed_when_not_allowed_by_default() -> anyhow::Result<()> {
+    let c =
+        ProcCluster::start_with_config(1, 4, Some("[security]\nclaim_allowed_by_default = false\n")).await?;
+    let tenant = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let customer = Rest::login(&c.http[&1], CUSTOMER.0, CUSTOMER.1).await?;
+    let dev = Rest::new(&c.http[&1]);
+    let id = tenant.create_device("Locked Kettle", "LOCKED_TOKEN")?;
+    let open = r#"{"secretKey":"k","durationMs":60000}"#;
+
+    // No attribute: refused on every transport, and no window opens.
+    let (code, body) = dev.call("POST", "/api/v1/LOCKED_TOKEN/claim", Some(open))?;
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(body["status"], 400, "ThingsBoard's error envelope: {body}");
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        open,
+        &format!("coap://{}/api/v1/LOCKED_TOKEN/claim", c.coap[&1]),
+    ])?;
+    assert_eq!(out.code, "4.00", "{out:?}");
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "LOCKED_TOKEN");
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client
+        .publish("v1/devices/me/claim", QoS::AtLeastOnce, false, open)
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::NotAuthorized);
+    // The session stays up: the device can still report.
+    client
+        .publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, r#"{"t":1}"#)
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
+    assert_eq!(claim(&customer, "Locked Kettle", "k")?.1["response"], "FAILURE");
+
+    // `claimingAllowed` false is not enough; true is.
+    for (allowed, expect) in [(false, 400), (true, 200)] {
+        let (code, body) = tenant.call(
+            "POST",
+            &format!("/api/plugins/telemetry/DEVICE/{id}/attributes/SERVER_SCOPE"),
+            Some(&json!({"claimingAllowed": allowed}).to_string()),
+        )?;
+        assert_eq!(code, 200, "{body}");
+        // Applied by the engine shortly after the REST answer: wait until it reads back.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, attrs) = tenant.call(
+                "GET",
+                &format!(
+                    "/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE?keys=claimingAllowed"
+                ),
+                None,
+            )?;
+            if attrs[0]["value"] == json!(allowed) {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "attribute not applied: {attrs}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let (code, body) = dev.call("POST", "/api/v1/LOCKED_TOKEN/claim", Some(open))?;
+        assert_eq!(code, expect, "claimingAllowed={allowed}: {body}");
+    }
+    let (code, body) = claim(&customer, "Locked Kettle", "k")?;
+    assert_eq!((code, body["response"].clone()), (200, json!("SUCCESS")));
+
+    // Claimed: the device may not open another window.
+    let (code, body) = dev.call("POST", "/api/v1/LOCKED_TOKEN/claim", Some(open))?;
+    assert_eq!(code, 400, "{body}");
+    Ok(())
+}

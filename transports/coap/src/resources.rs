@@ -13,7 +13,9 @@ use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::{Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk};
+use thingraft_transport_common::{
+    ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+};
 use tokio::sync::mpsc;
 
 use crate::{Reply, Responder, Transport};
@@ -153,7 +155,8 @@ async fn route(
                 (Ok((secret, duration_ms)), Some(dir)) => {
                     match dir.claim(&s.device, secret, duration_ms).await {
                         Ok(()) => Reply::code(ResponseType::Created),
-                        Err(e) => refuse(ErrorClass::Unavailable, &e),
+                        Err(ClaimError::Refused(e)) => refuse(ErrorClass::BadRequest, &e),
+                        Err(ClaimError::Failed(e)) => refuse(ErrorClass::Unavailable, &e),
                     }
                 }
             }

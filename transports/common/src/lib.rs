@@ -119,13 +119,25 @@ pub trait Directory: Send + Sync {
         device: &DeviceRef,
         secret: String,
         duration_ms: i64,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
+    ) -> Pin<Box<dyn Future<Output = Result<(), ClaimError>> + Send>>;
 
     /// The OTA package of `kind` assigned to `device`, if its data is uploaded.
     fn ota_info(&self, device: &EntityId, kind: OtaKind) -> Option<OtaInfo>;
 
     /// `len` bytes of that package from `offset` (fewer at its end, none past it).
     fn ota_read(&self, device: &EntityId, kind: OtaKind, offset: u64, len: u64) -> Option<Vec<u8>>;
+}
+
+/// Why a claim window was not opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimError {
+    /// The device may not be claimed: it already belongs to a customer, or claiming is not
+    /// allowed for it. The device's own answer (HTTP 400, CoAP 4.00, MQTT 5 "not authorized").
+    #[error("claim refused: {0}")]
+    Refused(String),
+    /// The registry could not record it (no leader, shutting down, ...): try again.
+    #[error("claim not recorded: {0}")]
+    Failed(String),
 }
 
 /// A chunk of an OTA download as ThingsBoard's transports define it: chunk `index` of `size`

@@ -26,7 +26,7 @@ use thingraft_proto::error::{ErrorClass, tb_error_envelope};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::{
-    Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+    ClaimError, Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
 };
 use tokio::sync::mpsc;
 
@@ -330,8 +330,11 @@ async fn claim(State(api): St, Path(token): Path<String>, body: Body) -> Result<
         .directory()
         .ok_or_else(|| DevError::new(ErrorClass::Unavailable, "The registry is not ready"))?;
     dir.claim(&s.device, secret, duration_ms).await.map_err(|e| {
-        tracing::warn!(error = %e, "claim not recorded");
-        DevError::new(ErrorClass::Unavailable, e)
+        tracing::warn!(device = %s.device.name, error = %e, "claim window not opened");
+        match e {
+            ClaimError::Refused(m) => DevError::new(ErrorClass::BadRequest, m),
+            ClaimError::Failed(m) => DevError::new(ErrorClass::Unavailable, m),
+        }
     })?;
     Ok(StatusCode::OK)
 }

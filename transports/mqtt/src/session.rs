@@ -16,7 +16,7 @@ use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::{Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
+use thingraft_transport_common::{ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -867,19 +867,29 @@ impl Session {
             );
             return Some(End::Refused("registry not ready"));
         };
+        let mut code = PubAckCode::Success;
         for (device, (secret, duration_ms)) in claims {
-            if let Err(e) = dir.claim(&device, secret, duration_ms).await {
-                tracing::warn!(device = %device.name, error = %e, "claim not recorded");
-                codec::write_disconnect(
-                    &mut self.wbuf,
-                    self.version,
-                    DisconnectCode::ImplementationSpecificError,
-                );
-                return Some(End::Refused("claim not recorded"));
+            match dir.claim(&device, secret, duration_ms).await {
+                Ok(()) => {}
+                // The device's own mistake: MQTT 5 hears "not authorized"; 3.1.1 has no way to
+                // say it in a PUBACK, so it gets the PUBACK ThingsBoard sends too.
+                Err(ClaimError::Refused(e)) => {
+                    tracing::warn!(device = %device.name, error = %e, "claim window not opened");
+                    code = PubAckCode::NotAuthorized;
+                }
+                Err(ClaimError::Failed(e)) => {
+                    tracing::warn!(device = %device.name, error = %e, "claim not recorded");
+                    codec::write_disconnect(
+                        &mut self.wbuf,
+                        self.version,
+                        DisconnectCode::ImplementationSpecificError,
+                    );
+                    return Some(End::Refused("claim not recorded"));
+                }
             }
         }
         if let Some(pkid) = ack {
-            codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+            codec::write_puback(&mut self.wbuf, self.version, pkid, code);
         }
         None
     }
