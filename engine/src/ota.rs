@@ -2,8 +2,9 @@
 //! data in 64 KiB chunks, and which package a device is assigned.
 //!
 //! Keys: `reg/ota/<id>` (info), `reg/ota_tv/<tenant>/<kind>/<title>/<version>` (unique title and
-//! version), `reg/ota_data/<id>/<chunk:08>` (data), `reg/device_ota/<device>/<kind>` (the
-//! assignment).
+//! version), `reg/ota_data/<id>/<chunk:08>` (data), `reg/device_ota/<device>/<kind>` (a
+//! device's own assignment), `reg/profile_ota/<profile>/<kind>` (a device profile's assignment,
+//! which the profile's devices without their own follow, as in ThingsBoard).
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -84,6 +85,30 @@ fn data_key(id: Uuid, chunk: usize) -> String {
 
 fn assignment_key(device: Uuid, kind: OtaKind) -> String {
     format!("reg/device_ota/{device}/{}", kind.as_str())
+}
+
+fn profile_assignment_key(profile: Uuid, kind: OtaKind) -> String {
+    format!("reg/profile_ota/{profile}/{}", kind.as_str())
+}
+
+impl OtaPackage {
+    /// The shared attributes a device's SDK watches for this package (`fw_title`,
+    /// `fw_version`, `fw_size`, `fw_checksum`, `fw_checksum_algorithm`; `sw_*` for software);
+    /// `None` until its data is uploaded.
+    pub fn attributes(&self) -> Option<Vec<(String, thingraft_proto::device::Value)>> {
+        use thingraft_proto::device::Value;
+        let (Some(size), Some(sum), Some(alg)) = (self.size, &self.checksum, &self.checksum_algorithm) else {
+            return None;
+        };
+        let pre = self.kind.attribute_prefix();
+        Some(vec![
+            (format!("{pre}_title"), Value::String(self.title.clone())),
+            (format!("{pre}_version"), Value::String(self.version.clone())),
+            (format!("{pre}_size"), Value::Long(size as i64)),
+            (format!("{pre}_checksum"), Value::String(sum.clone())),
+            (format!("{pre}_checksum_algorithm"), Value::String(alg.clone())),
+        ])
+    }
 }
 
 impl Registry {
@@ -218,12 +243,87 @@ impl Registry {
         Ok(())
     }
 
-    /// The package of `kind` assigned to `device`.
-    pub fn device_ota(&self, device: Uuid, kind: OtaKind) -> Option<OtaPackage> {
+    /// The package of `kind` assigned to `device` itself.
+    pub fn device_own_ota(&self, device: Uuid, kind: OtaKind) -> Option<OtaPackage> {
         let id: Uuid = self
             .log()
             .meta_get(&assignment_key(device, kind))
             .and_then(|b| dec(&b))?;
         self.ota(id)
+    }
+
+    /// The package of `kind` that `device` is to run: its own, else its profile's.
+    pub fn device_ota(&self, device: Uuid, kind: OtaKind) -> Option<OtaPackage> {
+        self.device_own_ota(device, kind).or_else(|| {
+            let profile = self.device(device)?.profile_id;
+            self.profile_ota(profile, kind)
+        })
+    }
+
+    /// Assigns `package` (its kind) to the device profile `profile`.
+    pub async fn assign_profile_ota(&self, profile: Uuid, p: &OtaPackage) -> Result<(), RegistryError> {
+        self.log()
+            .meta_txn(MetaTxn {
+                checks: vec![MetaCheck::Present(format!("reg/profile/{profile}"))],
+                ops: vec![MetaOp::Put(profile_assignment_key(profile, p.kind), enc(&p.id))],
+            })
+            .await?
+            .failed_check
+            .map_or(Ok(()), |_| {
+                Err(RegistryError::NotFound(format!(
+                    "Device profile with id [{profile}] is not found"
+                )))
+            })
+    }
+
+    /// The package of `kind` assigned to the device profile `profile`.
+    pub fn profile_ota(&self, profile: Uuid, kind: OtaKind) -> Option<OtaPackage> {
+        let id: Uuid = self
+            .log()
+            .meta_get(&profile_assignment_key(profile, kind))
+            .and_then(|b| dec(&b))?;
+        self.ota(id)
+    }
+}
+
+impl crate::EngineHandle {
+    /// Sets `device`'s shared OTA attributes for `p` (appended to the device's partition;
+    /// returns once committed). Nothing when `p` has no data yet.
+    pub async fn push_ota_attributes(
+        &self,
+        device: &crate::registry::Device,
+        p: &OtaPackage,
+    ) -> Result<Option<thingraft_log::Appended>, thingraft_log::LogError> {
+        use thingraft_proto::records::{Ingest, IngestMsg, Scope};
+        let Some(values) = p.attributes() else {
+            return Ok(None);
+        };
+        let ingest = Ingest {
+            tenant: *device.tenant_id.as_bytes(),
+            device: *device.id.as_bytes(),
+            ts_ms: now_ms(),
+            session: None,
+            msg: IngestMsg::SaveAttributes {
+                scope: Scope::Shared,
+                values,
+            },
+        };
+        self.submit(&ingest).await.map(Some)
+    }
+
+    /// For a device just created: the attributes of the packages its profile assigns, for each
+    /// kind the device has no package of its own. Failures are logged; the device stays.
+    pub async fn push_profile_ota(&self, device: &crate::registry::Device) {
+        for kind in [OtaKind::Firmware, OtaKind::Software] {
+            if self.registry.device_own_ota(device.id, kind).is_some() {
+                continue;
+            }
+            let Some(p) = self.registry.profile_ota(device.profile_id, kind) else {
+                continue;
+            };
+            if let Err(e) = self.push_ota_attributes(device, &p).await {
+                tracing::warn!(device = %device.id, error = %e, "profile OTA attributes not set");
+            }
+        }
     }
 }

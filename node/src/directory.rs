@@ -51,6 +51,7 @@ impl Directory for EngineDirectory {
         name: &str,
         device_type: &str,
     ) -> Pin<Box<dyn Future<Output = Result<DeviceRef, String>> + Send>> {
+        let engine = self.engine.clone();
         let registry = self.engine.registry.clone();
         let tenant = Uuid::from_bytes(gateway.tenant);
         let gateway_id = Uuid::from_bytes(gateway.device);
@@ -77,6 +78,7 @@ impl Directory for EngineDirectory {
                 match registry.create_device(new).await {
                     Ok((d, _)) => {
                         tracing::info!(device = %d.name, gateway = %gateway_id, "child device created");
+                        engine.push_profile_ota(&d).await;
                         return Ok(device_ref(&d, ""));
                     }
                     Err(RegistryError::Conflict(_)) => continue,
@@ -190,7 +192,10 @@ async fn provision(engine: EngineHandle, v: Value) -> String {
                 ..NewDevice::default()
             };
             match registry.create_device(new).await {
-                Ok((d, _)) => d,
+                Ok((d, _)) => {
+                    engine.push_profile_ota(&d).await;
+                    d
+                }
                 Err(e) => {
                     tracing::info!(device = %name, error = %e, "provisioning failed");
                     return FAILURE.into();

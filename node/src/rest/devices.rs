@@ -140,6 +140,7 @@ async fn save_device(
         .await
         .map_err(registry_error)?;
     assign_ota(&state, &caller, &device, &body).await?;
+    state.engine.push_profile_ota(&device).await;
     tracing::info!(device = %device.id, name = %device.name, "device created");
     Ok(Json(device_json_with_ota(&state, &device)))
 }
@@ -151,7 +152,8 @@ fn device_json_with_ota(state: &AppState, d: &Device) -> Value {
         ("firmwareId", OtaKind::Firmware),
         ("softwareId", OtaKind::Software),
     ] {
-        if let Some(p) = state.engine.registry.device_ota(d.id, kind) {
+        // The device's own package; one it follows from its profile shows on the profile.
+        if let Some(p) = state.engine.registry.device_own_ota(d.id, kind) {
             v[field] = entity_id("OTA_PACKAGE", p.id);
         }
     }

@@ -11,8 +11,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use thingraft_engine::ota::{OtaKind, OtaPackage};
-use thingraft_engine::registry::Device;
-use thingraft_proto::device::Value as TypedValue;
+use thingraft_engine::registry::{Device, DeviceProfile};
 use thingraft_proto::records::{IngestMsg, Scope};
 use uuid::Uuid;
 
@@ -184,7 +183,7 @@ async fn upload(
 /// `fw_checksum`, `fw_checksum_algorithm`; `sw_*` for software).
 pub async fn assign(state: &AppState, caller: &Caller, device: &Device, id: &str) -> Result<(), ApiError> {
     let p = package_of(state, caller, id)?;
-    let (Some(size), Some(sum), Some(alg)) = (p.size, &p.checksum, &p.checksum_algorithm) else {
+    let Some(values) = p.attributes() else {
         return Err(ApiError::bad_request("The OTA package has no data yet"));
     };
     state
@@ -193,17 +192,6 @@ pub async fn assign(state: &AppState, caller: &Caller, device: &Device, id: &str
         .assign_ota(device.id, &p)
         .await
         .map_err(registry_error)?;
-    let pre = p.kind.attribute_prefix();
-    let values = vec![
-        (format!("{pre}_title"), TypedValue::String(p.title.clone())),
-        (format!("{pre}_version"), TypedValue::String(p.version.clone())),
-        (format!("{pre}_size"), TypedValue::Long(size as i64)),
-        (format!("{pre}_checksum"), TypedValue::String(sum.clone())),
-        (
-            format!("{pre}_checksum_algorithm"),
-            TypedValue::String(alg.clone()),
-        ),
-    ];
     super::telemetry::submit(
         state,
         device,
@@ -213,4 +201,46 @@ pub async fn assign(state: &AppState, caller: &Caller, device: &Device, id: &str
         },
     )
     .await
+}
+
+/// Assigns the package `id` names (a profile's `firmwareId` or `softwareId`) to the device
+/// profile `profile`, and sets its attributes on every device of the profile that has no package
+/// of that kind of its own (they follow the profile, as in ThingsBoard).
+pub async fn assign_to_profile(
+    state: &AppState,
+    caller: &Caller,
+    profile: &DeviceProfile,
+    id: &str,
+) -> Result<(), ApiError> {
+    let p = package_of(state, caller, id)?;
+    if p.attributes().is_none() {
+        return Err(ApiError::bad_request("The OTA package has no data yet"));
+    }
+    if p.profile_id.is_some_and(|pp| pp != profile.id) {
+        return Err(ApiError::bad_request(
+            "The OTA package belongs to a different device profile",
+        ));
+    }
+    let registry = &state.engine.registry;
+    registry
+        .assign_profile_ota(profile.id, &p)
+        .await
+        .map_err(registry_error)?;
+    let mut updated = 0usize;
+    for d in registry.devices(caller.tenant_id, usize::MAX) {
+        if d.profile_id != profile.id || registry.device_own_ota(d.id, p.kind).is_some() {
+            continue;
+        }
+        state.engine.push_ota_attributes(&d, &p).await.map_err(|e| {
+            tracing::warn!(device = %d.id, error = %e, "profile OTA attributes not set");
+            ApiError::status(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                format!("write not committed: {e}"),
+                2,
+            )
+        })?;
+        updated += 1;
+    }
+    tracing::info!(profile = %profile.id, package = %p.id, devices = updated, "OTA package assigned to profile");
+    Ok(())
 }

@@ -7,6 +7,7 @@ use axum::extract::{Path, State};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
+use thingraft_engine::ota::OtaKind;
 use thingraft_engine::registry::{DeviceProfile, Provision, ProvisionType};
 use uuid::Uuid;
 
@@ -95,7 +96,28 @@ async fn save_profile(
         .save_profile(caller.tenant_id, id, name, description, provision)
         .await
         .map_err(registry_error)?;
-    Ok(Json(profile_json(&p)))
+    for field in ["firmwareId", "softwareId"] {
+        if let Some(pkg) = body[field]["id"].as_str() {
+            super::ota::assign_to_profile(&state, &caller, &p, pkg).await?;
+        }
+    }
+    Ok(Json(profile_json_with_ota(&state, &p)))
+}
+
+/// [`profile_json`] with the OTA packages assigned to the profile.
+fn profile_json_with_ota(state: &AppState, p: &DeviceProfile) -> Value {
+    let mut v = profile_json(p);
+    for (field, kind) in [
+        ("firmwareId", OtaKind::Firmware),
+        ("softwareId", OtaKind::Software),
+    ] {
+        v[field] = state
+            .engine
+            .registry
+            .profile_ota(p.id, kind)
+            .map_or(Value::Null, |pkg| entity_id("OTA_PACKAGE", pkg.id));
+    }
+    v
 }
 
 async fn get_profile(
@@ -112,7 +134,7 @@ async fn get_profile(
         .profile(uuid)
         .filter(|p| p.tenant_id == caller.tenant_id)
         .ok_or_else(not_found)?;
-    Ok(Json(profile_json(&p)))
+    Ok(Json(profile_json_with_ota(&state, &p)))
 }
 
 async fn default_profile_info(
