@@ -11,6 +11,7 @@
 pub mod connectivity;
 pub mod ota;
 pub mod registry;
+pub mod relations;
 pub mod shard;
 pub mod store;
 

@@ -777,6 +777,11 @@ impl Registry {
         if let Some(c) = self.credentials(id) {
             ops.push(MetaOp::Delete(credentials_key(&c)));
         }
+        // Its relations go with it, as in ThingsBoard.
+        ops.extend(self.relation_delete_ops(&crate::relations::EntityRef {
+            entity_type: "DEVICE".into(),
+            id,
+        }));
         let r = self
             .log
             .meta_txn(MetaTxn {

@@ -9,6 +9,7 @@ use thingraft_engine::EngineHandle;
 use thingraft_engine::registry::{
     NULL_UUID, NewDevice, ProvisionType, RegistryError, device_ref, now_ms, random_token,
 };
+use thingraft_engine::relations::{COMMON, CREATED, EntityRef, Relation};
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
 use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind};
@@ -78,6 +79,23 @@ impl Directory for EngineDirectory {
                 match registry.create_device(new).await {
                     Ok((d, _)) => {
                         tracing::info!(device = %d.name, gateway = %gateway_id, "child device created");
+                        // As ThingsBoard: the gateway `Created` the device.
+                        let created = Relation {
+                            from: EntityRef {
+                                entity_type: "DEVICE".into(),
+                                id: gateway_id,
+                            },
+                            to: EntityRef {
+                                entity_type: "DEVICE".into(),
+                                id: d.id,
+                            },
+                            kind: CREATED.into(),
+                            group: COMMON.into(),
+                            additional_info: "null".into(),
+                        };
+                        if let Err(e) = registry.save_relation(&created).await {
+                            tracing::warn!(device = %d.name, error = %e, "gateway relation not saved");
+                        }
                         engine.push_profile_ota(&d).await;
                         return Ok(device_ref(&d, ""));
                     }

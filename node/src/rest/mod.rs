@@ -16,6 +16,7 @@ pub mod claims;
 pub mod devices;
 pub mod ota;
 pub mod profiles;
+pub mod relations;
 pub mod rpc;
 pub mod telemetry;
 pub mod users;
@@ -136,6 +137,7 @@ pub fn router(state: AppState) -> Router {
         .merge(devices::routes())
         .merge(profiles::routes())
         .merge(claims::routes())
+        .merge(relations::routes())
         .merge(ota::routes())
         .merge(telemetry::routes())
         .merge(rpc::routes())
