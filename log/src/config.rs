@@ -25,6 +25,10 @@ pub struct LogConfig {
     /// The initial members, id → gRPC address, this node included. Empty: a single node.
     pub members: BTreeMap<NodeId, String>,
     pub heartbeat_ms: u64,
+    /// A follower that has seen a leader starts an election after the leader's lease (openraft
+    /// 0.9: `election_timeout_max_ms`) plus a random timeout in `[min, max)`; one whose log is
+    /// shorter than a peer's waits another `2 * max`. 300/600 ms replace a dead leader within
+    /// 0.9–2.4 s, inside the 3 s the device path promises.
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Group commit: at most this many records in one Raft entry.
@@ -63,8 +67,8 @@ impl Default for LogConfig {
             replication_factor: 3,
             members: BTreeMap::new(),
             heartbeat_ms: 100,
-            election_timeout_min_ms: 500,
-            election_timeout_max_ms: 1000,
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 600,
             batch_records_max: 8192,
             batch_bytes_max: 1 << 20,
             batch_linger_us: 500,
