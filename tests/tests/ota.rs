@@ -266,7 +266,16 @@ async fn devices_follow_their_profiles_package_unless_they_have_their_own() -> a
     let foreign = package(&rest, "pump-fw", "1.0", other["id"]["id"].as_str())?;
     upload_raw(&rest, &http, &foreign, b"pump")?;
     let empty = package(&rest, "meter-fw", "3.0", Some(&pid))?;
-    for pkg in [&foreign, &empty] {
+    // ...and so is a SOFTWARE package given as the firmware.
+    let (code, sw) = rest.call(
+        "POST",
+        "/api/otaPackage",
+        Some(&json!({"title": "meter-sw", "version": "1.0", "type": "SOFTWARE"}).to_string()),
+    )?;
+    assert_eq!(code, 200, "{sw}");
+    let sw = sw["id"]["id"].as_str().expect("id").to_string();
+    upload_raw(&rest, &http, &sw, b"software")?;
+    for pkg in [&foreign, &empty, &sw] {
         let body = json!({"id": {"entityType": "DEVICE_PROFILE", "id": pid}, "name": "Meters",
                           "firmwareId": {"entityType": "OTA_PACKAGE", "id": pkg}});
         let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&body.to_string()))?;
@@ -294,6 +303,11 @@ async fn devices_follow_their_profiles_package_unless_they_have_their_own() -> a
         a["shared"],
         json!({"fw_title": "meter-fw", "fw_size": fw2.len(), "fw_checksum": sha})
     );
+    wait_fw_version(&c, "M2_TOKEN", "1.0").await?;
+    // A device refuses a SOFTWARE package as its firmware too; nothing changes.
+    let body = json!({"id": {"entityType": "DEVICE", "id": pinned}, "name": "Meter 2",
+                      "firmwareId": {"entityType": "OTA_PACKAGE", "id": sw}});
+    assert_eq!(rest.call("POST", "/api/device", Some(&body.to_string()))?.0, 400);
     wait_fw_version(&c, "M2_TOKEN", "1.0").await?;
     // A device's own firmwareId stays its own; the follower has none.
     let (_, d) = rest.call("GET", &format!("/api/device/{follower}"), None)?;

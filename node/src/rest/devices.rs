@@ -167,9 +167,12 @@ async fn assign_ota(
     device: &Device,
     body: &Value,
 ) -> Result<(), ApiError> {
-    for field in ["firmwareId", "softwareId"] {
+    for (field, kind) in [
+        ("firmwareId", OtaKind::Firmware),
+        ("softwareId", OtaKind::Software),
+    ] {
         if let Some(id) = body.get(field).and_then(|v| v.get("id")).and_then(Value::as_str) {
-            super::ota::assign(state, caller, device, id).await?;
+            super::ota::assign(state, caller, device, kind, id).await?;
         }
     }
     Ok(())

@@ -178,11 +178,31 @@ async fn upload(
     Ok(Json(package_json(&done)))
 }
 
+/// A `firmwareId` must name a FIRMWARE package, a `softwareId` a SOFTWARE one.
+fn check_kind(p: &OtaPackage, kind: OtaKind) -> Result<(), ApiError> {
+    if p.kind == kind {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "The OTA package is {}, not {}",
+            p.kind.as_str(),
+            kind.as_str()
+        )))
+    }
+}
+
 /// Assigns the package `id` names (a device's `firmwareId` or `softwareId`) to `device`, and
 /// sets the shared attributes the device's SDK watches (`fw_title`, `fw_version`, `fw_size`,
 /// `fw_checksum`, `fw_checksum_algorithm`; `sw_*` for software).
-pub async fn assign(state: &AppState, caller: &Caller, device: &Device, id: &str) -> Result<(), ApiError> {
+pub async fn assign(
+    state: &AppState,
+    caller: &Caller,
+    device: &Device,
+    kind: OtaKind,
+    id: &str,
+) -> Result<(), ApiError> {
     let p = package_of(state, caller, id)?;
+    check_kind(&p, kind)?;
     let Some(values) = p.attributes() else {
         return Err(ApiError::bad_request("The OTA package has no data yet"));
     };
@@ -210,9 +230,11 @@ pub async fn assign_to_profile(
     state: &AppState,
     caller: &Caller,
     profile: &DeviceProfile,
+    kind: OtaKind,
     id: &str,
 ) -> Result<(), ApiError> {
     let p = package_of(state, caller, id)?;
+    check_kind(&p, kind)?;
     if p.attributes().is_none() {
         return Err(ApiError::bad_request("The OTA package has no data yet"));
     }

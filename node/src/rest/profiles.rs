@@ -96,9 +96,12 @@ async fn save_profile(
         .save_profile(caller.tenant_id, id, name, description, provision)
         .await
         .map_err(registry_error)?;
-    for field in ["firmwareId", "softwareId"] {
+    for (field, kind) in [
+        ("firmwareId", OtaKind::Firmware),
+        ("softwareId", OtaKind::Software),
+    ] {
         if let Some(pkg) = body[field]["id"].as_str() {
-            super::ota::assign_to_profile(&state, &caller, &p, pkg).await?;
+            super::ota::assign_to_profile(&state, &caller, &p, kind, pkg).await?;
         }
     }
     Ok(Json(profile_json_with_ota(&state, &p)))
