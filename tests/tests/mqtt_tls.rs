@@ -90,25 +90,29 @@ async fn devices_connect_over_tls_with_a_token_or_their_certificate() -> anyhow:
     let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body.to_string()))?;
     assert_eq!(code, 200, "{creds}");
     assert_eq!(creds["credentialsType"], "X509_CERTIFICATE");
-    let cert = d.join("device.pem").display().to_string();
-    let key = d.join("device.key").display().to_string();
-    let rc = mosquitto_pub(
-        &tls,
-        &[
-            "--cafile",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "-q",
-            "1",
-            "-t",
-            "v1/devices/me/telemetry",
-            "-m",
-            r#"{"x509":2}"#,
-        ],
-    )?;
+    // Publishes `msg` over TLS with the client certificate `name` (.pem and .key in `d`).
+    let publish_as = |name: &str, msg: &str| {
+        let cert = d.join(format!("{name}.pem")).display().to_string();
+        let key = d.join(format!("{name}.key")).display().to_string();
+        mosquitto_pub(
+            &tls,
+            &[
+                "--cafile",
+                &ca,
+                "--cert",
+                &cert,
+                "--key",
+                &key,
+                "-q",
+                "1",
+                "-t",
+                "v1/devices/me/telemetry",
+                "-m",
+                msg,
+            ],
+        )
+    };
+    let rc = publish_as("device", r#"{"x509":2}"#)?;
     assert_eq!(rc, 0);
     let v = rest
         .wait_latest(&by_cert, Duration::from_secs(5), |v| v.get("x509").is_some())
@@ -116,25 +120,7 @@ async fn devices_connect_over_tls_with_a_token_or_their_certificate() -> anyhow:
     assert_eq!(v["x509"][0]["value"], "2");
 
     // A certificate nobody registered: refused (CONNACK 5, not authorized), nothing stored.
-    let cert = d.join("stranger.pem").display().to_string();
-    let key = d.join("stranger.key").display().to_string();
-    let rc = mosquitto_pub(
-        &tls,
-        &[
-            "--cafile",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "-q",
-            "1",
-            "-t",
-            "v1/devices/me/telemetry",
-            "-m",
-            r#"{"x509":3}"#,
-        ],
-    )?;
+    let rc = publish_as("stranger", r#"{"x509":3}"#)?;
     assert_ne!(rc, 0);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(rest.latest(&by_cert)?["x509"][0]["value"], "2");

@@ -255,11 +255,7 @@ pub async fn assign_to_profile(
         }
         state.engine.push_ota_attributes(&d, &p).await.map_err(|e| {
             tracing::warn!(device = %d.id, error = %e, "profile OTA attributes not set");
-            ApiError::status(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                format!("write not committed: {e}"),
-                2,
-            )
+            super::telemetry::not_committed(&e)
         })?;
         updated += 1;
     }

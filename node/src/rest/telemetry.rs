@@ -373,6 +373,15 @@ async fn attribute_keys_scope(
     Ok(Json(json!(attribute_keys(&state, &d, &[scope_param(&scope)?])?)))
 }
 
+/// 503 for a write the log did not commit (ThingsBoard's general error code 2).
+pub(super) fn not_committed(e: &dyn std::fmt::Display) -> ApiError {
+    ApiError::status(
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        format!("write not committed: {e}"),
+        2,
+    )
+}
+
 /// Appends an API write to the device's partition and waits until this replica applied it.
 pub(super) async fn submit(state: &AppState, d: &Device, msg: IngestMsg) -> Result<(), ApiError> {
     let ingest = Ingest {
@@ -384,11 +393,7 @@ pub(super) async fn submit(state: &AppState, d: &Device, msg: IngestMsg) -> Resu
     };
     let appended = state.engine.submit(&ingest).await.map_err(|e| {
         tracing::warn!(error = %e, "API write not committed");
-        ApiError::status(
-            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-            format!("write not committed: {e}"),
-            2,
-        )
+        not_committed(&e)
     })?;
     if !state
         .engine
