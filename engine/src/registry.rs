@@ -7,7 +7,8 @@
 //! so two nodes creating the same name at once cannot both succeed.
 //!
 //! Keys: `reg/tenant/<id>`, `reg/customer/<id>`, `reg/user/<id>`, `reg/email/<email>`,
-//! `reg/profile/<id>`, `reg/profile_name/<tenant>/<name>`, `reg/device/<id>`,
+//! `reg/profile/<id>`, `reg/profile_name/<tenant>/<name>`, `reg/profile_transport/<id>` (a
+//! profile's transport configuration, JSON), `reg/device/<id>`,
 //! `reg/device_name/<tenant>/<name>`, `reg/cred/<device id>`, `reg/token/<token>`,
 //! `reg/seeded`.
 
@@ -379,6 +380,12 @@ impl Registry {
         self.get(&format!("reg/profile/{id}"))
     }
 
+    /// A profile's transport configuration (ThingsBoard's `profileData.transportConfiguration`,
+    /// JSON text as the REST API validated it); `None` for the DEFAULT transport type.
+    pub fn profile_transport(&self, id: Uuid) -> Option<String> {
+        self.get(&profile_transport_key(id))
+    }
+
     pub fn profile_by_name(&self, tenant: Uuid, name: &str) -> Option<DeviceProfile> {
         let id = self.get_id(&format!("reg/profile_name/{tenant}/{name}"))?;
         self.profile(id)
@@ -413,6 +420,7 @@ impl Registry {
         name: &str,
         description: Option<String>,
         provision: Provision,
+        transport: Option<String>,
     ) -> Result<DeviceProfile, RegistryError> {
         let name = name.trim();
         if name.is_empty() {
@@ -472,6 +480,10 @@ impl Registry {
         if let Some(o) = &old {
             checks.push(MetaCheck::Present(format!("reg/profile/{}", o.id)));
         }
+        ops.push(match transport {
+            Some(t) => MetaOp::Put(profile_transport_key(p.id), enc(&t)),
+            None => MetaOp::Delete(profile_transport_key(p.id)),
+        });
         let r = self.log.meta_txn(MetaTxn { checks, ops }).await?;
         match r.failed_check {
             None => Ok(p),
@@ -963,6 +975,10 @@ pub fn device_ref(d: &Device, password: &str) -> DeviceRef {
         device_type: d.device_type.clone(),
         password: password.into(),
     }
+}
+
+fn profile_transport_key(profile: Uuid) -> String {
+    format!("reg/profile_transport/{profile}")
 }
 
 fn profile_ops(p: &DeviceProfile) -> Vec<MetaOp> {

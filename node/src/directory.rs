@@ -1,8 +1,10 @@
 //! The transports' registry port ([`Directory`]) on the engine's registry: gateways and the
 //! child devices they report for, and device provisioning.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
 use thingraft_engine::EngineHandle;
@@ -12,6 +14,7 @@ use thingraft_engine::registry::{
 use thingraft_engine::relations::{COMMON, CREATED, EntityRef, Relation};
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
+use thingraft_transport_common::proto_payload::{self, DeviceTransport, ProtoSchemas};
 use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind};
 use uuid::Uuid;
 
@@ -19,7 +22,13 @@ pub struct EngineDirectory {
     pub engine: EngineHandle,
     /// `[security] claim_allowed_by_default`.
     pub claim_allowed_by_default: bool,
+    /// Compiled protobuf schemas per (profile, transport), with the configuration text they
+    /// were compiled from: a profile update shows as a different text and compiles again.
+    pub schemas: Mutex<HashMap<(Uuid, DeviceTransport), CompiledSchemas>>,
 }
+
+/// A profile's transport configuration text and the schemas compiled from it (`None`: JSON).
+type CompiledSchemas = (String, Option<Arc<ProtoSchemas>>);
 
 /// The server attribute that lets a device be claimed when claiming is not allowed by default.
 pub const CLAIMING_ALLOWED: &str = "claimingAllowed";
@@ -37,6 +46,34 @@ impl EngineDirectory {
 }
 
 impl Directory for EngineDirectory {
+    fn proto_schemas(&self, device: &EntityId, transport: DeviceTransport) -> Option<Arc<ProtoSchemas>> {
+        let registry = &self.engine.registry;
+        let profile = registry.device(Uuid::from_bytes(*device))?.profile_id;
+        let text = registry.profile_transport(profile)?;
+        let mut cache = self
+            .schemas
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((cached, schemas)) = cache.get(&(profile, transport))
+            && *cached == text
+        {
+            return schemas.clone();
+        }
+        // The REST API compiled it before saving, so this fails only for a configuration
+        // written by another version; its devices then fall back to JSON, said once here.
+        let schemas = serde_json::from_str::<serde_json::Value>(&text)
+            .map_err(|e| e.to_string())
+            .and_then(|t| proto_payload::schemas_for(&t, transport).map_err(|e| e.0))
+            .inspect_err(
+                |e| tracing::warn!(%profile, error = %e, "device profile's protobuf schemas do not compile"),
+            )
+            .ok()
+            .flatten()
+            .map(Arc::new);
+        cache.insert((profile, transport), (text, schemas.clone()));
+        schemas
+    }
+
     fn is_gateway(&self, device: &EntityId) -> bool {
         self.engine
             .registry

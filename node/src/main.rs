@@ -20,6 +20,11 @@ use thingraft_log::{LogClient, LogNode};
 
 use crate::config::{NodeConfig, Overrides};
 
+/// glibc's malloc took a fifth of the node's CPU on the device path (arena locks, consolidation);
+/// mimalloc's per-thread free lists do not (BENCHMARKS.md, "allocator").
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "thingraft",
@@ -157,6 +162,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     hub.set_directory(std::sync::Arc::new(directory::EngineDirectory {
         engine: eh.clone(),
         claim_allowed_by_default: cfg.security.claim_allowed_by_default,
+        schemas: Default::default(),
     }));
     if let Some(l) = mqtt_listener {
         tracing::info!(addr = %cfg.mqtt.listen, "MQTT listening");

@@ -99,6 +99,10 @@ pub enum PayloadError {
     /// The payload is not JSON (or not UTF-8).
     #[error("invalid JSON: {0}")]
     InvalidJson(String),
+    /// The payload is not a message of the device profile's protobuf schema, or the device has
+    /// no such schema.
+    #[error("invalid protobuf payload: {0}")]
+    InvalidProtobuf(String),
     /// Attributes must be one JSON object.
     #[error("expected a JSON object, found {found}")]
     NotAnObject {

@@ -1,6 +1,7 @@
 //! Device profiles: create, update, get, the default one; with their provisioning settings
 //! (ThingsBoard's `provisionType`, `provisionDeviceKey` and
-//! `profileData.provisionConfiguration.provisionDeviceSecret`).
+//! `profileData.provisionConfiguration.provisionDeviceSecret`), and their transport
+//! configuration (MQTT or CoAP, with JSON or protobuf payloads).
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -9,6 +10,7 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 use thingraft_engine::ota::OtaKind;
 use thingraft_engine::registry::{DeviceProfile, Provision, ProvisionType};
+use thingraft_transport_common::proto_payload;
 use uuid::Uuid;
 
 use super::auth::ApiError;
@@ -32,6 +34,72 @@ fn profile_info_json(p: &DeviceProfile) -> Value {
         "type": "DEFAULT",
         "transportType": "DEFAULT",
     })
+}
+
+/// A profile's `transportConfiguration` as stored, or ThingsBoard's DEFAULT one.
+fn transport_json(state: &AppState, p: &DeviceProfile) -> Value {
+    state
+        .engine
+        .registry
+        .profile_transport(p.id)
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_else(|| json!({"type": "DEFAULT"}))
+}
+
+/// The transport configuration of a profile body: `None` for DEFAULT; MQTT (default topics) or
+/// COAP (DEFAULT device type) with JSON or PROTOBUF payloads, whose schemas are compiled here so
+/// that a bad one is this request's 400, not a device's error later. The text kept is the
+/// object as given.
+fn transport_of(body: &Value) -> Result<Option<String>, ApiError> {
+    let t = &body["profileData"]["transportConfiguration"];
+    let kind = t["type"]
+        .as_str()
+        .or_else(|| body["transportType"].as_str())
+        .unwrap_or("DEFAULT");
+    match kind {
+        "DEFAULT" => return Ok(None),
+        "MQTT" => {
+            for field in [
+                "deviceTelemetryTopic",
+                "deviceAttributesTopic",
+                "deviceAttributesSubscribeTopic",
+            ] {
+                let default = if field == "deviceTelemetryTopic" {
+                    "v1/devices/me/telemetry"
+                } else {
+                    "v1/devices/me/attributes"
+                };
+                if let Some(topic) = t[field].as_str()
+                    && topic != default
+                {
+                    return Err(ApiError::bad_request(format!(
+                        "Custom MQTT topics are not supported: {field} must be {default}"
+                    )));
+                }
+            }
+        }
+        "COAP" => {
+            let device_type = t["coapDeviceTypeConfiguration"]["coapDeviceType"]
+                .as_str()
+                .unwrap_or("DEFAULT");
+            if device_type != "DEFAULT" {
+                return Err(ApiError::bad_request(format!(
+                    "CoAP device type {device_type} is not supported"
+                )));
+            }
+        }
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "Device profile transport type {other} is not supported"
+            )));
+        }
+    }
+    let mut t = t.clone();
+    t["type"] = json!(kind);
+    if let Some((transport, _)) = proto_payload::payload_config(&t) {
+        proto_payload::schemas_for(&t, transport).map_err(|e| ApiError::bad_request(e.0))?;
+    }
+    Ok(Some(t.to_string()))
 }
 
 fn profile_json(p: &DeviceProfile) -> Value {
@@ -90,10 +158,11 @@ async fn save_profile(
     let name = body["name"].as_str().unwrap_or_default();
     let description = body["description"].as_str().map(String::from);
     let provision = provision_of(&body)?;
+    let transport = transport_of(&body)?;
     let p = state
         .engine
         .registry
-        .save_profile(caller.tenant_id, id, name, description, provision)
+        .save_profile(caller.tenant_id, id, name, description, provision, transport)
         .await
         .map_err(registry_error)?;
     for (field, kind) in [
@@ -110,6 +179,9 @@ async fn save_profile(
 /// [`profile_json`] with the OTA packages assigned to the profile.
 fn profile_json_with_ota(state: &AppState, p: &DeviceProfile) -> Value {
     let mut v = profile_json(p);
+    let transport = transport_json(state, p);
+    v["transportType"] = transport["type"].clone();
+    v["profileData"]["transportConfiguration"] = transport;
     for (field, kind) in [
         ("firmwareId", OtaKind::Firmware),
         ("softwareId", OtaKind::Software),
@@ -150,5 +222,7 @@ async fn default_profile_info(
         .registry
         .default_profile(caller.tenant_id)
         .ok_or_else(|| ApiError::not_found("Default device profile is not found"))?;
-    Ok(Json(profile_info_json(&p)))
+    let mut info = profile_info_json(&p);
+    info["transportType"] = transport_json(&state, &p)["type"].clone();
+    Ok(Json(info))
 }

@@ -13,6 +13,7 @@ use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
+use thingraft_transport_common::proto_payload::{DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json};
 use thingraft_transport_common::{
     ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
 };
@@ -35,6 +36,13 @@ fn code_of(class: ErrorClass) -> ResponseType {
 fn refuse(class: ErrorClass, why: &str) -> Reply {
     tracing::info!(reason = why, "CoAP request refused");
     Reply::code(code_of(class))
+}
+
+/// The protobuf schemas of the device's profile for CoAP (`None`: its payloads are JSON).
+fn proto_schemas(t: &Transport, s: &Session) -> Option<Arc<ProtoSchemas>> {
+    t.hub
+        .directory()
+        .and_then(|d| d.proto_schemas(&s.device.device, DeviceTransport::Coap))
 }
 
 fn bad_payload(e: &PayloadError) -> Reply {
@@ -65,11 +73,16 @@ async fn route(
     let segs: Vec<&str> = path.split('/').collect();
     let method = *req.get_method();
     if let Some(cf) = req.message.get_content_format()
-        && !matches!(cf, ContentFormat::ApplicationJSON | ContentFormat::TextPlain)
+        && !matches!(
+            cf,
+            ContentFormat::ApplicationJSON | ContentFormat::TextPlain | ContentFormat::ApplicationOctetStream
+        )
     {
-        // JSON only: protobuf payloads need the device profile's schemas (decision 0004).
-        return Err(refuse(ErrorClass::BadRequest, "content format is not JSON")
-            .with_code(ResponseType::UnsupportedContentFormat));
+        // JSON, or protobuf (octet stream) for devices whose profile has protobuf schemas.
+        return Err(
+            refuse(ErrorClass::BadRequest, "content format is not JSON or protobuf")
+                .with_code(ResponseType::UnsupportedContentFormat),
+        );
     }
     if req.message.payload.len() > t.config.max_payload_bytes {
         return Err(refuse(ErrorClass::TooLarge, "payload over the limit"));
@@ -78,14 +91,20 @@ async fn route(
     let reply = match (method, segs.as_slice()) {
         (RequestType::Post, ["api", "v1", token, "telemetry"]) => {
             let (s, _rx) = session(t, token, 0)?;
-            match device::parse_telemetry(&body, now_ms()) {
+            let proto = proto_schemas(t, &s);
+            match uplink_json(proto.as_deref(), Format::Profile, Uplink::Telemetry, &body)
+                .and_then(|json| device::parse_telemetry(&json, now_ms()))
+            {
                 Ok(groups) => submit(&s, IngestMsg::Telemetry(groups)).await,
                 Err(e) => bad_payload(&e),
             }
         }
         (RequestType::Post, ["api", "v1", token, "attributes"]) => {
             let (s, _rx) = session(t, token, 0)?;
-            match device::parse_attributes(&body) {
+            let proto = proto_schemas(t, &s);
+            match uplink_json(proto.as_deref(), Format::Profile, Uplink::Attributes, &body)
+                .and_then(|json| device::parse_attributes(&json))
+            {
                 Ok(values) => submit(&s, IngestMsg::ClientAttributes(values)).await,
                 Err(e) => bad_payload(&e),
             }

@@ -11,6 +11,7 @@
 //! the registry writes.
 
 pub mod payload;
+pub mod proto_payload;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -126,6 +127,14 @@ pub trait Directory: Send + Sync {
 
     /// `len` bytes of that package from `offset` (fewer at its end, none past it).
     fn ota_read(&self, device: &EntityId, kind: OtaKind, offset: u64, len: u64) -> Option<Vec<u8>>;
+
+    /// The protobuf schemas `device`'s profile sets for `transport`; `None` when its payloads
+    /// there are JSON.
+    fn proto_schemas(
+        &self,
+        device: &EntityId,
+        transport: proto_payload::DeviceTransport,
+    ) -> Option<Arc<proto_payload::ProtoSchemas>>;
 }
 
 /// Why a claim window was not opened.

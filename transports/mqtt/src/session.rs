@@ -16,6 +16,7 @@ use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
+use thingraft_transport_common::proto_payload::{DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json};
 use thingraft_transport_common::{ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -25,7 +26,7 @@ use crate::codec::{self, CodecError, ConnackCode, DisconnectCode, Incoming, PubA
 use crate::gateway::{self, ChildOp, Gateway, GatewayTopic};
 
 /// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused. The protobuf forms
-/// (`v2/../p/..`) are refused too: thingraft speaks JSON only (docs/decisions/0004).
+/// (`v2/../p/..`) are refused too: downlinks are JSON only so far (docs/decisions/0004).
 const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/attributes",
     "v1/devices/me/attributes/response/+",
@@ -95,8 +96,8 @@ impl Family {
 /// What a publish topic asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Topic<'a> {
-    Telemetry,
-    Attributes,
+    Telemetry(Format),
+    Attributes(Format),
     AttributeRequest(Family, &'a str),
     RpcResponse(&'a str),
     ClientRpc(Family, &'a str),
@@ -111,8 +112,12 @@ type TopicOf = fn(&str) -> Topic<'_>;
 
 fn classify(topic: &str) -> Topic<'_> {
     match topic {
-        "v1/devices/me/telemetry" | "v2/t" | "v2/t/j" => return Topic::Telemetry,
-        "v1/devices/me/attributes" | "v2/a" | "v2/a/j" => return Topic::Attributes,
+        "v1/devices/me/telemetry" | "v2/t" => return Topic::Telemetry(Format::Profile),
+        "v2/t/j" => return Topic::Telemetry(Format::Json),
+        "v2/t/p" => return Topic::Telemetry(Format::Protobuf),
+        "v1/devices/me/attributes" | "v2/a" => return Topic::Attributes(Format::Profile),
+        "v2/a/j" => return Topic::Attributes(Format::Json),
+        "v2/a/p" => return Topic::Attributes(Format::Protobuf),
         "v1/devices/me/claim" => return Topic::Claim,
         _ => {}
     }
@@ -218,6 +223,8 @@ struct Session {
     gateway: Option<Gateway>,
     /// The OTA chunk size this device asked for last (0: whole packages).
     ota_chunk_size: u64,
+    /// The device profile's protobuf schemas for MQTT, as they were at CONNECT (`None`: JSON).
+    proto: Option<Arc<ProtoSchemas>>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -312,6 +319,10 @@ pub(crate) async fn run(
         .directory()
         .is_some_and(|d| d.is_gateway(&device.device));
     let gateway = is_gateway.then(|| Gateway::new(tx.clone(), credentials_key.clone()));
+    let proto = transport
+        .hub
+        .directory()
+        .and_then(|d| d.proto_schemas(&device.device, DeviceTransport::Mqtt));
     let session = transport.hub.open_session_on(device, credentials_key, 0, tx);
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let mut s = Session {
@@ -326,6 +337,7 @@ pub(crate) async fn run(
         client_rpcs: std::collections::VecDeque::new(),
         gateway,
         ota_chunk_size: 0,
+        proto,
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.s.device.name, session = s.s.id.session);
@@ -600,8 +612,16 @@ impl Session {
             return self.gateway_publish(topic, g, payload, ack).await;
         }
         let parsed: Result<IngestMsg, PayloadError> = match classify(topic) {
-            Topic::Telemetry => device::parse_telemetry(payload, now_ms()).map(IngestMsg::Telemetry),
-            Topic::Attributes => device::parse_attributes(payload).map(IngestMsg::ClientAttributes),
+            Topic::Telemetry(format) => {
+                uplink_json(self.proto.as_deref(), format, Uplink::Telemetry, payload)
+                    .and_then(|json| device::parse_telemetry(&json, now_ms()))
+                    .map(IngestMsg::Telemetry)
+            }
+            Topic::Attributes(format) => {
+                uplink_json(self.proto.as_deref(), format, Uplink::Attributes, payload)
+                    .and_then(|json| device::parse_attributes(&json))
+                    .map(IngestMsg::ClientAttributes)
+            }
             Topic::AttributeRequest(family, id) => request_id(id).and_then(|request_id| {
                 let (client_keys, shared_keys) = payload::parse_attribute_request(payload)?;
                 self.families.attribute_request = family;
@@ -963,8 +983,14 @@ mod tests {
 
     #[test]
     fn topics_classify_by_family_with_the_longer_prefix_first() {
-        assert_eq!(classify("v2/t/j"), Topic::Telemetry);
-        assert_eq!(classify("v2/a"), Topic::Attributes);
+        assert_eq!(classify("v2/t/j"), Topic::Telemetry(Format::Json));
+        assert_eq!(classify("v2/t/p"), Topic::Telemetry(Format::Protobuf));
+        assert_eq!(
+            classify("v1/devices/me/telemetry"),
+            Topic::Telemetry(Format::Profile)
+        );
+        assert_eq!(classify("v2/a"), Topic::Attributes(Format::Profile));
+        assert_eq!(classify("v2/a/p"), Topic::Attributes(Format::Protobuf));
         assert_eq!(
             classify("v2/a/req/j/5"),
             Topic::AttributeRequest(Family::V2Json, "5")
