@@ -1,7 +1,7 @@
 //! Compiles `proto/*.proto` with protox (pure Rust), so a fresh machine needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/thingraft.proto"];
+    let files = ["proto/thingraft.proto", "proto/tb_transport.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use thingraft_log::{LogHandle, Record};
 use thingraft_proto::records::{
-    Deliver, DownlinkMsg, EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, RpcStatus, Scope, SessionRef,
+    AttrKv, Deliver, DownlinkMsg, EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, RpcStatus, Scope,
+    SessionRef,
 };
 use tokio::sync::{mpsc, watch};
 
@@ -42,7 +43,7 @@ pub struct Shard {
 #[derive(Debug)]
 pub(crate) enum Action {
     /// Push shared attributes to the device's subscribed sessions.
-    AttributeUpdate { device: EntityId, json: String },
+    AttributeUpdate { device: EntityId, msg: DownlinkMsg },
     /// Answer a session's attribute request from the store.
     AttributeResponse {
         device: EntityId,
@@ -333,11 +334,20 @@ fn apply_default(
                     }
                 }
                 if *scope == Scope::Shared {
-                    let obj: serde_json::Map<String, serde_json::Value> =
-                        values.iter().map(|(k, v)| (k.clone(), v.to_json())).collect();
+                    let updated = values
+                        .iter()
+                        .map(|(k, v)| AttrKv {
+                            key: k.clone(),
+                            ts_ms: i.ts_ms,
+                            value: v.clone(),
+                        })
+                        .collect();
                     actions.push(Action::AttributeUpdate {
                         device: *d,
-                        json: serde_json::Value::Object(obj).to_string(),
+                        msg: DownlinkMsg::AttributeUpdate {
+                            updated,
+                            deleted: Vec::new(),
+                        },
                     });
                 }
             }
@@ -348,7 +358,10 @@ fn apply_default(
                 if *scope == Scope::Shared && !keys.is_empty() {
                     actions.push(Action::AttributeUpdate {
                         device: *d,
-                        json: serde_json::json!({ "deleted": keys }).to_string(),
+                        msg: DownlinkMsg::AttributeUpdate {
+                            updated: Vec::new(),
+                            deleted: keys.clone(),
+                        },
                     });
                 }
             }
@@ -486,11 +499,11 @@ impl Leader {
 
     async fn act(&mut self, a: Action) {
         match a {
-            Action::AttributeUpdate { device, json } => {
+            Action::AttributeUpdate { device, msg } => {
                 let d = Deliver {
                     device,
                     session: None,
-                    msg: DownlinkMsg::AttributeUpdate(json),
+                    msg,
                 };
                 self.downlinks.deliver(None, d).await;
             }
@@ -501,8 +514,8 @@ impl Leader {
                 client_keys,
                 shared_keys,
             } => {
-                let json = match self.attribute_response(&device, client_keys, shared_keys) {
-                    Ok(j) => j,
+                let msg = match self.attribute_response(&device, request_id, client_keys, shared_keys) {
+                    Ok(m) => m,
                     Err(e) => {
                         tracing::warn!(partition = self.partition, error = %e, "attribute response failed");
                         return;
@@ -511,7 +524,7 @@ impl Leader {
                 let d = Deliver {
                     device,
                     session: Some(session.session),
-                    msg: DownlinkMsg::AttributeResponse { request_id, json },
+                    msg,
                 };
                 self.downlinks.deliver(Some(session.node), d).await;
             }
@@ -534,15 +547,13 @@ impl Leader {
     fn attribute_response(
         &self,
         device: &EntityId,
+        request_id: u32,
         client_keys: Option<Vec<String>>,
         shared_keys: Option<Vec<String>>,
-    ) -> anyhow::Result<String> {
+    ) -> anyhow::Result<DownlinkMsg> {
         let all = client_keys.is_none() && shared_keys.is_none();
-        let mut out = serde_json::Map::new();
-        for (name, scope, keys) in [
-            ("client", Scope::Client, client_keys),
-            ("shared", Scope::Shared, shared_keys),
-        ] {
+        let mut found = [Vec::new(), Vec::new()];
+        for (slot, scope, keys) in [(0, Scope::Client, client_keys), (1, Scope::Shared, shared_keys)] {
             let keys = match keys {
                 Some(k) => k,
                 None if all => Vec::new(),
@@ -552,29 +563,35 @@ impl Leader {
             if keys.is_empty() && !all {
                 continue;
             }
-            let values = self.store.attributes(device, scope, &keys)?;
-            if !values.is_empty() {
-                let obj: serde_json::Map<String, serde_json::Value> = values
-                    .into_iter()
-                    .map(|(k, tv)| (k, tv.value.to_json()))
-                    .collect();
-                out.insert(name.into(), serde_json::Value::Object(obj));
-            }
+            found[slot] = self
+                .store
+                .attributes(device, scope, &keys)?
+                .into_iter()
+                .map(|(key, tv)| AttrKv {
+                    key,
+                    ts_ms: tv.ts_ms,
+                    value: tv.value,
+                })
+                .collect();
         }
-        Ok(serde_json::Value::Object(out).to_string())
+        let [client, shared] = found;
+        Ok(DownlinkMsg::AttributeResponse {
+            request_id,
+            client,
+            shared,
+        })
     }
 
     /// Hands the RPC to the device's sessions; records DELIVERED when one took it.
     async fn deliver_rpc(&self, r: &RpcState) -> bool {
-        let json = format!(
-            "{{\"method\":{},\"params\":{}}}",
-            serde_json::Value::String(r.method.clone()),
-            r.params
-        );
         let d = Deliver {
             device: r.device,
             session: None,
-            msg: DownlinkMsg::RpcRequest { id: r.id, json },
+            msg: DownlinkMsg::RpcRequest {
+                id: r.id,
+                method: r.method.clone(),
+                params: r.params.clone(),
+            },
         };
         if self.downlinks.deliver(None, d).await == 0 {
             return false;

@@ -2,6 +2,7 @@
 //!
 //! - [`v1`]: log records as clients see them (`Log` service) and the node-to-node Raft transport
 //!   (`Raft` service), generated from `proto/thingraft.proto`.
+//! - [`tb`]: ThingsBoard's fixed device-API messages for protobuf devices.
 //! - [`error`]: [`ErrorClass`], mapped to gRPC, HTTP, MQTT 5 and CoAP codes in one place.
 
 pub mod device;
@@ -9,6 +10,13 @@ pub mod error;
 pub mod records;
 
 pub use error::ErrorClass;
+
+/// ThingsBoard's fixed device-API messages for protobuf devices, generated from
+/// `proto/tb_transport.proto`.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod tb {
+    tonic::include_proto!("transport");
+}
 
 /// Generated from `proto/thingraft.proto`.
 #[allow(clippy::all, clippy::pedantic, missing_docs)]

@@ -257,7 +257,7 @@ impl RpcStatus {
 
 /// A downlink from a partition's leader to a device's sessions on some node (carried by the
 /// log's application messages).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Deliver {
     pub device: EntityId,
     /// Only this session (on the node that receives the message); `None`: every session.
@@ -265,15 +265,69 @@ pub struct Deliver {
     pub msg: DownlinkMsg,
 }
 
-/// What a session sends to its device; JSON payloads as text.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// What a session sends to its device, typed: each transport renders it in the device's payload
+/// format ([`DownlinkMsg::json`] for JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DownlinkMsg {
-    /// Shared attributes changed (`{"k":v,..,"deleted":[..]}`); to sessions subscribed to them.
-    AttributeUpdate(String),
-    /// The answer to an attribute request of that session.
-    AttributeResponse { request_id: u32, json: String },
-    /// A server-side RPC (`{"method":..,"params":..}`); to sessions subscribed to RPC.
-    RpcRequest { id: u32, json: String },
+    /// Shared attributes changed: updated ones, or deleted names; to sessions subscribed to them.
+    AttributeUpdate {
+        updated: Vec<AttrKv>,
+        deleted: Vec<String>,
+    },
+    /// The answer to an attribute request of that session: the attributes found in each scope.
+    AttributeResponse {
+        request_id: u32,
+        client: Vec<AttrKv>,
+        shared: Vec<AttrKv>,
+    },
+    /// A server-side RPC: its method and params (JSON text); to sessions subscribed to RPC.
+    RpcRequest { id: u32, method: String, params: String },
+}
+
+/// One attribute in a downlink: name, last update time, value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttrKv {
+    pub key: String,
+    pub ts_ms: i64,
+    pub value: Value,
+}
+
+impl DownlinkMsg {
+    /// The JSON payload ThingsBoard's JSON adaptor sends: `{"k":v,..}` or `{"deleted":[..]}`
+    /// for an update, `{"client":{..},"shared":{..}}` (a scope without values left out) for a
+    /// response, `{"method":..,"params":..}` for an RPC.
+    pub fn json(&self) -> String {
+        fn object(kvs: &[AttrKv]) -> serde_json::Value {
+            serde_json::Value::Object(
+                kvs.iter()
+                    .map(|kv| (kv.key.clone(), kv.value.to_json()))
+                    .collect(),
+            )
+        }
+        match self {
+            DownlinkMsg::AttributeUpdate { updated, deleted } => {
+                if updated.is_empty() {
+                    serde_json::json!({ "deleted": deleted }).to_string()
+                } else {
+                    object(updated).to_string()
+                }
+            }
+            DownlinkMsg::AttributeResponse { client, shared, .. } => {
+                let mut out = serde_json::Map::new();
+                for (name, kvs) in [("client", client), ("shared", shared)] {
+                    if !kvs.is_empty() {
+                        out.insert(name.into(), object(kvs));
+                    }
+                }
+                serde_json::Value::Object(out).to_string()
+            }
+            DownlinkMsg::RpcRequest { method, params, .. } => format!(
+                "{{\"method\":{},\"params\":{}}}",
+                serde_json::Value::String(method.clone()),
+                params
+            ),
+        }
+    }
 }
 
 impl Deliver {

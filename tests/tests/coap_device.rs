@@ -368,8 +368,9 @@ async fn bad_coap_input_gets_coap_codes_and_stores_nothing() -> anyhow::Result<(
             vec![
                 "-m".into(),
                 "post".into(),
+                // CBOR: neither JSON nor protobuf (octet stream).
                 "-t".into(),
-                "42".into(),
+                "60".into(),
                 "-e".into(),
                 r#"{"t":1}"#.into(),
                 telemetry.clone(),

@@ -1,17 +1,19 @@
 //! Protobuf device payloads end to end: a device profile with proto schemas saved through REST,
 //! devices of it publishing protobuf over MQTT (rumqttc: the profile's default topics, `v2/t/p`,
 //! `v2/a/p`, and JSON on `v2/t/j`) and CoAP (`coap-client`), and what was stored read back
-//! through REST. Bad input: a schema that does not compile, bytes that are not the message, a
-//! `p` topic for a JSON device.
+//! through REST; attribute pushes, attribute requests, server- and client-side RPC in
+//! protobuf on the `p` topics. Bad input: a schema that does not compile, bytes that are not
+//! the message, a `p` topic for a JSON device.
 
 use std::time::Duration;
 
+use prost::Message as _;
 use prost_reflect::DynamicMessage;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use serde_json::{Value, json};
+use thingraft_proto::tb;
 use thingraft_tests::{ProcCluster, Rest, coap_client, next_puback, v5_client};
-use thingraft_transport_common::proto_payload;
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -96,9 +98,26 @@ fn profile(name: &str, transport: &str, telemetry: &str) -> String {
     .to_string()
 }
 
-/// `json` encoded as the last message of `schema`, as a device's generated code would.
+/// The message `name` of `schema`, compiled here as a device's toolchain would (not with the
+/// node's code under test).
+fn message(schema: &str, name: &str) -> prost_reflect::MessageDescriptor {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("device.proto"), schema).expect("write schema");
+    let pool = protox::compile(["device.proto"], [dir.path()]).expect("schema compiles");
+    let pool = prost_reflect::DescriptorPool::from_file_descriptor_set(pool).expect("descriptor pool");
+    pool.get_message_by_name(name).expect("message in schema")
+}
+
+/// `json` encoded as the last message of `schema` (the one ThingsBoard reads), as a device's
+/// generated code would.
 fn encode(schema: &str, json: &str) -> Vec<u8> {
-    let desc = proto_payload::compile(schema, "test schema").expect("schema compiles");
+    let name = match schema {
+        TELEMETRY => "telemetry.SensorDataReading",
+        ATTRIBUTES => "attributes.SensorConfiguration",
+        RPC_RESPONSE => "rpc.RpcResponseMsg",
+        _ => panic!("unknown test schema"),
+    };
+    let desc = message(schema, name);
     let mut de = serde_json::Deserializer::from_str(json);
     let msg = DynamicMessage::deserialize(desc, &mut de).expect("message of the schema");
     prost::Message::encode_to_vec(&msg)
@@ -290,5 +309,163 @@ async fn protobuf_profile_devices_publish_over_mqtt_and_coap() -> anyhow::Result
     std::fs::write(&file, [0xff, 0xff, 0xff])?;
     let out = coap_client(&["-m", "post", "-t", "octet", "-f", &file_arg, &url])?;
     assert_eq!(out.code, "4.00", "{out:?}");
+    Ok(())
+}
+
+/// The payload of the next PUBLISH on a topic starting with `prefix`: (topic, bytes).
+async fn next_publish(
+    ev: &mut rumqttc::v5::EventLoop,
+    prefix: &'static str,
+) -> anyhow::Result<(String, Vec<u8>)> {
+    thingraft_tests::next_packet(ev, |p| match p {
+        Packet::Publish(p) => {
+            let t = String::from_utf8_lossy(&p.topic).into_owned();
+            t.starts_with(prefix).then(|| (t, p.payload.to_vec()))
+        }
+        _ => None,
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protobuf_devices_get_attributes_and_rpc_in_protobuf() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let (code, v) = rest.call(
+        "POST",
+        "/api/deviceProfile",
+        Some(&profile("proto-valves", "MQTT", TELEMETRY)),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let id = create_device(&rest, "Proto valve", "proto-valves", "PVALVE")?;
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "PVALVE");
+    thingraft_tests::next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    for f in ["v2/a/p", "v2/r/req/p/+", "v2/a/res/p/+", "v2/r/res/p/+"] {
+        client.subscribe(f, QoS::AtLeastOnce).await?;
+        let codes = thingraft_tests::next_packet(&mut ev, |p| match p {
+            Packet::SubAck(a) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .await?;
+        assert_eq!(codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)], "{f}");
+    }
+
+    // A shared attribute saved through REST reaches the device as an
+    // AttributeUpdateNotificationMsg, typed.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+        Some(r#"{"targetTemperature":22.5,"mode":"eco"}"#),
+    )?;
+    assert_eq!(code, 200);
+    let (topic, bytes) = next_publish(&mut ev, "v2/a/p").await?;
+    assert_eq!(topic, "v2/a/p");
+    let update = tb::AttributeUpdateNotificationMsg::decode(bytes.as_slice())?;
+    let mut got: Vec<(String, i32, f64, String)> = update
+        .shared_updated
+        .iter()
+        .map(|t| {
+            let kv = t.kv.clone().expect("kv");
+            assert!(t.ts > 0, "{t:?}");
+            (kv.key, kv.r#type, kv.double_v, kv.string_v)
+        })
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            ("mode".into(), tb::KeyValueType::StringV as i32, 0.0, "eco".into()),
+            (
+                "targetTemperature".into(),
+                tb::KeyValueType::DoubleV as i32,
+                22.5,
+                String::new()
+            ),
+        ]
+    );
+
+    // An attribute request as GetAttributeRequestMsg; the answer is a GetAttributeResponseMsg
+    // on the request's `p` response topic.
+    let request = tb::GetAttributeRequestMsg {
+        request_id: 4,
+        shared_attribute_names: vec!["mode".into()],
+        ..Default::default()
+    };
+    client
+        .publish("v2/a/req/p/4", QoS::AtLeastOnce, false, request.encode_to_vec())
+        .await?;
+    let (topic, bytes) = next_publish(&mut ev, "v2/a/res/").await?;
+    assert_eq!(topic, "v2/a/res/p/4");
+    let answer = tb::GetAttributeResponseMsg::decode(bytes.as_slice())?;
+    assert_eq!(answer.request_id, 4);
+    assert!(answer.client_attribute_list.is_empty(), "{answer:?}");
+    let kv = answer.shared_attribute_list[0].kv.clone().expect("kv");
+    assert_eq!((kv.key.as_str(), kv.string_v.as_str()), ("mode", "eco"));
+
+    // Bytes that are not a GetAttributeRequestMsg: refused, no answer.
+    client
+        .publish("v2/a/req/p/5", QoS::AtLeastOnce, false, vec![0xff, 0xff, 0xff])
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::PayloadFormatInvalid);
+
+    // A two-way RPC arrives in the profile's RPC request message; the device answers in its
+    // RPC response message, and REST returns the JSON it means.
+    let rest2 = rest.clone();
+    let path = format!("/api/plugins/rpc/twoway/{id}");
+    let call = tokio::task::spawn_blocking(move || {
+        rest2.call(
+            "POST",
+            &path,
+            Some(r#"{"method":"setValve","params":{"open":true}}"#),
+        )
+    });
+    let (topic, bytes) = next_publish(&mut ev, "v2/r/req/").await?;
+    let rpc_id = topic.strip_prefix("v2/r/req/p/").expect("p family").to_string();
+    let req = DynamicMessage::decode(message(RPC_REQUEST, "rpc.RpcRequestMsg"), bytes.as_slice())?;
+    let field = |n: &str| req.get_field_by_name(n).map(|v| v.into_owned());
+    assert_eq!(
+        field("method"),
+        Some(prost_reflect::Value::String("setValve".into()))
+    );
+    assert_eq!(
+        field("params"),
+        Some(prost_reflect::Value::String(r#"{"open":true}"#.into()))
+    );
+    assert_eq!(
+        field("requestId"),
+        Some(prost_reflect::Value::I32(rpc_id.parse()?))
+    );
+    client
+        .publish(
+            format!("v2/r/res/p/{rpc_id}"),
+            QoS::AtLeastOnce,
+            false,
+            encode(RPC_RESPONSE, r#"{"payload":"opened"}"#),
+        )
+        .await?;
+    let pump = tokio::spawn(async move { while ev.poll().await.is_ok() {} });
+    let (code, body) = call.await??;
+    assert_eq!((code, body), (200, json!({"payload": "opened"})));
+    pump.abort();
+
+    // A client-side RPC in ToServerRpcRequestMsg: `getSessionLimits` is answered by the
+    // transport in a ToServerRpcResponseMsg.
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "PVALVE");
+    thingraft_tests::next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    let ask = tb::ToServerRpcRequestMsg {
+        request_id: 9,
+        method_name: "getSessionLimits".into(),
+        params: "{}".into(),
+    };
+    client
+        .publish("v2/r/req/p/9", QoS::AtLeastOnce, false, ask.encode_to_vec())
+        .await?;
+    let (topic, bytes) = next_publish(&mut ev, "v2/r/res/").await?;
+    assert_eq!(topic, "v2/r/res/p/9");
+    let reply = tb::ToServerRpcResponseMsg::decode(bytes.as_slice())?;
+    assert_eq!(reply.request_id, 9);
+    assert_eq!(reply.error, "");
+    let limits: Value = serde_json::from_str(&reply.payload)?;
+    assert!(limits.get("rateLimits").is_some(), "{limits}");
     Ok(())
 }

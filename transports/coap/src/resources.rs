@@ -264,7 +264,8 @@ async fn read_attributes(
     .map_err(|e| backend(&e))?;
     let wait = async {
         while let Some(d) = rx.recv().await {
-            if let Downlink::Msg(_, DownlinkMsg::AttributeResponse { json, .. }) = d {
+            if let Downlink::Msg(_, m @ DownlinkMsg::AttributeResponse { .. }) = d {
+                let json = m.json();
                 return Some(json);
             }
         }
@@ -295,7 +296,7 @@ async fn observe_attributes(
         .unwrap_or_else(|| serde_json::json!({}));
     let first = shared.to_string();
     spawn_observation(t, s, rx, req, responder, Some(first), |m| match m {
-        DownlinkMsg::AttributeUpdate(json) => Some(json),
+        m @ DownlinkMsg::AttributeUpdate { .. } => Some(m.json()),
         _ => None,
     });
     None
@@ -310,7 +311,7 @@ fn observe_rpc(
     responder: &Responder,
 ) {
     spawn_observation(t, s, rx, req, responder, None, |m| match m {
-        DownlinkMsg::RpcRequest { id, json } => Some(payload::rpc_request_with_id(id, &json)),
+        m @ DownlinkMsg::RpcRequest { id, .. } => Some(payload::rpc_request_with_id(id, &m.json())),
         _ => None,
     });
 }

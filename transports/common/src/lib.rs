@@ -47,7 +47,7 @@ impl Default for TransportConfig {
 }
 
 /// Something for a device session to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Downlink {
     /// Send this to the device (a gateway's child, for a gateway session), in the transport's
     /// own form.
@@ -278,7 +278,7 @@ impl Hub {
     /// named, updates and RPCs to the subscribed ones); returns how many took it.
     pub fn deliver(&self, d: &Deliver) -> u32 {
         let needs = match d.msg {
-            DownlinkMsg::AttributeUpdate(_) => SUB_ATTRIBUTES,
+            DownlinkMsg::AttributeUpdate { .. } => SUB_ATTRIBUTES,
             DownlinkMsg::AttributeResponse { .. } => 0,
             DownlinkMsg::RpcRequest { .. } => SUB_RPC,
         };

@@ -11,9 +11,12 @@ use std::borrow::Cow;
 use std::fmt::Write as _;
 
 use base64::Engine as _;
+use prost::Message as _;
 use prost_reflect::{DynamicMessage, FieldDescriptor, Kind, MapKey, MessageDescriptor, Value};
 use protox::file::{File, FileResolver};
 use thingraft_proto::device::PayloadError;
+use thingraft_proto::records::{AttrKv, DownlinkMsg};
+use thingraft_proto::tb;
 
 /// The transports a device profile's `transportConfiguration` can be for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -111,6 +114,116 @@ pub fn uplink_json<'a>(
         Err(_) if format == Format::Profile && schemas.json_fallback => Ok(Cow::Borrowed(payload)),
         Err(e) => Err(PayloadError::InvalidProtobuf(e.to_string())),
     }
+}
+
+/// Whether a request or reply in `format` from a device with `schemas` is protobuf.
+pub fn is_protobuf(schemas: Option<&ProtoSchemas>, format: Format) -> bool {
+    match format {
+        Format::Json => false,
+        Format::Protobuf => true,
+        Format::Profile => schemas.is_some(),
+    }
+}
+
+fn bad(message: &str, e: impl std::fmt::Display) -> PayloadError {
+    PayloadError::InvalidProtobuf(format!("not a {message}: {e}"))
+}
+
+/// A protobuf attribute request (`GetAttributeRequestMsg`) as the key lists of a JSON one: a
+/// scope without names is not asked for, and a request naming none asks for all.
+pub fn attribute_request(payload: &[u8]) -> Result<crate::payload::KeyLists, PayloadError> {
+    let m = tb::GetAttributeRequestMsg::decode(payload).map_err(|e| bad("GetAttributeRequestMsg", e))?;
+    let some = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    let shared = some(m.shared_attribute_names);
+    let client = if m.only_shared {
+        None
+    } else {
+        some(m.client_attribute_names)
+    };
+    Ok((client, shared))
+}
+
+/// A protobuf client-side RPC (`ToServerRpcRequestMsg`) as the JSON `{"method":..,"params":..}`
+/// the JSON API takes; `params` that are not JSON text stay a string.
+pub fn client_rpc_json(payload: &[u8]) -> Result<String, PayloadError> {
+    let m = tb::ToServerRpcRequestMsg::decode(payload).map_err(|e| bad("ToServerRpcRequestMsg", e))?;
+    let params =
+        serde_json::from_str::<serde_json::Value>(&m.params).unwrap_or(serde_json::Value::String(m.params));
+    Ok(serde_json::json!({"method": m.method_name, "params": params}).to_string())
+}
+
+/// The answer to a protobuf client-side RPC (`ToServerRpcResponseMsg`): a JSON reply, or an
+/// error such as `timeout`.
+pub fn client_rpc_response(request_id: u32, payload: &str, error: &str) -> Vec<u8> {
+    tb::ToServerRpcResponseMsg {
+        request_id: request_id as i32,
+        payload: payload.to_string(),
+        error: error.to_string(),
+    }
+    .encode_to_vec()
+}
+
+fn ts_kv(kv: &AttrKv) -> tb::TsKvProto {
+    use thingraft_proto::device::Value as V;
+    let mut p = tb::KeyValueProto {
+        key: kv.key.clone(),
+        ..Default::default()
+    };
+    let kind = match &kv.value {
+        V::Bool(b) => {
+            p.bool_v = *b;
+            tb::KeyValueType::BooleanV
+        }
+        V::Long(n) => {
+            p.long_v = *n;
+            tb::KeyValueType::LongV
+        }
+        V::Double(d) => {
+            p.double_v = *d;
+            tb::KeyValueType::DoubleV
+        }
+        V::String(t) => {
+            p.string_v = t.clone();
+            tb::KeyValueType::StringV
+        }
+        V::Json(t) => {
+            p.json_v = t.clone();
+            tb::KeyValueType::JsonV
+        }
+    };
+    p.set_type(kind);
+    tb::TsKvProto {
+        ts: kv.ts_ms,
+        kv: Some(p),
+    }
+}
+
+/// A downlink as a protobuf device gets it: ThingsBoard's fixed messages for attributes
+/// (`AttributeUpdateNotificationMsg`, `GetAttributeResponseMsg`), the profile's RPC request
+/// message for an RPC — `None` when the device has no such schema (ThingsBoard cannot send it
+/// either).
+pub fn downlink(msg: &DownlinkMsg, schemas: Option<&ProtoSchemas>) -> Option<Vec<u8>> {
+    Some(match msg {
+        DownlinkMsg::AttributeUpdate { updated, deleted } => tb::AttributeUpdateNotificationMsg {
+            shared_updated: updated.iter().map(ts_kv).collect(),
+            shared_deleted: deleted.clone(),
+        }
+        .encode_to_vec(),
+        DownlinkMsg::AttributeResponse {
+            request_id,
+            client,
+            shared,
+        } => tb::GetAttributeResponseMsg {
+            request_id: *request_id as i32,
+            client_attribute_list: client.iter().map(ts_kv).collect(),
+            shared_attribute_list: shared.iter().map(ts_kv).collect(),
+            is_multiple_attributes_request: client.len() + shared.len() > 1,
+            error: String::new(),
+            shared_state_msg: false,
+        }
+        .encode_to_vec(),
+        DownlinkMsg::RpcRequest { id, method, params } => schemas?.rpc_request(*id, method, params),
+    })
 }
 
 /// Why a profile's protobuf settings were refused (the REST answer's message).
@@ -212,7 +325,7 @@ impl ProtoSchemas {
                 }
             }
         }
-        prost::Message::encode_to_vec(&msg)
+        msg.encode_to_vec()
     }
 }
 

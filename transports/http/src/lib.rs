@@ -238,7 +238,7 @@ async fn get_attributes(
     .await?;
     let wait = Duration::from_millis(api.config.request_timeout_ms);
     let body = wait_for(&mut rx, wait, |m| match m {
-        DownlinkMsg::AttributeResponse { json, .. } => Some(json),
+        m @ DownlinkMsg::AttributeResponse { .. } => Some(m.json()),
         _ => None,
     })
     .await?;
@@ -254,7 +254,7 @@ async fn attribute_updates(
 ) -> Result<Response, DevError> {
     let (_s, mut rx) = api.session(&token, SUB_ATTRIBUTES)?;
     let body = wait_for(&mut rx, api.poll_timeout(&q), |m| match m {
-        DownlinkMsg::AttributeUpdate(json) => Some(json),
+        m @ DownlinkMsg::AttributeUpdate { .. } => Some(m.json()),
         _ => None,
     })
     .await?;
@@ -270,7 +270,7 @@ async fn rpc_poll(
 ) -> Result<Response, DevError> {
     let (_s, mut rx) = api.session(&token, SUB_RPC)?;
     let body = wait_for(&mut rx, api.poll_timeout(&q), |m| match m {
-        DownlinkMsg::RpcRequest { id, json } => Some(payload::rpc_request_with_id(id, &json)),
+        m @ DownlinkMsg::RpcRequest { id, .. } => Some(payload::rpc_request_with_id(id, &m.json())),
         _ => None,
     })
     .await?;

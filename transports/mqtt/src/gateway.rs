@@ -232,26 +232,27 @@ impl Gateway {
     /// A child's downlink as the gateway topic and payload it goes out on.
     pub fn downlink(&mut self, device: EntityId, msg: DownlinkMsg) -> Option<(&'static str, String)> {
         let name = self.names.get(&device)?.clone();
-        Some(match msg {
-            DownlinkMsg::AttributeUpdate(json) => {
-                let data: Value = serde_json::from_str(&json).unwrap_or(Value::Null);
+        Some(match &msg {
+            DownlinkMsg::AttributeUpdate { .. } => {
+                let data: Value = serde_json::from_str(&msg.json()).unwrap_or(Value::Null);
                 (
                     "v1/gateway/attributes",
                     serde_json::json!({"device": name, "data": data}).to_string(),
                 )
             }
-            DownlinkMsg::RpcRequest { id, json } => {
+            DownlinkMsg::RpcRequest { id, .. } => {
                 let data: Value =
-                    serde_json::from_str(&rpc_request_with_id(id, &json)).unwrap_or(Value::Null);
+                    serde_json::from_str(&rpc_request_with_id(*id, &msg.json())).unwrap_or(Value::Null);
                 (
                     "v1/gateway/rpc",
                     serde_json::json!({"device": name, "data": data}).to_string(),
                 )
             }
-            DownlinkMsg::AttributeResponse { request_id, json } => {
-                if !self.requests.remove(&(device, request_id)) {
+            DownlinkMsg::AttributeResponse { request_id, .. } => {
+                if !self.requests.remove(&(device, *request_id)) {
                     return None;
                 }
+                let json = msg.json();
                 // The answer has one scope section (`client` or `shared`), as asked. As in
                 // ThingsBoard's `JsonConverter.getJsonObjectForGateway`: one value found →
                 // `value`, several → `values`, none → neither.

@@ -16,7 +16,9 @@ use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::proto_payload::{DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json};
+use thingraft_transport_common::proto_payload::{
+    self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
+};
 use thingraft_transport_common::{ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -25,8 +27,7 @@ use crate::Transport;
 use crate::codec::{self, CodecError, ConnackCode, DisconnectCode, Incoming, PubAckCode, Version};
 use crate::gateway::{self, ChildOp, Gateway, GatewayTopic};
 
-/// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused. The protobuf forms
-/// (`v2/../p/..`) are refused too: downlinks are JSON only so far (docs/decisions/0004).
+/// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused.
 const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/attributes",
     "v1/devices/me/attributes/response/+",
@@ -34,12 +35,16 @@ const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/rpc/response/+",
     "v2/a",
     "v2/a/j",
+    "v2/a/p",
     "v2/a/res/+",
     "v2/a/res/j/+",
+    "v2/a/res/p/+",
     "v2/r/req/+",
     "v2/r/req/j/+",
+    "v2/r/req/p/+",
     "v2/r/res/+",
     "v2/r/res/j/+",
+    "v2/r/res/p/+",
     "v2/fw/response/+/chunk/+",
     "v2/fw/error",
     "v2/sw/response/+/chunk/+",
@@ -50,45 +55,62 @@ const VALID_FILTERS: &[&str] = &[
 ];
 
 /// A topic family: ThingsBoard answers and pushes on the family the device last used for
-/// that kind of exchange (its `TopicType`: V1, V2, V2_JSON).
+/// that kind of exchange (its `TopicType`: V1, V2, V2_JSON, V2_PROTO).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 enum Family {
     #[default]
     V1,
     V2,
     V2Json,
+    V2Proto,
 }
 
 impl Family {
+    /// The `v2` short form's infix: `""`, `"j/"` or `"p/"`.
+    fn v2(self) -> &'static str {
+        match self {
+            Family::V1 | Family::V2 => "",
+            Family::V2Json => "j/",
+            Family::V2Proto => "p/",
+        }
+    }
+
     fn attributes(self) -> &'static str {
         match self {
             Family::V1 => "v1/devices/me/attributes",
             Family::V2 => "v2/a",
             Family::V2Json => "v2/a/j",
+            Family::V2Proto => "v2/a/p",
         }
     }
 
     fn attribute_response(self, id: u32) -> String {
         match self {
             Family::V1 => format!("v1/devices/me/attributes/response/{id}"),
-            Family::V2 => format!("v2/a/res/{id}"),
-            Family::V2Json => format!("v2/a/res/j/{id}"),
+            _ => format!("v2/a/res/{}{id}", self.v2()),
         }
     }
 
     fn rpc_request(self, id: u32) -> String {
         match self {
             Family::V1 => format!("v1/devices/me/rpc/request/{id}"),
-            Family::V2 => format!("v2/r/req/{id}"),
-            Family::V2Json => format!("v2/r/req/j/{id}"),
+            _ => format!("v2/r/req/{}{id}", self.v2()),
         }
     }
 
     fn rpc_response(self, id: &str) -> String {
         match self {
             Family::V1 => format!("v1/devices/me/rpc/response/{id}"),
-            Family::V2 => format!("v2/r/res/{id}"),
-            Family::V2Json => format!("v2/r/res/j/{id}"),
+            _ => format!("v2/r/res/{}{id}", self.v2()),
+        }
+    }
+
+    /// The payload format of the family's uplinks.
+    fn format(self) -> Format {
+        match self {
+            Family::V1 | Family::V2 => Format::Profile,
+            Family::V2Json => Format::Json,
+            Family::V2Proto => Format::Protobuf,
         }
     }
 }
@@ -99,7 +121,7 @@ enum Topic<'a> {
     Telemetry(Format),
     Attributes(Format),
     AttributeRequest(Family, &'a str),
-    RpcResponse(&'a str),
+    RpcResponse(Format, &'a str),
     ClientRpc(Family, &'a str),
     Claim,
     /// An OTA chunk request: kind, request id, chunk index.
@@ -134,19 +156,24 @@ fn classify(topic: &str) -> Topic<'_> {
         }
     }
     // Longer prefixes first: `v2/a/req/j/5` also starts with `v2/a/req/`.
-    let prefixed: [(&str, TopicOf); 9] = [
+    let prefixed: [(&str, TopicOf); 12] = [
         ("v1/devices/me/attributes/request/", |id| {
             Topic::AttributeRequest(Family::V1, id)
         }),
         ("v2/a/req/j/", |id| Topic::AttributeRequest(Family::V2Json, id)),
+        ("v2/a/req/p/", |id| Topic::AttributeRequest(Family::V2Proto, id)),
         ("v2/a/req/", |id| Topic::AttributeRequest(Family::V2, id)),
-        ("v1/devices/me/rpc/response/", |id| Topic::RpcResponse(id)),
-        ("v2/r/res/j/", |id| Topic::RpcResponse(id)),
-        ("v2/r/res/", |id| Topic::RpcResponse(id)),
+        ("v1/devices/me/rpc/response/", |id| {
+            Topic::RpcResponse(Format::Profile, id)
+        }),
+        ("v2/r/res/j/", |id| Topic::RpcResponse(Format::Json, id)),
+        ("v2/r/res/p/", |id| Topic::RpcResponse(Format::Protobuf, id)),
+        ("v2/r/res/", |id| Topic::RpcResponse(Format::Profile, id)),
         ("v1/devices/me/rpc/request/", |id| {
             Topic::ClientRpc(Family::V1, id)
         }),
         ("v2/r/req/j/", |id| Topic::ClientRpc(Family::V2Json, id)),
+        ("v2/r/req/p/", |id| Topic::ClientRpc(Family::V2Proto, id)),
         ("v2/r/req/", |id| Topic::ClientRpc(Family::V2, id)),
     ];
     for (prefix, make) in prefixed {
@@ -218,7 +245,8 @@ struct Session {
     queue: Vec<Queued>,
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, response topic), oldest first.
-    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String)>,
+    /// A protobuf request's id when the answer is a `ToServerRpcResponseMsg`.
+    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String, Option<u32>)>,
     /// The children of a gateway device's connection (`None`: not a gateway).
     gateway: Option<Gateway>,
     /// The OTA chunk size this device asked for last (0: whole packages).
@@ -479,17 +507,26 @@ impl Session {
                             }
                         }
                         Some(Downlink::Msg(_, m)) => {
-                            let (topic, payload) = match m {
-                                DownlinkMsg::AttributeUpdate(json) => (self.families.attributes.attributes().to_string(), json),
-                                DownlinkMsg::AttributeResponse { request_id, json } => {
-                                    (self.families.attribute_request.attribute_response(request_id), json)
+                            let (family, topic) = match &m {
+                                DownlinkMsg::AttributeUpdate { .. } => {
+                                    let f = self.families.attributes;
+                                    (f, f.attributes().to_string())
                                 }
-                                DownlinkMsg::RpcRequest { id, json } => (self.families.rpc.rpc_request(id), json),
+                                DownlinkMsg::AttributeResponse { request_id, .. } => {
+                                    let f = self.families.attribute_request;
+                                    (f, f.attribute_response(*request_id))
+                                }
+                                DownlinkMsg::RpcRequest { id, .. } => {
+                                    let f = self.families.rpc;
+                                    (f, f.rpc_request(*id))
+                                }
                             };
-                            // ThingsBoard publishes with the subscription's QoS, 1 if none; every
-                            // filter it grants is QoS 1.
-                            let pkid = self.transport.next_pkid();
-                            codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, payload.as_bytes());
+                            if let Some(payload) = self.downlink_payload(family, &m) {
+                                // ThingsBoard publishes with the subscription's QoS, 1 if none;
+                                // every filter it grants is QoS 1.
+                                let pkid = self.transport.next_pkid();
+                                codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
+                            }
                         }
                         Some(Downlink::Close) => {
                             // Credentials changed or deleted: ThingsBoard answers 0x98.
@@ -502,13 +539,17 @@ impl Session {
                 }
                 () = async {
                     match self.client_rpcs.front() {
-                        Some((deadline, _)) => tokio::time::sleep_until(*deadline).await,
+                        Some((deadline, ..)) => tokio::time::sleep_until(*deadline).await,
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some((_, t)) = self.client_rpcs.pop_front() {
+                    if let Some((_, t, proto_id)) = self.client_rpcs.pop_front() {
+                        let body = match proto_id {
+                            Some(rid) => proto_payload::client_rpc_response(rid, "", "timeout"),
+                            None => CLIENT_RPC_TIMEOUT.as_bytes().to_vec(),
+                        };
                         let pkid = self.transport.next_pkid();
-                        codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, CLIENT_RPC_TIMEOUT.as_bytes());
+                        codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, &body);
                     }
                 }
                 _ = tokio::time::sleep_until(next_report) => {
@@ -623,7 +664,12 @@ impl Session {
                     .map(IngestMsg::ClientAttributes)
             }
             Topic::AttributeRequest(family, id) => request_id(id).and_then(|request_id| {
-                let (client_keys, shared_keys) = payload::parse_attribute_request(payload)?;
+                let (client_keys, shared_keys) =
+                    if proto_payload::is_protobuf(self.proto.as_deref(), family.format()) {
+                        proto_payload::attribute_request(payload)?
+                    } else {
+                        payload::parse_attribute_request(payload)?
+                    };
                 self.families.attribute_request = family;
                 Ok(IngestMsg::AttributeRequest {
                     request_id,
@@ -631,7 +677,10 @@ impl Session {
                     shared_keys,
                 })
             }),
-            Topic::RpcResponse(id) => request_id(id).map(|id| payload::rpc_response(id, payload)),
+            Topic::RpcResponse(format, id) => request_id(id).and_then(|id| {
+                let json = uplink_json(self.proto.as_deref(), format, Uplink::RpcResponse, payload)?;
+                Ok(payload::rpc_response(id, &json))
+            }),
             Topic::ClientRpc(family, id) => return self.client_rpc(family, id, payload, ack),
             Topic::Ota(kind, rid, idx) => return self.ota(kind, rid, idx, payload, ack),
             Topic::Claim => {
@@ -663,19 +712,37 @@ impl Session {
     /// answered with a timeout unless something replies first.
     fn client_rpc(&mut self, family: Family, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
         let response_topic = family.rpc_response(id);
+        // A protobuf request (`ToServerRpcRequestMsg`) is read as its JSON form, and its answer
+        // goes back as a `ToServerRpcResponseMsg`.
+        let proto_id = if proto_payload::is_protobuf(self.proto.as_deref(), family.format()) {
+            match request_id(id) {
+                Ok(rid) => Some(rid),
+                Err(e) => return self.refuse(&response_topic, &e, ack),
+            }
+        } else {
+            None
+        };
+        let json;
+        let payload = match proto_id {
+            Some(_) => match proto_payload::client_rpc_json(payload) {
+                Ok(j) => {
+                    json = j;
+                    json.as_bytes()
+                }
+                Err(e) => return self.refuse(&response_topic, &e, ack),
+            },
+            None => payload,
+        };
         if let Some(reply) = session_limits_reply(payload, &self.transport.config, self.gateway.is_some()) {
+            let reply = match proto_id {
+                Some(rid) => proto_payload::client_rpc_response(rid, &reply, ""),
+                None => reply.into_bytes(),
+            };
             if let Some(pkid) = ack {
                 codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
             }
             let pkid = self.transport.next_pkid();
-            codec::write_publish(
-                &mut self.wbuf,
-                self.version,
-                &response_topic,
-                1,
-                pkid,
-                reply.as_bytes(),
-            );
+            codec::write_publish(&mut self.wbuf, self.version, &response_topic, 1, pkid, &reply);
             return None;
         }
         match request_id(id).and_then(|rid| payload::parse_client_rpc(rid, payload)) {
@@ -687,11 +754,34 @@ impl Session {
                 if self.client_rpcs.len() >= 1024 {
                     self.client_rpcs.pop_front();
                 }
-                self.client_rpcs.push_back((deadline, response_topic));
+                self.client_rpcs.push_back((deadline, response_topic, proto_id));
                 None
             }
             Err(e) => self.refuse(&response_topic, &e, ack),
         }
+    }
+
+    /// A downlink's payload in the family's format: JSON on `j` topics, protobuf on `p`
+    /// topics, and the profile's format on the others — except that the v1 topics stay JSON
+    /// when the profile asks so (`useJsonPayloadFormatForDefaultDownlinkTopics`). `None` when it
+    /// cannot be sent as protobuf (an RPC to a device without an RPC request schema).
+    fn downlink_payload(&self, family: Family, m: &DownlinkMsg) -> Option<Vec<u8>> {
+        let proto = self.proto.as_deref();
+        let protobuf = match family {
+            Family::V1 => proto.is_some_and(|p| !p.json_default_downlinks),
+            other => proto_payload::is_protobuf(proto, other.format()),
+        };
+        if !protobuf {
+            return Some(m.json().into_bytes());
+        }
+        let out = proto_payload::downlink(m, proto);
+        if out.is_none() {
+            tracing::info!(
+                ?family,
+                "downlink not sent: the device profile has no protobuf RPC request schema"
+            );
+        }
+        out
     }
 
     /// Refuses a publish with invalid content: PUBACK 0x99 on MQTT 5; on 3.1.1 ThingsBoard
@@ -927,9 +1017,11 @@ fn subscription(filter: &str) -> (u8, Family) {
         "v1/devices/me/attributes" => (SUB_ATTRIBUTES, Family::V1),
         "v2/a" => (SUB_ATTRIBUTES, Family::V2),
         "v2/a/j" => (SUB_ATTRIBUTES, Family::V2Json),
+        "v2/a/p" => (SUB_ATTRIBUTES, Family::V2Proto),
         "v1/devices/me/rpc/request/+" => (SUB_RPC, Family::V1),
         "v2/r/req/+" => (SUB_RPC, Family::V2),
         "v2/r/req/j/+" => (SUB_RPC, Family::V2Json),
+        "v2/r/req/p/+" => (SUB_RPC, Family::V2Proto),
         _ => (0, Family::V1),
     }
 }
@@ -996,17 +1088,28 @@ mod tests {
             Topic::AttributeRequest(Family::V2Json, "5")
         );
         assert_eq!(classify("v2/a/req/5"), Topic::AttributeRequest(Family::V2, "5"));
-        assert_eq!(classify("v2/r/res/j/7"), Topic::RpcResponse("7"));
+        assert_eq!(classify("v2/r/res/j/7"), Topic::RpcResponse(Format::Json, "7"));
+        assert_eq!(
+            classify("v2/r/res/p/7"),
+            Topic::RpcResponse(Format::Protobuf, "7")
+        );
+        assert_eq!(
+            classify("v2/a/req/p/1"),
+            Topic::AttributeRequest(Family::V2Proto, "1")
+        );
+        assert_eq!(classify("v2/r/req/p/2"), Topic::ClientRpc(Family::V2Proto, "2"));
         assert_eq!(classify("v2/r/req/3"), Topic::ClientRpc(Family::V2, "3"));
         assert_eq!(
             classify("v1/devices/me/rpc/request/1"),
             Topic::ClientRpc(Family::V1, "1")
         );
-        // Protobuf forms, empty ids and deeper topics are unknown.
-        assert_eq!(classify("v2/t/p"), Topic::Unknown);
+        // Empty ids and deeper topics are unknown.
         assert_eq!(classify("v2/a/req/"), Topic::Unknown);
-        assert_eq!(classify("v2/a/req/p/1"), Topic::Unknown);
+        assert_eq!(classify("v2/a/req/p/1/2"), Topic::Unknown);
+        assert_eq!(classify("v2/t/x"), Topic::Unknown);
         assert_eq!(Family::V2Json.rpc_response("3"), "v2/r/res/j/3");
+        assert_eq!(Family::V2Proto.rpc_request(3), "v2/r/req/p/3");
+        assert_eq!(Family::V2Proto.attribute_response(4), "v2/a/res/p/4");
         assert_eq!(Family::V2.attribute_response(4), "v2/a/res/4");
     }
 }
