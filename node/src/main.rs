@@ -143,6 +143,15 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         "" => None,
         a => Some(thingraft_transport_coap::bind(&cfg.coap).with_context(|| format!("binding CoAP {a}"))?),
     };
+    let coap_dtls = match cfg.coap.dtls_listen.as_str() {
+        "" => None,
+        a => Some((
+            thingraft_transport_coap::bind_addr(a, &cfg.coap)
+                .with_context(|| format!("binding CoAP DTLS {a}"))?,
+            thingraft_transport_coap::dtls::context(&cfg.coap.dtls_cert_file, &cfg.coap.dtls_key_file)
+                .context("CoAP DTLS certificate")?,
+        )),
+    };
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
     let hub = thingraft_transport_common::Hub::new(cfg.transport.clone(), handle.clone());
@@ -175,6 +184,12 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     let coap = coap_socket.map(|socket| {
         tracing::info!(addr = %cfg.coap.listen, "CoAP listening");
         let t = thingraft_transport_coap::Transport::new(cfg.coap.clone(), hub.clone(), socket);
+        tokio::spawn(t.clone().serve());
+        t
+    });
+    let coap_dtls = coap_dtls.map(|(socket, ctx)| {
+        tracing::info!(addr = %cfg.coap.dtls_listen, "CoAP over DTLS listening");
+        let t = thingraft_transport_coap::Transport::new_dtls(cfg.coap.clone(), hub.clone(), socket, ctx);
         tokio::spawn(t.clone().serve());
         t
     });
@@ -231,7 +246,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     shutdown_signal().await;
     tracing::info!("shutting down");
     mqtt.shutdown();
-    if let Some(c) = &coap {
+    for c in coap.iter().chain(coap_dtls.iter()) {
         c.shutdown();
     }
     if let Some(h) = http {

@@ -540,12 +540,21 @@ pub struct CoapOut {
 /// Runs Debian's `coap-client-notls` (package `libcoap3-bin`) with `args` (the URI last) and
 /// message tracing on.
 pub fn coap_client(args: &[&str]) -> anyhow::Result<CoapOut> {
-    let out = Command::new("coap-client-notls")
+    coap_client_of("coap-client-notls", args)
+}
+
+/// [`coap_client`] with the OpenSSL build of `coap-client`, which speaks DTLS (`coaps://`).
+pub fn coaps_client(args: &[&str]) -> anyhow::Result<CoapOut> {
+    coap_client_of("coap-client-openssl", args)
+}
+
+fn coap_client_of(bin: &str, args: &[&str]) -> anyhow::Result<CoapOut> {
+    let out = Command::new(bin)
         .arg("-v")
         .arg("6")
         .args(args)
         .output()
-        .context("running coap-client-notls (apt-get install libcoap3-bin)")?;
+        .with_context(|| format!("running {bin} (apt-get install libcoap3-bin)"))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let mut messages = Vec::new();
     let mut body = String::new();
@@ -628,4 +637,38 @@ pub fn publish_on(
         }
         _ => None,
     }
+}
+
+/// A self-signed EC certificate for `cn` (valid for 127.0.0.1), made by `openssl` as
+/// `<name>.pem` / `<name>.key` in `dir`.
+pub fn certificate(dir: &std::path::Path, name: &str, cn: &str) -> anyhow::Result<()> {
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .arg("-keyout")
+        .arg(dir.join(format!("{name}.key")))
+        .arg("-out")
+        .arg(dir.join(format!("{name}.pem")))
+        .args([
+            "-subj",
+            &format!("/CN={cn}"),
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .output()?;
+    anyhow::ensure!(
+        status.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    Ok(())
 }

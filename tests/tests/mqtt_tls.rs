@@ -2,45 +2,10 @@
 //! its client certificate (X.509 credentials set through REST); an unknown certificate is
 //! refused and stores nothing. Certificates are made by `openssl` for the test.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
-use thingraft_tests::{ProcCluster, Rest, free_ports, mosquitto_pub};
-
-/// A self-signed EC certificate for `cn` (valid for 127.0.0.1), as `<name>.pem` / `<name>.key`.
-fn certificate(dir: &Path, name: &str, cn: &str) -> anyhow::Result<()> {
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-        ])
-        .arg("-keyout")
-        .arg(dir.join(format!("{name}.key")))
-        .arg("-out")
-        .arg(dir.join(format!("{name}.pem")))
-        .args([
-            "-subj",
-            &format!("/CN={cn}"),
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-        ])
-        .output()?;
-    anyhow::ensure!(
-        status.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&status.stderr)
-    );
-    Ok(())
-}
+use thingraft_tests::{ProcCluster, Rest, certificate, free_ports, mosquitto_pub};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devices_connect_over_tls_with_a_token_or_their_certificate() -> anyhow::Result<()> {

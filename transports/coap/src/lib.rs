@@ -6,10 +6,12 @@
 //!   `piggyback_timeout_ms` or else an empty ACK and a separate response; block-wise transfer
 //!   through coap-lite's `BlockHandler`.
 //! - [`resources`]: the device API (`/api/v1/{token}/...`), Observe on attributes and RPC.
+//! - [`dtls`]: CoAP over DTLS (OpenSSL), with X.509 client certificates as credentials.
 //!
 //! Credentials, sessions and ingest records come from `thingraft-transport-common`, as for
 //! every transport. A write is answered 2.01 only after its record is committed.
 
+pub mod dtls;
 mod resources;
 
 use std::collections::{HashMap, VecDeque};
@@ -49,6 +51,13 @@ pub struct CoapConfig {
     /// The socket's receive buffer (the kernel caps it at `net.core.rmem_max`): bursts from
     /// many devices wait there instead of being dropped.
     pub recv_buffer_bytes: usize,
+    /// UDP address of CoAP over DTLS (ThingsBoard's CoAPS, 5684); empty disables it. It needs
+    /// the server's certificate chain and key (PEM).
+    pub dtls_listen: String,
+    pub dtls_cert_file: String,
+    pub dtls_key_file: String,
+    /// DTLS sessions kept; beyond it the longest-idle one is dropped.
+    pub dtls_sessions_max: usize,
 }
 
 impl Default for CoapConfig {
@@ -62,14 +71,22 @@ impl Default for CoapConfig {
             max_message_bytes: 1152,
             dedup_entries: 100_000,
             recv_buffer_bytes: 4 << 20,
+            dtls_listen: String::new(),
+            dtls_cert_file: String::new(),
+            dtls_key_file: String::new(),
+            dtls_sessions_max: 100_000,
         }
     }
 }
 
 /// Binds the CoAP socket of `config.listen` with its receive buffer.
 pub fn bind(config: &CoapConfig) -> std::io::Result<UdpSocket> {
-    let addr: SocketAddr = config
-        .listen
+    bind_addr(&config.listen, config)
+}
+
+/// Binds a CoAP socket on `listen` with the receive buffer of `config`.
+pub fn bind_addr(listen: &str, config: &CoapConfig) -> std::io::Result<UdpSocket> {
+    let addr: SocketAddr = listen
         .parse()
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let s = socket2::Socket::new(
@@ -118,11 +135,17 @@ impl Dedup {
 /// Our confirmable messages awaiting their ACK (true) or RST (false), by message id.
 type Pending = HashMap<u16, oneshot::Sender<bool>>;
 
-/// The CoAP transport of one node.
+/// What the CoAP messages travel on: plain UDP, or DTLS sessions on UDP.
+enum Link {
+    Plain(UdpSocket),
+    Dtls(dtls::Dtls),
+}
+
+/// The CoAP transport of one node (one per listener: plain CoAP, CoAP over DTLS).
 pub struct Transport {
     pub config: CoapConfig,
     pub hub: Arc<Hub>,
-    socket: Arc<UdpSocket>,
+    link: Link,
     dedup: Mutex<Dedup>,
     pending: Mutex<Pending>,
     blocks: Mutex<BlockHandler<SocketAddr>>,
@@ -134,6 +157,25 @@ pub struct Transport {
 
 impl Transport {
     pub fn new(config: CoapConfig, hub: Arc<Hub>, socket: UdpSocket) -> Arc<Transport> {
+        Transport::with_link(config, hub, Link::Plain(socket))
+    }
+
+    /// CoAP over DTLS on `socket`, with the context of [`dtls::context`].
+    pub fn new_dtls(
+        config: CoapConfig,
+        hub: Arc<Hub>,
+        socket: UdpSocket,
+        ctx: openssl::ssl::SslContext,
+    ) -> Arc<Transport> {
+        let sessions_max = config.dtls_sessions_max;
+        Transport::with_link(
+            config,
+            hub,
+            Link::Dtls(dtls::Dtls::new(ctx, socket, sessions_max)),
+        )
+    }
+
+    fn with_link(config: CoapConfig, hub: Arc<Hub>, link: Link) -> Arc<Transport> {
         let blocks = BlockHandler::new(BlockHandlerConfig {
             max_total_message_size: config.max_message_bytes,
             cache_expiry_duration: Duration::from_secs(120),
@@ -142,7 +184,7 @@ impl Transport {
         Arc::new(Transport {
             config,
             hub,
-            socket: Arc::new(socket),
+            link,
             dedup: Mutex::default(),
             pending: Mutex::default(),
             blocks: Mutex::new(blocks),
@@ -164,9 +206,13 @@ impl Transport {
     pub async fn serve(self: Arc<Self>) {
         let mut stop = self.shutdown.subscribe();
         let mut buf = vec![0u8; 65536];
+        let socket = match &self.link {
+            Link::Plain(s) => s,
+            Link::Dtls(d) => &d.socket,
+        };
         loop {
             let (n, peer) = tokio::select! {
-                r = self.socket.recv_from(&mut buf) => match r {
+                r = socket.recv_from(&mut buf) => match r {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::debug!(error = %e, "CoAP receive failed");
@@ -175,10 +221,32 @@ impl Transport {
                 },
                 _ = stop.wait_for(|s| *s) => return,
             };
-            match Packet::from_bytes(&buf[..n]) {
-                Ok(p) => self.clone().on_packet(p, peer).await,
-                Err(e) => tracing::info!(%peer, error = %e, "malformed CoAP message dropped"),
+            let messages = match &self.link {
+                Link::Plain(_) => vec![buf[..n].to_vec()],
+                Link::Dtls(d) => d.receive(&buf[..n], peer).await,
+            };
+            for m in messages {
+                match Packet::from_bytes(&m) {
+                    Ok(p) => self.clone().on_packet(p, peer).await,
+                    Err(e) => tracing::info!(%peer, error = %e, "malformed CoAP message dropped"),
+                }
             }
+        }
+    }
+
+    /// Sends one CoAP message's bytes to `peer` (through its DTLS session on CoAPS).
+    async fn send_raw(&self, bytes: &[u8], peer: SocketAddr) -> std::io::Result<()> {
+        match &self.link {
+            Link::Plain(s) => s.send_to(bytes, peer).await.map(drop),
+            Link::Dtls(d) => d.send(bytes, peer).await,
+        }
+    }
+
+    /// The credentials key of the client certificate `peer` presented over DTLS, if any.
+    pub(crate) fn peer_credentials(&self, peer: SocketAddr) -> Option<String> {
+        match &self.link {
+            Link::Plain(_) => None,
+            Link::Dtls(d) => d.credentials(peer),
         }
     }
 
@@ -212,7 +280,7 @@ impl Transport {
                 match repeat {
                     Some(Some(bytes)) => {
                         tracing::debug!(%peer, mid, "duplicate CoAP request: answer repeated");
-                        let _ = self.socket.send_to(&bytes, peer).await;
+                        let _ = self.send_raw(&bytes, peer).await;
                         return;
                     }
                     Some(None) => {
@@ -294,7 +362,7 @@ impl Transport {
                 // Remembered before it is sent: a retransmission that races the answer must find
                 // it, or it would be taken for a request still in progress and go unanswered.
                 self.remember(peer, mid, bytes.clone());
-                let _ = self.socket.send_to(&bytes, peer).await;
+                let _ = self.send_raw(&bytes, peer).await;
             }
             Err(e) => tracing::warn!(error = ?e, "CoAP answer not encodable"),
         }
@@ -309,7 +377,7 @@ impl Transport {
     async fn send(&self, msg: &Packet, peer: SocketAddr) {
         match msg.to_bytes() {
             Ok(bytes) => {
-                if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                if let Err(e) = self.send_raw(&bytes, peer).await {
                     tracing::debug!(%peer, error = %e, "CoAP send failed");
                 }
             }
@@ -331,7 +399,7 @@ impl Transport {
         self.pending.lock().expect("pending").insert(mid, tx);
         let mut wait = Duration::from_millis(self.config.ack_timeout_ms);
         for _ in 0..=self.config.max_retransmit {
-            let _ = self.socket.send_to(&bytes, peer).await;
+            let _ = self.send_raw(&bytes, peer).await;
             match tokio::time::timeout(wait, &mut rx).await {
                 Ok(Ok(acked)) => return acked,
                 Ok(Err(_)) => return false,
@@ -457,7 +525,7 @@ impl Responder {
             let ack = empty(MessageType::Acknowledgement, self.mid);
             if let Ok(bytes) = ack.to_bytes() {
                 self.t.remember(self.peer, self.mid, bytes.clone());
-                let _ = self.t.socket.send_to(&bytes, self.peer).await;
+                let _ = self.t.send_raw(&bytes, self.peer).await;
             }
             *st = Answer::EmptyAcked;
         }

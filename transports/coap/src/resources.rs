@@ -70,7 +70,18 @@ async fn route(
     responder: &Responder,
 ) -> Result<Option<Reply>, Reply> {
     let path = req.get_path();
-    let segs: Vec<&str> = path.split('/').collect();
+    let mut segs: Vec<&str> = path.split('/').collect();
+    // Over DTLS with a client certificate ThingsBoard's paths have no token
+    // (`/api/v1/telemetry`): the certificate's credentials key stands in its place. The key has
+    // `/` in it, which no segment of a split path has, so no request can name it.
+    let certificate = t.peer_credentials(responder.peer);
+    if let Some(key) = certificate.as_deref()
+        && segs.len() >= 3
+        && segs[..2] == ["api", "v1"]
+        && DEVICE_RESOURCES.contains(&segs[2])
+    {
+        segs.insert(2, key);
+    }
     let method = *req.get_method();
     if let Some(cf) = req.message.get_content_format()
         && !matches!(
@@ -211,14 +222,26 @@ impl Reply {
 }
 
 /// A session of the device with this access token; 4.01 when the token is unknown.
+/// The resources under `/api/v1/{token}/`.
+const DEVICE_RESOURCES: &[&str] = &["telemetry", "attributes", "rpc", "claim"];
+
 fn session(
     t: &Transport,
     token: &str,
     subscriptions: u8,
 ) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
-    match t.hub.by_token(token) {
+    // A credentials key (a DTLS client certificate's, see `dispatch`), or an access token.
+    let found = if token.contains('/') {
+        t.hub.lookup(token).map(|d| ((*d).clone(), token.to_string()))
+    } else {
+        t.hub.by_token(token)
+    };
+    match found {
         Some((device, key)) => Ok(t.hub.open_session(device, key, subscriptions, 16)),
-        None => Err(refuse(ErrorClass::Unauthorized, "unknown access token")),
+        None => Err(refuse(
+            ErrorClass::Unauthorized,
+            "unknown access token or certificate",
+        )),
     }
 }
 
