@@ -1,6 +1,7 @@
 //! CoAP over DTLS with libcoap's `coap-client-openssl`: a device posts with its access token in
 //! the path, or with its client certificate (X.509 credentials set through REST) on
-//! ThingsBoard's token-less paths; an unknown certificate gets 4.01 and stores nothing, and
+//! ThingsBoard's token-less paths; an unknown certificate gets 4.01 and stores nothing, a
+//! ClientHello first gets a cookie (HelloVerifyRequest, seen by `openssl s_client`), and
 //! datagrams that are not DTLS leave the listener serving. Certificates are made by `openssl`.
 
 use std::time::Duration;
@@ -42,6 +43,17 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
         .wait_latest(&by_token, Duration::from_secs(5), |v| v.get("dtls").is_some())
         .await?;
     assert_eq!(v["dtls"][0]["value"], "1");
+    // A ClientHello is answered with a HelloVerifyRequest first (the cookie exchange against
+    // spoofed sources), as OpenSSL's own client reports its states.
+    let out = std::process::Command::new("timeout")
+        .args(["5", "openssl", "s_client", "-dtls1_2", "-state", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(std::process::Stdio::null())
+        .output()?;
+    let states = String::from_utf8_lossy(&out.stderr);
+    assert!(states.contains("DTLS1 read hello verify request"), "{states}");
+    assert!(states.contains("read server hello"), "{states}");
+
     // A wrong token over DTLS: 4.01.
     let out = coaps_client(&[
         "-R",

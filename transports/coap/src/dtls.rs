@@ -16,10 +16,11 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
+use openssl::ex_data::Index;
 use openssl::ssl::{
-    ErrorCode, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslStream,
+    ErrorCode, Ssl, SslContext, SslContextBuilder, SslFiletype, SslMethod, SslOptions, SslRef, SslStream,
     SslVerifyMode,
 };
 use thingraft_proto::records::x509_key;
@@ -41,9 +42,43 @@ pub fn context(cert_file: &str, key_file: &str) -> anyhow::Result<SslContext> {
     b.check_private_key()?;
     // Ask for a client certificate and take any: the registry decides who it is.
     b.set_verify_callback(SslVerifyMode::PEER, |_, _| true);
-    // No MTU discovery through the socket: OpenSSL does not own it.
-    b.set_options(SslOptions::NO_QUERY_MTU);
+    // No MTU discovery through the socket: OpenSSL does not own it. A ClientHello is first
+    // answered with a HelloVerifyRequest (a small cookie), so a spoofed source address cannot
+    // make the server send its certificate chain to someone else (RFC 6347 §4.2.1).
+    b.set_options(SslOptions::NO_QUERY_MTU | SslOptions::COOKIE_EXCHANGE);
+    let mut secret = [0u8; 32];
+    openssl::rand::rand_bytes(&mut secret)?;
+    let key = openssl::pkey::PKey::hmac(&secret)?;
+    let verify_key = key.clone();
+    b.set_cookie_generate_cb(move |ssl, out| {
+        let cookie = cookie(&key, ssl)?;
+        out[..cookie.len()].copy_from_slice(&cookie);
+        Ok(cookie.len())
+    });
+    b.set_cookie_verify_cb(move |ssl, got| {
+        cookie(&verify_key, ssl).is_ok_and(|want| want.len() == got.len() && openssl::memcmp::eq(&want, got))
+    });
     Ok(b.build())
+}
+
+/// The peer address of a session, for its cookie.
+fn peer_index() -> Index<Ssl, SocketAddr> {
+    static INDEX: OnceLock<Index<Ssl, SocketAddr>> = OnceLock::new();
+    *INDEX.get_or_init(|| Ssl::new_ex_index().expect("OpenSSL ex-data index"))
+}
+
+/// A cookie for the session's peer: HMAC-SHA256 of its address under this process's secret.
+fn cookie(
+    key: &openssl::pkey::PKey<openssl::pkey::Private>,
+    ssl: &SslRef,
+) -> Result<Vec<u8>, openssl::error::ErrorStack> {
+    let peer = ssl
+        .ex_data(peer_index())
+        .map(ToString::to_string)
+        .unwrap_or_default();
+    let mut signer = openssl::sign::Signer::new(openssl::hash::MessageDigest::sha256(), key)?;
+    signer.update(peer.as_bytes())?;
+    signer.sign_to_vec()
 }
 
 /// One peer's datagrams in and out of OpenSSL.
@@ -104,8 +139,9 @@ impl Dtls {
         }
     }
 
-    fn new_peer(&self) -> Result<Peer, openssl::error::ErrorStack> {
+    fn new_peer(&self, addr: SocketAddr) -> Result<Peer, openssl::error::ErrorStack> {
         let mut ssl = Ssl::new(&self.ctx)?;
+        ssl.set_ex_data(peer_index(), addr);
         ssl.set_mtu(MTU)?;
         ssl.set_accept_state();
         Ok(Peer {
@@ -139,7 +175,7 @@ impl Dtls {
                         peers.remove(&oldest);
                     }
                 }
-                match self.new_peer() {
+                match self.new_peer(peer) {
                     Ok(p) => {
                         peers.insert(peer, p);
                     }
