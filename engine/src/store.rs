@@ -130,7 +130,6 @@ impl Store {
         let mut o = Options::default();
         o.create_if_missing(true);
         o.set_max_background_jobs(2);
-        o.set_write_buffer_size(8 << 20);
         Ok(Arc::new(Store {
             db: DB::open(&o, path)?,
         }))

@@ -20,11 +20,6 @@ use thingraft_log::{LogClient, LogNode};
 
 use crate::config::{NodeConfig, Overrides};
 
-/// glibc's malloc took a fifth of the node's CPU on the device path (arena locks, consolidation);
-/// mimalloc's per-thread free lists do not (BENCHMARKS.md, "allocator").
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "thingraft",
