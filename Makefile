@@ -13,10 +13,7 @@ run:
 ## test: build and run the whole test suite
 test:
 	./scripts/deps.sh
-	cargo build --release --workspace --all-targets
-	# Write the build's output to disk now: otherwise the first fsyncs of the first tests wait
-	# behind it (ext4 commits it with them), and those tests take minutes.
-	sync
+	cargo build --release --bin thingraft
 	cargo nextest run --release --workspace --no-fail-fast
 
 release:

@@ -17,7 +17,11 @@ use std::time::Duration;
 use anyhow::Context;
 use thingraft_log::{LogClient, NodeId, Record};
 
-/// The `thingraft` binary of this workspace, built (once per test process) if needed.
+/// The `thingraft` binary of this workspace, built (once per test process) if needed — with
+/// the same command and environment as `make test`: the `CARGO_*` variables cargo sets for
+/// this test are removed first, because build scripts track some of them (ring's tracks
+/// `CARGO_MANIFEST_DIR`), and with them set the first test rebuilt half the node for a minute
+/// or two, then `make release` rebuilt it back.
 pub fn thingraft_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -25,13 +29,19 @@ pub fn thingraft_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
             .args([
                 "build",
                 "--quiet",
                 "--release",
-                "-p",
-                "thingraft",
+                "--manifest-path",
+                concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"),
                 "--bin",
                 "thingraft",
                 "--message-format=json",

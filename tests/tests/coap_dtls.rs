@@ -98,6 +98,26 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
     let out = post_as("device", "attributes", r#"{"firmware":"2.0"}"#)?;
     assert_eq!(out.code, "2.01", "{out:?}");
 
+    // The OTA path without a token: the certificate's device is found (no package assigned
+    // yet: 4.04), where an unknown certificate gets 4.01.
+    let get_fw_as = |name: &str| {
+        let cert = d.join(format!("{name}.pem")).display().to_string();
+        let key = d.join(format!("{name}.key")).display().to_string();
+        coaps_client(&[
+            "-R",
+            &ca,
+            "-c",
+            &cert,
+            "-j",
+            &key,
+            "-m",
+            "get",
+            &format!("coaps://127.0.0.1:{port}/fw?title=x&version=1"),
+        ])
+    };
+    assert_eq!(get_fw_as("device")?.code, "4.04");
+    assert_eq!(get_fw_as("stranger")?.code, "4.01");
+
     // A certificate nobody registered: 4.01, nothing stored.
     let out = post_as("stranger", "telemetry", r#"{"x509":3}"#)?;
     assert_eq!(out.code, "4.01", "{out:?}");

@@ -11,7 +11,7 @@ use coap_lite::{
 use thingraft_log::LogError;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
-use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_proto::records::{DeviceRef, DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json};
 use thingraft_transport_common::{
@@ -72,15 +72,16 @@ async fn route(
     let path = req.get_path();
     let mut segs: Vec<&str> = path.split('/').collect();
     // Over DTLS with a client certificate ThingsBoard's paths have no token
-    // (`/api/v1/telemetry`): the certificate's credentials key stands in its place. The key has
+    // (`/api/v1/telemetry`, `/fw?title=..`): the certificate's credentials key stands in its
+    // place. The key has
     // `/` in it, which no segment of a split path has, so no request can name it.
     let certificate = t.peer_credentials(responder.peer);
-    if let Some(key) = certificate.as_deref()
-        && segs.len() >= 3
-        && segs[..2] == ["api", "v1"]
-        && DEVICE_RESOURCES.contains(&segs[2])
-    {
-        segs.insert(2, key);
+    if let Some(key) = certificate.as_deref() {
+        if segs.len() >= 3 && segs[..2] == ["api", "v1"] && DEVICE_RESOURCES.contains(&segs[2]) {
+            segs.insert(2, key);
+        } else if segs == ["fw"] || segs == ["sw"] {
+            segs.push(key);
+        }
     }
     let method = *req.get_method();
     if let Some(cf) = req.message.get_content_format()
@@ -225,18 +226,22 @@ impl Reply {
 /// The resources under `/api/v1/{token}/`.
 const DEVICE_RESOURCES: &[&str] = &["telemetry", "attributes", "rpc", "claim"];
 
+/// The device a path's token names, with its credentials key: a credentials key itself (a
+/// DTLS client certificate's, put there by `route`), or an access token.
+fn device_of(t: &Transport, token: &str) -> Option<(DeviceRef, String)> {
+    if token.contains('/') {
+        t.hub.lookup(token).map(|d| ((*d).clone(), token.to_string()))
+    } else {
+        t.hub.by_token(token)
+    }
+}
+
 fn session(
     t: &Transport,
     token: &str,
     subscriptions: u8,
 ) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
-    // A credentials key (a DTLS client certificate's, see `dispatch`), or an access token.
-    let found = if token.contains('/') {
-        t.hub.lookup(token).map(|d| ((*d).clone(), token.to_string()))
-    } else {
-        t.hub.by_token(token)
-    };
-    match found {
+    match device_of(t, token) {
         Some((device, key)) => Ok(t.hub.open_session(device, key, subscriptions, 16)),
         None => Err(refuse(
             ErrorClass::Unauthorized,
@@ -390,10 +395,8 @@ fn spawn_observation(
 /// `GET /fw/{token}?title=&version=&size=&chunk=` (and `/sw/..`): a chunk of the package
 /// assigned to the device (all of it without `size`); long answers go block-wise.
 fn ota_download(t: &Transport, token: &str, kind: OtaKind, q: &[(String, String)]) -> Result<Reply, Reply> {
-    let (device, _) = t
-        .hub
-        .by_token(token)
-        .ok_or_else(|| refuse(ErrorClass::Unauthorized, "unknown access token"))?;
+    let (device, _) =
+        device_of(t, token).ok_or_else(|| refuse(ErrorClass::Unauthorized, "unknown access token"))?;
     let dir = t
         .hub
         .directory()
