@@ -467,5 +467,126 @@ async fn protobuf_devices_get_attributes_and_rpc_in_protobuf() -> anyhow::Result
     assert_eq!(reply.error, "");
     let limits: Value = serde_json::from_str(&reply.payload)?;
     assert!(limits.get("rateLimits").is_some(), "{limits}");
+
+    // A claim request as ClaimDeviceMsg opens the window; a customer user claims with its
+    // secret.
+    let ask = tb::ClaimDeviceMsg {
+        secret_key: "pv-secret".into(),
+        duration_ms: 60_000,
+        ..Default::default()
+    };
+    client
+        .publish(
+            "v1/devices/me/claim",
+            QoS::AtLeastOnce,
+            false,
+            ask.encode_to_vec(),
+        )
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
+    let customer = Rest::login(&c.http[&1], "customer@thingsboard.org", "customer").await?;
+    let claim = |secret: &str| {
+        customer.call(
+            "POST",
+            "/api/customer/device/Proto%20valve/claim",
+            Some(&json!({"secretKey": secret}).to_string()),
+        )
+    };
+    assert_eq!(claim("wrong")?.0, 400);
+    let (code, body) = claim("pv-secret")?;
+    assert_eq!(
+        (code, body["response"].clone()),
+        (200, json!("SUCCESS")),
+        "{body}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_provision_themselves_in_protobuf() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let body = json!({
+        "name": "Proto provisioned",
+        "type": "DEFAULT",
+        "provisionType": "ALLOW_CREATE_NEW_DEVICES",
+        "provisionDeviceKey": "pk-proto",
+        "profileData": {"provisionConfiguration": {"type": "ALLOW_CREATE_NEW_DEVICES", "provisionDeviceSecret": "ps-proto"}},
+    });
+    let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{v}");
+    let request = |name: &str, secret: &str, token: &str| {
+        let mut m = tb::ProvisionDeviceRequestMsg {
+            device_name: name.into(),
+            provision_device_credentials_msg: Some(tb::ProvisionDeviceCredentialsMsg {
+                provision_device_key: "pk-proto".into(),
+                provision_device_secret: secret.into(),
+            }),
+            credentials_data_proto: Some(tb::CredentialsDataProto {
+                validate_device_token_request_msg: Some(tb::ValidateDeviceTokenRequestMsg {
+                    token: token.into(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        m.set_credentials_type(tb::CredentialsType::AccessToken);
+        m.encode_to_vec()
+    };
+
+    // MQTT: a provisioning connection publishes a ProvisionDeviceRequestMsg and gets a
+    // ProvisionDeviceResponseMsg; the new device then connects with its token.
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "provision");
+    thingraft_tests::next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client.subscribe("/provision/response", QoS::AtLeastOnce).await?;
+    thingraft_tests::next_packet(&mut ev, |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
+    client
+        .publish(
+            "/provision/request",
+            QoS::AtLeastOnce,
+            false,
+            request("Proto prov A", "ps-proto", "PROV_PROTO_A"),
+        )
+        .await?;
+    let (_, bytes) = next_publish(&mut ev, "/provision/response").await?;
+    let answer = tb::ProvisionDeviceResponseMsg::decode(bytes.as_slice())?;
+    assert_eq!(answer.status(), tb::ResponseStatus::Success, "{answer:?}");
+    assert_eq!(answer.credentials_type(), tb::CredentialsType::AccessToken);
+    assert_eq!(answer.credentials_value, "PROV_PROTO_A");
+    let (device, mut dev_ev) = v5_client(&c.mqtt[&1], "PROV_PROTO_A");
+    device
+        .publish(
+            "v1/devices/me/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"provisioned":1}"#,
+        )
+        .await?;
+    assert_eq!(next_puback(&mut dev_ev).await?, PubAckReason::Success);
+
+    // A wrong secret: NOT_FOUND, in protobuf too.
+    client
+        .publish(
+            "/provision/request",
+            QoS::AtLeastOnce,
+            false,
+            request("Proto prov B", "nope", ""),
+        )
+        .await?;
+    let (_, bytes) = next_publish(&mut ev, "/provision/response").await?;
+    let answer = tb::ProvisionDeviceResponseMsg::decode(bytes.as_slice())?;
+    assert_eq!(answer.status(), tb::ResponseStatus::NotFound, "{answer:?}");
+
+    // CoAP: the same request posted to /api/v1/provision is answered with a 2.05 carrying a
+    // ProvisionDeviceResponseMsg, and the device exists afterwards.
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("provision.bin");
+    std::fs::write(&file, request("Proto prov C", "ps-proto", ""))?;
+    let file_arg = file.display().to_string();
+    let url = format!("coap://{}/api/v1/provision", c.coap[&1]);
+    let out = coap_client(&["-m", "post", "-t", "octet", "-f", &file_arg, &url])?;
+    assert_eq!(out.code, "2.05", "{out:?}");
+    let (code, v) = rest.call("GET", "/api/tenant/devices?deviceName=Proto%20prov%20C", None)?;
+    assert_eq!(code, 200, "{v}");
     Ok(())
 }

@@ -202,8 +202,13 @@ async fn route(
         }
         (RequestType::Post, ["api", "v1", "provision"]) => match t.hub.directory() {
             None => refuse(ErrorClass::Unavailable, "the registry is not ready"),
-            Some(dir) => match dir.provision(&body).await {
-                Ok(answer) => Reply::json(ResponseType::Content, answer),
+            // JSON, or else ThingsBoard's `ProvisionDeviceRequestMsg` (answered in kind).
+            Some(dir) => match thingraft_transport_common::provision(dir.as_ref(), &body).await {
+                Ok(answer) if serde_json::from_slice::<serde_json::Value>(&body).is_ok() => Reply::json(
+                    ResponseType::Content,
+                    String::from_utf8_lossy(&answer).into_owned(),
+                ),
+                Ok(answer) => Reply::bytes(ResponseType::Content, answer),
                 Err(e) => bad_payload(&PayloadError::InvalidJson(e)),
             },
         },

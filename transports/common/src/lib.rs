@@ -137,6 +137,18 @@ pub trait Directory: Send + Sync {
     ) -> Option<Arc<proto_payload::ProtoSchemas>>;
 }
 
+/// Device provisioning as ThingsBoard's MQTT and CoAP transports take it: a JSON request gets
+/// the JSON answer; a payload that is not JSON is read as a `ProvisionDeviceRequestMsg` and
+/// gets a `ProvisionDeviceResponseMsg`. `Err` when it is neither.
+pub async fn provision(dir: &dyn Directory, payload: &[u8]) -> Result<Vec<u8>, String> {
+    if serde_json::from_slice::<serde_json::Value>(payload).is_ok() {
+        return dir.provision(payload).await.map(String::into_bytes);
+    }
+    let request = proto_payload::provision_request_json(payload).map_err(|e| e.to_string())?;
+    let answer = dir.provision(request.as_bytes()).await?;
+    Ok(proto_payload::provision_response(&answer))
+}
+
 /// Why a claim window was not opened.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClaimError {

@@ -143,6 +143,81 @@ pub fn attribute_request(payload: &[u8]) -> Result<crate::payload::KeyLists, Pay
     Ok((client, shared))
 }
 
+/// A protobuf claim request (`ClaimDeviceMsg`): the secret, and the duration (the default when
+/// not above 0), as [`crate::payload::parse_claim`] reads the JSON one.
+pub fn claim(payload: &[u8]) -> Result<(String, i64), PayloadError> {
+    let m = tb::ClaimDeviceMsg::decode(payload).map_err(|e| bad("ClaimDeviceMsg", e))?;
+    let duration = if m.duration_ms > 0 {
+        m.duration_ms
+    } else {
+        crate::payload::CLAIM_DURATION_MS
+    };
+    Ok((m.secret_key, duration))
+}
+
+/// A protobuf provisioning request (`ProvisionDeviceRequestMsg`) as the JSON request the
+/// [`crate::Directory`] takes.
+pub fn provision_request_json(payload: &[u8]) -> Result<String, PayloadError> {
+    let m =
+        tb::ProvisionDeviceRequestMsg::decode(payload).map_err(|e| bad("ProvisionDeviceRequestMsg", e))?;
+    let kind = m.credentials_type();
+    let creds = m.provision_device_credentials_msg.unwrap_or_default();
+    let data = m.credentials_data_proto.unwrap_or_default();
+    let mut v = serde_json::json!({
+        "deviceName": m.device_name,
+        "provisionDeviceKey": creds.provision_device_key,
+        "provisionDeviceSecret": creds.provision_device_secret,
+        "credentialsType": kind.as_str_name(),
+    });
+    match kind {
+        tb::CredentialsType::AccessToken => {
+            if let Some(t) = data.validate_device_token_request_msg {
+                v["token"] = t.token.into();
+            }
+        }
+        tb::CredentialsType::X509Certificate => {
+            if let Some(x) = data.validate_device_x509_cert_request_msg {
+                v["hash"] = x.hash.into();
+            }
+        }
+        tb::CredentialsType::MqttBasic => {
+            if let Some(b) = data.validate_basic_mqtt_cred_request_msg {
+                v["clientId"] = b.client_id.into();
+                v["username"] = b.user_name.into();
+                v["password"] = b.password.into();
+            }
+        }
+        tb::CredentialsType::Lwm2mCredentials => {}
+    }
+    Ok(v.to_string())
+}
+
+/// The directory's JSON provisioning answer as a `ProvisionDeviceResponseMsg`; MQTT basic
+/// credentials travel as their JSON text, as in ThingsBoard.
+pub fn provision_response(answer: &str) -> Vec<u8> {
+    let v: serde_json::Value = serde_json::from_str(answer).unwrap_or_default();
+    let status = v["status"]
+        .as_str()
+        .and_then(tb::ResponseStatus::from_str_name)
+        .unwrap_or(tb::ResponseStatus::Failure);
+    let kind = v["credentialsType"]
+        .as_str()
+        .and_then(tb::CredentialsType::from_str_name)
+        .unwrap_or_default();
+    let value = match &v["credentialsValue"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    let mut m = tb::ProvisionDeviceResponseMsg {
+        credentials_value: value,
+        ..Default::default()
+    };
+    m.set_status(status);
+    m.set_credentials_type(kind);
+    m.encode_to_vec()
+}
+
 /// A protobuf client-side RPC (`ToServerRpcRequestMsg`) as the JSON `{"method":..,"params":..}`
 /// the JSON API takes; `params` that are not JSON text stay a string.
 pub fn client_rpc_json(payload: &[u8]) -> Result<String, PayloadError> {

@@ -89,19 +89,12 @@ pub(crate) async fn serve(
                         let _ = stream.write_all(&wbuf).await;
                         return;
                     };
-                    match dir.provision(&payload).await {
+                    match thingraft_transport_common::provision(dir.as_ref(), &payload).await {
                         Ok(answer) => {
                             if let Some(pkid) = ack {
                                 codec::write_puback(&mut wbuf, version, pkid, PubAckCode::Success);
                             }
-                            codec::write_publish(
-                                &mut wbuf,
-                                version,
-                                RESPONSE,
-                                1,
-                                t.next_pkid(),
-                                answer.as_bytes(),
-                            );
+                            codec::write_publish(&mut wbuf, version, RESPONSE, 1, t.next_pkid(), &answer);
                         }
                         Err(e) => {
                             tracing::info!(error = %e, "provision request refused");

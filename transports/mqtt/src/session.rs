@@ -684,7 +684,12 @@ impl Session {
             Topic::ClientRpc(family, id) => return self.client_rpc(family, id, payload, ack),
             Topic::Ota(kind, rid, idx) => return self.ota(kind, rid, idx, payload, ack),
             Topic::Claim => {
-                let claims = match payload::parse_claim(payload) {
+                let parsed = if self.proto.is_some() {
+                    proto_payload::claim(payload)
+                } else {
+                    payload::parse_claim(payload)
+                };
+                let claims = match parsed {
                     Ok(c) => vec![(self.s.device.clone(), c)],
                     Err(e) => return self.refuse(topic, &e, ack),
                 };
