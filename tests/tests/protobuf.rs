@@ -309,6 +309,34 @@ async fn protobuf_profile_devices_publish_over_mqtt_and_coap() -> anyhow::Result
     std::fs::write(&file, [0xff, 0xff, 0xff])?;
     let out = coap_client(&["-m", "post", "-t", "octet", "-f", &file_arg, &url])?;
     assert_eq!(out.code, "4.00", "{out:?}");
+
+    // Its attribute reads are answered in protobuf too: a GetAttributeResponseMsg.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{coap_id}/SHARED_SCOPE"),
+        Some(r#"{"mode":"eco"}"#),
+    )?;
+    assert_eq!(code, 200);
+    let answer_file = dir.path().join("answer.bin");
+    let answer_arg = answer_file.display().to_string();
+    let out = coap_client(&[
+        "-m",
+        "get",
+        "-o",
+        &answer_arg,
+        &format!(
+            "coap://{}/api/v1/PROTO_COAP/attributes?sharedKeys=mode",
+            c.coap[&1]
+        ),
+    ])?;
+    assert_eq!(out.code, "2.05", "{out:?}");
+    let answer = tb::GetAttributeResponseMsg::decode(std::fs::read(&answer_file)?.as_slice())?;
+    let kv = answer.shared_attribute_list[0].kv.clone().expect("kv");
+    assert_eq!(
+        (kv.key.as_str(), kv.string_v.as_str()),
+        ("mode", "eco"),
+        "{answer:?}"
+    );
     Ok(())
 }
 

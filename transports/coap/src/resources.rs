@@ -13,7 +13,9 @@ use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
 use thingraft_proto::records::{DeviceRef, DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
-use thingraft_transport_common::proto_payload::{DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json};
+use thingraft_transport_common::proto_payload::{
+    self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
+};
 use thingraft_transport_common::{
     ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
 };
@@ -135,8 +137,13 @@ async fn route(
                 let (client_keys, shared_keys) =
                     payload::attribute_request_from_query(keys.iter().map(|(k, v)| (k.as_str(), v.as_str())));
                 match read_attributes(&s, &mut rx, client_keys, shared_keys).await {
-                    Ok(json) if json == "{}" => Reply::code(ResponseType::NotFound),
-                    Ok(json) => Reply::json(ResponseType::Content, json),
+                    Ok(DownlinkMsg::AttributeResponse { client, shared, .. })
+                        if client.is_empty() && shared.is_empty() =>
+                    {
+                        Reply::code(ResponseType::NotFound)
+                    }
+                    Ok(m) => render(&m, proto_schemas(t, &s).as_deref())
+                        .unwrap_or_else(|| Reply::code(ResponseType::NotFound)),
                     Err(r) => r,
                 }
             }
@@ -156,31 +163,56 @@ async fn route(
         },
         (RequestType::Post, ["api", "v1", token, "rpc", id]) => {
             let (s, _rx) = session(t, token, 0)?;
-            match id.parse::<u32>() {
-                Err(_) => refuse(ErrorClass::BadRequest, "rpc id is not a number"),
-                Ok(id) => match serde_json::from_slice::<serde_json::Value>(&body) {
-                    Err(e) => bad_payload(&PayloadError::InvalidJson(e.to_string())),
-                    Ok(_) => submit(&s, payload::rpc_response(id, &body)).await,
-                },
+            let proto = proto_schemas(t, &s);
+            let reply =
+                uplink_json(proto.as_deref(), Format::Profile, Uplink::RpcResponse, &body).and_then(|json| {
+                    serde_json::from_slice::<serde_json::Value>(&json)
+                        .map(|_| json)
+                        .map_err(|e| PayloadError::InvalidJson(e.to_string()))
+                });
+            match (id.parse::<u32>(), reply) {
+                (Err(_), _) => refuse(ErrorClass::BadRequest, "rpc id is not a number"),
+                (Ok(_), Err(e)) => bad_payload(&e),
+                (Ok(id), Ok(json)) => submit(&s, payload::rpc_response(id, &json)).await,
             }
         }
         (RequestType::Post, ["api", "v1", token, "rpc"]) => {
             let (s, _rx) = session(t, token, 0)?;
-            match payload::parse_client_rpc(1, &body) {
+            // A protobuf device's request is a `ToServerRpcRequestMsg`, answered in kind.
+            let proto = proto_schemas(t, &s).is_some();
+            let parsed = if proto {
+                proto_payload::client_rpc_json(&body)
+                    .and_then(|json| payload::parse_client_rpc(1, json.as_bytes()))
+            } else {
+                payload::parse_client_rpc(1, &body)
+            };
+            match parsed {
                 Err(e) => bad_payload(&e),
                 Ok(msg) => match s.submit(vec![msg]).await {
                     Err(e) => backend(&e),
                     Ok(()) => {
                         // The default root rule chain only logs client RPCs.
                         tokio::time::sleep(Duration::from_millis(t.hub.config.client_rpc_timeout_ms)).await;
-                        Reply::json(ResponseType::Content, CLIENT_RPC_TIMEOUT.to_string())
+                        if proto {
+                            Reply::bytes(
+                                ResponseType::Content,
+                                proto_payload::client_rpc_response(1, "", "timeout"),
+                            )
+                        } else {
+                            Reply::json(ResponseType::Content, CLIENT_RPC_TIMEOUT.to_string())
+                        }
                     }
                 },
             }
         }
         (RequestType::Post, ["api", "v1", token, "claim"]) => {
             let (s, _rx) = session(t, token, 0)?;
-            match (payload::parse_claim(&body), t.hub.directory()) {
+            let parsed = if proto_schemas(t, &s).is_some() {
+                proto_payload::claim(&body)
+            } else {
+                payload::parse_claim(&body)
+            };
+            match (parsed, t.hub.directory()) {
                 (Err(e), _) => bad_payload(&e),
                 (Ok(_), None) => refuse(ErrorClass::Unavailable, "the registry is not ready"),
                 (Ok((secret, duration_ms)), Some(dir)) => {
@@ -228,6 +260,21 @@ impl Reply {
 }
 
 /// A session of the device with this access token; 4.01 when the token is unknown.
+/// A downlink as the device gets it: JSON (an RPC with its `id`, as the HTTP and CoAP APIs
+/// show it), or, for a device whose profile has protobuf schemas for CoAP, ThingsBoard's
+/// protobuf messages (content format 42). `None` when it cannot go as protobuf (an RPC without
+/// an RPC request schema).
+fn render(m: &DownlinkMsg, proto: Option<&ProtoSchemas>) -> Option<Reply> {
+    if proto.is_some() {
+        return proto_payload::downlink(m, proto).map(|b| Reply::bytes(ResponseType::Content, b));
+    }
+    let json = match m {
+        DownlinkMsg::RpcRequest { id, .. } => payload::rpc_request_with_id(*id, &m.json()),
+        _ => m.json(),
+    };
+    Some(Reply::json(ResponseType::Content, json))
+}
+
 /// The resources under `/api/v1/{token}/`.
 const DEVICE_RESOURCES: &[&str] = &["telemetry", "attributes", "rpc", "claim"];
 
@@ -287,7 +334,7 @@ async fn read_attributes(
     rx: &mut mpsc::Receiver<Downlink>,
     client_keys: Option<Vec<String>>,
     shared_keys: Option<Vec<String>>,
-) -> Result<String, Reply> {
+) -> Result<DownlinkMsg, Reply> {
     s.submit(vec![IngestMsg::AttributeRequest {
         request_id: 1,
         client_keys,
@@ -298,14 +345,13 @@ async fn read_attributes(
     let wait = async {
         while let Some(d) = rx.recv().await {
             if let Downlink::Msg(_, m @ DownlinkMsg::AttributeResponse { .. }) = d {
-                let json = m.json();
-                return Some(json);
+                return Some(m);
             }
         }
         None
     };
     match tokio::time::timeout(READ_TIMEOUT, wait).await {
-        Ok(Some(json)) => Ok(json),
+        Ok(Some(m)) => Ok(m),
         _ => Err(refuse(ErrorClass::Timeout, "no attribute answer in time")),
     }
 }
@@ -319,18 +365,23 @@ async fn observe_attributes(
     req: &CoapRequest<SocketAddr>,
     responder: &Responder,
 ) -> Option<Reply> {
-    let all = match read_attributes(&s, &mut rx, None, None).await {
-        Ok(json) => json,
+    let shared = match read_attributes(&s, &mut rx, None, None).await {
+        Ok(DownlinkMsg::AttributeResponse { shared, .. }) => shared,
+        Ok(_) => Vec::new(),
         Err(r) => return Some(r),
     };
-    let shared = serde_json::from_str::<serde_json::Value>(&all)
-        .ok()
-        .and_then(|v| v.get("shared").cloned())
-        .unwrap_or_else(|| serde_json::json!({}));
-    let first = shared.to_string();
-    spawn_observation(t, s, rx, req, responder, Some(first), |m| match m {
-        m @ DownlinkMsg::AttributeUpdate { .. } => Some(m.json()),
-        _ => None,
+    let proto = proto_schemas(t, &s);
+    let first = if shared.is_empty() && proto.is_none() {
+        Some(Reply::json(ResponseType::Content, "{}".into()))
+    } else {
+        let all = DownlinkMsg::AttributeUpdate {
+            updated: shared,
+            deleted: Vec::new(),
+        };
+        render(&all, proto.as_deref())
+    };
+    spawn_observation(t, s, rx, req, responder, first, |m| {
+        matches!(m, DownlinkMsg::AttributeUpdate { .. })
     });
     None
 }
@@ -343,23 +394,24 @@ fn observe_rpc(
     req: &CoapRequest<SocketAddr>,
     responder: &Responder,
 ) {
-    spawn_observation(t, s, rx, req, responder, None, |m| match m {
-        m @ DownlinkMsg::RpcRequest { id, .. } => Some(payload::rpc_request_with_id(id, &m.json())),
-        _ => None,
+    spawn_observation(t, s, rx, req, responder, None, |m| {
+        matches!(m, DownlinkMsg::RpcRequest { .. })
     });
 }
 
-/// Sends `first` (if any), then a notification for each downlink `pick` accepts, until the
-/// device resets or ignores one, deregisters, or the session is closed.
+/// Sends `first` (if any), then a notification for each downlink `pick` accepts, in the
+/// device's format, until the device resets or ignores one, deregisters, or the session is
+/// closed.
 fn spawn_observation(
     t: &Arc<Transport>,
     s: Session,
     mut rx: mpsc::Receiver<Downlink>,
     req: &CoapRequest<SocketAddr>,
     responder: &Responder,
-    first: Option<String>,
-    pick: fn(DownlinkMsg) -> Option<String>,
+    first: Option<Reply>,
+    pick: fn(&DownlinkMsg) -> bool,
 ) {
+    let proto = proto_schemas(t, &s);
     let request = req.message.clone();
     let responder = responder.clone();
     let (peer, token) = (responder.peer, responder.token.clone());
@@ -368,21 +420,22 @@ fn spawn_observation(
     let task = tokio::spawn(async move {
         let _session = s;
         let mut seq: u32 = 0;
-        let notify = |body: String, seq: u32| {
-            let mut r = Reply::json(ResponseType::Content, body);
+        let notify = |mut r: Reply, seq: u32| {
             r.observe = Some(seq);
             r
         };
         let mut ok = match first {
-            Some(body) => responder.send(notify(body, seq), &request).await,
+            Some(r) => responder.send(notify(r, seq), &request).await,
             None => true,
         };
         while ok {
             match rx.recv().await {
                 Some(Downlink::Msg(_, m)) => {
-                    if let Some(body) = pick(m) {
+                    if pick(&m)
+                        && let Some(r) = render(&m, proto.as_deref())
+                    {
                         seq += 1;
-                        ok = responder.send(notify(body, seq), &request).await;
+                        ok = responder.send(notify(r, seq), &request).await;
                     }
                 }
                 Some(Downlink::Close) | None => break,
