@@ -618,3 +618,133 @@ async fn devices_provision_themselves_in_protobuf() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{v}");
     Ok(())
 }
+
+fn kv(key: &str, kind: tb::KeyValueType, f: impl FnOnce(&mut tb::KeyValueProto)) -> tb::KeyValueProto {
+    let mut p = tb::KeyValueProto {
+        key: key.into(),
+        ..Default::default()
+    };
+    p.set_type(kind);
+    f(&mut p);
+    p
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_protobuf_gateway_reports_for_its_children_in_thingsboards_gateway_messages() -> anyhow::Result<()>
+{
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let (code, v) = rest.call(
+        "POST",
+        "/api/deviceProfile",
+        Some(&profile("proto-gateways", "MQTT", TELEMETRY)),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let body =
+        json!({"name": "Proto gateway", "type": "proto-gateways", "additionalInfo": {"gateway": true}});
+    let (code, v) = rest.call(
+        "POST",
+        "/api/device?accessToken=PGW_TOKEN",
+        Some(&body.to_string()),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "PGW_TOKEN");
+    thingraft_tests::next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+
+    // Telemetry for two children, typed by KeyValueProto: both are created and readable.
+    let reading = |name: &str, t: f64| tb::GatewayDeviceTelemetryMsg {
+        device_name: name.into(),
+        msg: Some(tb::PostTelemetryMsg {
+            ts_kv_list: vec![tb::TsKvListProto {
+                ts: 0,
+                kv: vec![
+                    kv("temperature", tb::KeyValueType::DoubleV, |p| p.double_v = t),
+                    kv("door", tb::KeyValueType::BooleanV, |p| p.bool_v = true),
+                    kv("serial", tb::KeyValueType::StringV, |p| p.string_v = "007".into()),
+                ],
+            }],
+        }),
+    };
+    let batch = tb::GatewayTelemetryMsg {
+        msg: vec![reading("PG child 1", 21.5), reading("PG child 2", 19.0)],
+    };
+    client
+        .publish(
+            "v1/gateway/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            batch.encode_to_vec(),
+        )
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
+    let (code, child) = rest.call("GET", "/api/tenant/devices?deviceName=PG%20child%201", None)?;
+    assert_eq!(code, 200, "{child}");
+    let child_id = child["id"]["id"].as_str().expect("child id").to_string();
+    let v = rest
+        .wait_latest(&child_id, Duration::from_secs(5), |v| {
+            v.get("temperature").is_some()
+        })
+        .await?;
+    assert_eq!(v["temperature"][0]["value"], "21.5", "{v}");
+    assert_eq!(v["door"][0]["value"], "true", "{v}");
+    // A STRING_V stays a string: "007", not the number 7.
+    assert_eq!(v["serial"][0]["value"], "007", "{v}");
+    assert_eq!(
+        rest.call("GET", "/api/tenant/devices?deviceName=PG%20child%202", None)?
+            .0,
+        200
+    );
+
+    // A shared attribute of a child is pushed as a GatewayAttributeUpdateNotificationMsg; an
+    // attribute request is answered with a GatewayAttributeResponseMsg.
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{child_id}/SHARED_SCOPE"),
+        Some(r#"{"mode":"eco"}"#),
+    )?;
+    assert_eq!(code, 200);
+    let (topic, bytes) = next_publish(&mut ev, "v1/gateway/attributes").await?;
+    assert_eq!(topic, "v1/gateway/attributes");
+    let push = tb::GatewayAttributeUpdateNotificationMsg::decode(bytes.as_slice())?;
+    assert_eq!(push.device_name, "PG child 1");
+    let update = push.notification_msg.expect("notification");
+    assert_eq!(
+        update.shared_updated[0].kv.as_ref().map(|k| k.string_v.as_str()),
+        Some("eco")
+    );
+    let ask = tb::GatewayAttributesRequestMsg {
+        id: 6,
+        device_name: "PG child 1".into(),
+        client: false,
+        keys: vec!["mode".into()],
+    };
+    client
+        .publish(
+            "v1/gateway/attributes/request",
+            QoS::AtLeastOnce,
+            false,
+            ask.encode_to_vec(),
+        )
+        .await?;
+    let (_, bytes) = next_publish(&mut ev, "v1/gateway/attributes/response").await?;
+    let answer = tb::GatewayAttributeResponseMsg::decode(bytes.as_slice())?;
+    assert_eq!(answer.device_name, "PG child 1");
+    let inner = answer.response_msg.expect("response");
+    assert_eq!(inner.request_id, 6);
+    assert_eq!(
+        inner.shared_attribute_list[0].kv.as_ref().map(|k| k.key.as_str()),
+        Some("mode")
+    );
+
+    // Bytes that are not a gateway message: refused, nothing created.
+    client
+        .publish(
+            "v1/gateway/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            vec![0xff, 0xff, 0xff],
+        )
+        .await?;
+    assert_eq!(next_puback(&mut ev).await?, PubAckReason::PayloadFormatInvalid);
+    Ok(())
+}

@@ -8,7 +8,9 @@ use std::sync::Arc;
 use serde_json::Value;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DeviceRef, DownlinkMsg, EntityId, IngestMsg};
+use thingraft_proto::tb;
 use thingraft_transport_common::payload::rpc_request_with_id;
+use thingraft_transport_common::proto_payload;
 use thingraft_transport_common::{Downlink, Hub, SUB_ATTRIBUTES, SUB_RPC, Session};
 use tokio::sync::mpsc;
 
@@ -158,6 +160,135 @@ pub(crate) fn parse(topic: GatewayTopic, payload: &[u8]) -> Result<Vec<(String, 
     })
 }
 
+fn bad_proto(message: &str, e: prost::DecodeError) -> PayloadError {
+    PayloadError::InvalidProtobuf(format!("not a {message}: {e}"))
+}
+
+fn name_of(name: String) -> Result<String, PayloadError> {
+    if name.is_empty() {
+        Err(PayloadError::InvalidProtobuf(
+            "gateway message without a device name".into(),
+        ))
+    } else {
+        Ok(name)
+    }
+}
+
+/// A protobuf key-value as a typed value; a `LONG`/`DOUBLE`/`BOOLEAN` takes its field, a
+/// string stays a string (the type says so; no numeric cast as for JSON).
+fn kv_value(kv: tb::KeyValueProto) -> (String, device::Value) {
+    let value = match kv.r#type() {
+        tb::KeyValueType::BooleanV => device::Value::Bool(kv.bool_v),
+        tb::KeyValueType::LongV => device::Value::Long(kv.long_v),
+        tb::KeyValueType::DoubleV => device::Value::Double(kv.double_v),
+        tb::KeyValueType::StringV => device::Value::String(kv.string_v),
+        tb::KeyValueType::JsonV => device::Value::Json(kv.json_v),
+    };
+    (kv.key, value)
+}
+
+/// [`parse`] for a gateway whose profile's payloads are protobuf: ThingsBoard's gateway
+/// messages (`GatewayTelemetryMsg`, `GatewayAttributesMsg`, ...).
+pub(crate) fn parse_proto(
+    topic: GatewayTopic,
+    payload: &[u8],
+) -> Result<Vec<(String, ChildOp)>, PayloadError> {
+    use prost::Message as _;
+    Ok(match topic {
+        GatewayTopic::Connect => {
+            let m = tb::GatewayConnectMsg::decode(payload).map_err(|e| bad_proto("ConnectMsg", e))?;
+            let t = if m.device_type.is_empty() {
+                "default".to_string()
+            } else {
+                m.device_type
+            };
+            vec![(name_of(m.device_name)?, ChildOp::Connect(t))]
+        }
+        GatewayTopic::Disconnect => {
+            let m = tb::GatewayDisconnectMsg::decode(payload).map_err(|e| bad_proto("DisconnectMsg", e))?;
+            vec![(name_of(m.device_name)?, ChildOp::Disconnect)]
+        }
+        GatewayTopic::Telemetry => {
+            let m =
+                tb::GatewayTelemetryMsg::decode(payload).map_err(|e| bad_proto("GatewayTelemetryMsg", e))?;
+            let now = thingraft_transport_common::now_ms();
+            let mut out = Vec::new();
+            for d in m.msg {
+                let groups = d
+                    .msg
+                    .unwrap_or_default()
+                    .ts_kv_list
+                    .into_iter()
+                    .map(|l| device::TsKv {
+                        ts_ms: if l.ts > 0 { l.ts } else { now },
+                        values: l.kv.into_iter().map(kv_value).collect(),
+                    })
+                    .filter(|g| !g.values.is_empty())
+                    .collect();
+                out.push((
+                    name_of(d.device_name)?,
+                    ChildOp::Msg(IngestMsg::Telemetry(groups)),
+                ));
+            }
+            out
+        }
+        GatewayTopic::Attributes => {
+            let m = tb::GatewayAttributesMsg::decode(payload)
+                .map_err(|e| bad_proto("GatewayAttributesMsg", e))?;
+            let mut out = Vec::new();
+            for d in m.msg {
+                let values = d.msg.unwrap_or_default().kv.into_iter().map(kv_value).collect();
+                out.push((
+                    name_of(d.device_name)?,
+                    ChildOp::Msg(IngestMsg::ClientAttributes(values)),
+                ));
+            }
+            out
+        }
+        GatewayTopic::AttributeRequest => {
+            let m = tb::GatewayAttributesRequestMsg::decode(payload)
+                .map_err(|e| bad_proto("GatewayAttributesRequestMsg", e))?;
+            let id = u32::try_from(m.id)
+                .map_err(|_| PayloadError::InvalidProtobuf("negative request id".into()))?;
+            let (client_keys, shared_keys) = if m.client {
+                (Some(m.keys), None)
+            } else {
+                (None, Some(m.keys))
+            };
+            let msg = IngestMsg::AttributeRequest {
+                request_id: id,
+                client_keys,
+                shared_keys,
+            };
+            vec![(name_of(m.device_name)?, ChildOp::AttributeRequest { msg, id })]
+        }
+        GatewayTopic::Claim => {
+            let m = tb::GatewayClaimMsg::decode(payload).map_err(|e| bad_proto("GatewayClaimMsg", e))?;
+            let mut out = Vec::new();
+            for d in m.msg {
+                let c = d.claim_request.unwrap_or_default();
+                let duration = if c.duration_ms > 0 {
+                    c.duration_ms
+                } else {
+                    thingraft_transport_common::payload::CLAIM_DURATION_MS
+                };
+                out.push((name_of(d.device_name)?, ChildOp::Claim(c.secret_key, duration)));
+            }
+            out
+        }
+        GatewayTopic::Rpc => {
+            let m = tb::GatewayRpcResponseMsg::decode(payload)
+                .map_err(|e| bad_proto("GatewayRpcResponseMsg", e))?;
+            let id =
+                u32::try_from(m.id).map_err(|_| PayloadError::InvalidProtobuf("negative RPC id".into()))?;
+            vec![(
+                name_of(m.device_name)?,
+                ChildOp::Msg(IngestMsg::RpcResponse { id, payload: m.data }),
+            )]
+        }
+    })
+}
+
 /// The children of one gateway connection.
 pub(crate) struct Gateway {
     /// The gateway session's downlink channel, shared by its children's sessions.
@@ -229,9 +360,23 @@ impl Gateway {
         self.children.drain().map(|(_, s)| s).collect()
     }
 
-    /// A child's downlink as the gateway topic and payload it goes out on.
-    pub fn downlink(&mut self, device: EntityId, msg: DownlinkMsg) -> Option<(&'static str, String)> {
+    /// A child's downlink as the gateway topic and payload it goes out on: JSON, or
+    /// ThingsBoard's gateway protobuf messages when `protobuf`.
+    pub fn downlink(
+        &mut self,
+        device: EntityId,
+        msg: DownlinkMsg,
+        protobuf: bool,
+    ) -> Option<(&'static str, Vec<u8>)> {
+        if let DownlinkMsg::AttributeResponse { request_id, .. } = &msg
+            && !self.requests.remove(&(device, *request_id))
+        {
+            return None;
+        }
         let name = self.names.get(&device)?.clone();
+        if protobuf {
+            return Some(downlink_proto(name, &msg));
+        }
         Some(match &msg {
             DownlinkMsg::AttributeUpdate { .. } => {
                 let data: Value = serde_json::from_str(&msg.json()).unwrap_or(Value::Null);
@@ -249,9 +394,6 @@ impl Gateway {
                 )
             }
             DownlinkMsg::AttributeResponse { request_id, .. } => {
-                if !self.requests.remove(&(device, *request_id)) {
-                    return None;
-                }
                 let json = msg.json();
                 // The answer has one scope section (`client` or `shared`), as asked. As in
                 // ThingsBoard's `JsonConverter.getJsonObjectForGateway`: one value found →
@@ -272,6 +414,45 @@ impl Gateway {
                 ("v1/gateway/attributes/response", out.to_string())
             }
         })
+        .map(|(topic, json)| (topic, json.into_bytes()))
+    }
+}
+
+/// A child's downlink in ThingsBoard's gateway protobuf messages.
+fn downlink_proto(device_name: String, msg: &DownlinkMsg) -> (&'static str, Vec<u8>) {
+    use prost::Message as _;
+    let inner = proto_payload::downlink(msg, None);
+    match msg {
+        DownlinkMsg::AttributeUpdate { .. } => (
+            "v1/gateway/attributes",
+            tb::GatewayAttributeUpdateNotificationMsg {
+                device_name,
+                notification_msg: inner
+                    .and_then(|b| tb::AttributeUpdateNotificationMsg::decode(b.as_slice()).ok()),
+            }
+            .encode_to_vec(),
+        ),
+        DownlinkMsg::AttributeResponse { .. } => (
+            "v1/gateway/attributes/response",
+            tb::GatewayAttributeResponseMsg {
+                device_name,
+                response_msg: inner.and_then(|b| tb::GetAttributeResponseMsg::decode(b.as_slice()).ok()),
+            }
+            .encode_to_vec(),
+        ),
+        DownlinkMsg::RpcRequest { id, method, params } => (
+            "v1/gateway/rpc",
+            tb::GatewayDeviceRpcRequestMsg {
+                device_name,
+                rpc_request_msg: Some(tb::ToDeviceRpcRequestMsg {
+                    request_id: *id as i32,
+                    method_name: method.clone(),
+                    params: params.clone(),
+                    ..Default::default()
+                }),
+            }
+            .encode_to_vec(),
+        ),
     }
 }
 

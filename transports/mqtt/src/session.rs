@@ -501,9 +501,12 @@ impl Session {
                 d = downlinks.recv() => {
                     match d {
                         Some(Downlink::Msg(device, m)) if device != self.s.device.device => {
-                            if let Some((topic, payload)) = self.gateway.as_mut().and_then(|g| g.downlink(device, m)) {
+                            let protobuf = self.proto.is_some();
+                            if let Some((topic, payload)) =
+                                self.gateway.as_mut().and_then(|g| g.downlink(device, m, protobuf))
+                            {
                                 let pkid = self.transport.next_pkid();
-                                codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, payload.as_bytes());
+                                codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, &payload);
                             }
                         }
                         Some(Downlink::Msg(_, m)) => {
@@ -819,7 +822,13 @@ impl Session {
         payload: &[u8],
         ack: Option<u16>,
     ) -> Option<End> {
-        let ops = match gateway::parse(g, payload) {
+        // A gateway whose profile's payloads are protobuf speaks ThingsBoard's gateway messages.
+        let parsed = if self.proto.is_some() {
+            gateway::parse_proto(g, payload)
+        } else {
+            gateway::parse(g, payload)
+        };
+        let ops = match parsed {
             Ok(ops) => ops,
             Err(e) => return self.refuse(topic, &e, ack),
         };
