@@ -15,7 +15,7 @@ use thingraft_engine::relations::{COMMON, CREATED, EntityRef, Relation};
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
 use thingraft_transport_common::proto_payload::{self, DeviceTransport, ProtoSchemas};
-use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind};
+use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind, PowerMode};
 use uuid::Uuid;
 
 pub struct EngineDirectory {
@@ -46,6 +46,18 @@ impl EngineDirectory {
 }
 
 impl Directory for EngineDirectory {
+    fn coap_power_mode(&self, device: &EntityId) -> PowerMode {
+        let registry = &self.engine.registry;
+        registry
+            .device(Uuid::from_bytes(*device))
+            .and_then(|d| registry.profile_transport(d.profile_id))
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .filter(|t| t["type"] == "COAP")
+            .map_or(PowerMode::Drx, |t| {
+                PowerMode::of_client_settings(&t["clientSettings"])
+            })
+    }
+
     fn proto_schemas(&self, device: &EntityId, transport: DeviceTransport) -> Option<Arc<ProtoSchemas>> {
         let registry = &self.engine.registry;
         let profile = registry.device(Uuid::from_bytes(*device))?.profile_id;

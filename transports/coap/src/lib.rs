@@ -153,7 +153,20 @@ pub struct Transport {
     observations: Mutex<HashMap<(SocketAddr, Vec<u8>), tokio::task::AbortHandle>>,
     next_mid: AtomicU16,
     shutdown: watch::Sender<bool>,
+    /// Each device's last uplink, and a wake-up for the downlinks waiting for it (power-saving
+    /// devices).
+    uplinks: Mutex<HashMap<thingraft_proto::records::EntityId, Uplink>>,
 }
+
+/// A device's last uplink and the wake-up of downlinks waiting for the next.
+struct Uplink {
+    at: tokio::time::Instant,
+    wake: Arc<tokio::sync::Notify>,
+}
+
+/// Devices whose last uplink is remembered; past it the table starts over (a device not in it
+/// counts as reachable).
+const UPLINKS_MAX: usize = 1 << 20;
 
 impl Transport {
     pub fn new(config: CoapConfig, hub: Arc<Hub>, socket: UdpSocket) -> Arc<Transport> {
@@ -191,6 +204,7 @@ impl Transport {
             observations: Mutex::default(),
             next_mid: AtomicU16::new(seed),
             shutdown: watch::channel(false).0,
+            uplinks: Mutex::default(),
         })
     }
 
@@ -239,6 +253,77 @@ impl Transport {
         match &self.link {
             Link::Plain(s) => s.send_to(bytes, peer).await.map(drop),
             Link::Dtls(d) => d.send(bytes, peer).await,
+        }
+    }
+
+    /// Records an uplink of `device` (any request of it): a power-saving device is reachable
+    /// now, and downlinks waiting for it go.
+    pub(crate) fn uplink(&self, device: &thingraft_proto::records::EntityId) {
+        let mut u = self.uplinks.lock().expect("uplinks");
+        if u.len() >= UPLINKS_MAX && !u.contains_key(device) {
+            u.clear();
+        }
+        let now = tokio::time::Instant::now();
+        let e = u.entry(*device).or_insert_with(|| Uplink {
+            at: now,
+            wake: Arc::default(),
+        });
+        e.at = now;
+        e.wake.notify_waiters();
+    }
+
+    /// Waits until `device` may get a downlink under `mode` (at once for DRX, or for a device
+    /// whose last uplink is not known).
+    pub(crate) async fn reachable(
+        &self,
+        device: &thingraft_proto::records::EntityId,
+        mode: thingraft_transport_common::PowerMode,
+    ) {
+        use thingraft_transport_common::PowerMode;
+        if mode == PowerMode::Drx {
+            return;
+        }
+        loop {
+            let Some(wake) = self
+                .uplinks
+                .lock()
+                .expect("uplinks")
+                .get(device)
+                .map(|u| u.wake.clone())
+            else {
+                return;
+            };
+            // Registered before the last uplink is read, so an uplink in between is not missed.
+            let woken = wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            let Some(last) = self.uplinks.lock().expect("uplinks").get(device).map(|u| u.at) else {
+                return;
+            };
+            let now = tokio::time::Instant::now();
+            let since = now.duration_since(last);
+            let next_window = match mode {
+                PowerMode::Drx => return,
+                PowerMode::Psm { activity_ms } if since <= Duration::from_millis(activity_ms) => return,
+                PowerMode::Psm { .. } => None,
+                PowerMode::Edrx { cycle_ms, window_ms } => {
+                    let cycle = u128::from(cycle_ms.max(1));
+                    let pos = since.as_millis() % cycle;
+                    if pos <= u128::from(window_ms) {
+                        return;
+                    }
+                    Some(now + Duration::from_millis((cycle - pos) as u64))
+                }
+            };
+            match next_window {
+                Some(at) => {
+                    tokio::select! {
+                        () = &mut woken => {}
+                        () = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => woken.await,
+            }
         }
     }
 

@@ -17,7 +17,7 @@ use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
 };
 use thingraft_transport_common::{
-    ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+    ClaimError, Downlink, OtaKind, PowerMode, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
 };
 use tokio::sync::mpsc;
 
@@ -294,7 +294,10 @@ fn session(
     subscriptions: u8,
 ) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
     match device_of(t, token) {
-        Some((device, key)) => Ok(t.hub.open_session(device, key, subscriptions, 16)),
+        Some((device, key)) => {
+            t.uplink(&device.device);
+            Ok(t.hub.open_session(device, key, subscriptions, 16))
+        }
         None => Err(refuse(
             ErrorClass::Unauthorized,
             "unknown access token or certificate",
@@ -412,6 +415,13 @@ fn spawn_observation(
     pick: fn(&DownlinkMsg) -> bool,
 ) {
     let proto = proto_schemas(t, &s);
+    // A power-saving device gets each notification only while it is reachable (after an
+    // uplink, or in its paging window); until then the notification waits, in order.
+    let power = t
+        .hub
+        .directory()
+        .map_or(PowerMode::Drx, |d| d.coap_power_mode(&s.device.device));
+    let device = s.device.device;
     let request = req.message.clone();
     let responder = responder.clone();
     let (peer, token) = (responder.peer, responder.token.clone());
@@ -434,6 +444,7 @@ fn spawn_observation(
                     if pick(&m)
                         && let Some(r) = render(&m, proto.as_deref())
                     {
+                        t2.reachable(&device, power).await;
                         seq += 1;
                         ok = responder.send(notify(r, seq), &request).await;
                     }

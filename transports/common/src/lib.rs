@@ -128,6 +128,9 @@ pub trait Directory: Send + Sync {
     /// `len` bytes of that package from `offset` (fewer at its end, none past it).
     fn ota_read(&self, device: &EntityId, kind: OtaKind, offset: u64, len: u64) -> Option<Vec<u8>>;
 
+    /// The power mode `device`'s profile sets for CoAP (its `clientSettings`).
+    fn coap_power_mode(&self, device: &EntityId) -> PowerMode;
+
     /// The protobuf schemas `device`'s profile sets for `transport`; `None` when its payloads
     /// there are JSON.
     fn proto_schemas(
@@ -147,6 +150,39 @@ pub async fn provision(dir: &dyn Directory, payload: &[u8]) -> Result<Vec<u8>, S
     let request = proto_payload::provision_request_json(payload).map_err(|e| e.to_string())?;
     let answer = dir.provision(request.as_bytes()).await?;
     Ok(proto_payload::provision_response(&answer))
+}
+
+/// A CoAP device's power mode (ThingsBoard's device profile `clientSettings`): when the
+/// server may send it downlinks. Downlinks for a device that cannot take one now wait until it
+/// can.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PowerMode {
+    /// Always reachable (DRX, or no setting).
+    Drx,
+    /// Reachable for `activity_ms` after each uplink (`psmActivityTimer`), then asleep until
+    /// its next uplink.
+    Psm { activity_ms: u64 },
+    /// Reachable for `window_ms` (`pagingTransmissionWindow`) at the start of every `cycle_ms`
+    /// (`edrxCycle`) counted from its last uplink.
+    Edrx { cycle_ms: u64, window_ms: u64 },
+}
+
+impl PowerMode {
+    /// The mode of a `clientSettings` object, with ThingsBoard's defaults (10 s activity timer
+    /// and paging window, 81.92 s eDRX cycle).
+    pub fn of_client_settings(settings: &serde_json::Value) -> PowerMode {
+        let ms = |k: &str, default: u64| settings[k].as_u64().filter(|v| *v > 0).unwrap_or(default);
+        match settings["powerMode"].as_str() {
+            Some("PSM") => PowerMode::Psm {
+                activity_ms: ms("psmActivityTimer", 10_000),
+            },
+            Some("E_DRX") => PowerMode::Edrx {
+                cycle_ms: ms("edrxCycle", 81_920),
+                window_ms: ms("pagingTransmissionWindow", 10_000),
+            },
+            _ => PowerMode::Drx,
+        }
+    }
 }
 
 /// Why a claim window was not opened.

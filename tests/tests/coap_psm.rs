@@ -1,0 +1,95 @@
+//! CoAP power-saving mode with libcoap's `coap-client`: a device whose profile says PSM gets an
+//! Observe notification only within `psmActivityTimer` of its last uplink; a notification for
+//! it while it sleeps waits for its next uplink, where a device without PSM gets it at once.
+
+use std::time::Duration;
+
+use serde_json::json;
+use thingraft_tests::{CoapOut, ProcCluster, Rest, coap_client};
+
+const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
+
+/// `coap-client` observing `path` for `seconds`, on a thread of its own.
+fn observe(coap: &str, path: &str, seconds: u32) -> tokio::task::JoinHandle<anyhow::Result<CoapOut>> {
+    let url = format!("coap://{coap}/{path}");
+    tokio::task::spawn_blocking(move || coap_client(&["-s", &seconds.to_string(), "-m", "get", &url]))
+}
+
+fn save_shared(rest: &Rest, id: &str, body: &str) -> anyhow::Result<()> {
+    let (code, v) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+        Some(body),
+    )?;
+    anyhow::ensure!(code == 200, "shared attribute save: {code} {v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let profile = json!({
+        "name": "Sleepy meters",
+        "type": "DEFAULT",
+        "transportType": "COAP",
+        "profileData": {
+            "configuration": {"type": "DEFAULT"},
+            "transportConfiguration": {
+                "type": "COAP",
+                "coapDeviceTypeConfiguration": {"coapDeviceType": "DEFAULT",
+                    "transportPayloadTypeConfiguration": {"transportPayloadType": "JSON"}},
+                "clientSettings": {"powerMode": "PSM", "psmActivityTimer": 1000},
+            },
+        },
+    });
+    let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&profile.to_string()))?;
+    assert_eq!(code, 200, "{v}");
+    let body = json!({"name": "Sleeper", "type": "Sleepy meters"}).to_string();
+    let (code, v) = rest.call("POST", "/api/device?accessToken=SLEEPER", Some(&body))?;
+    assert_eq!(code, 200, "{v}");
+    let sleeper = v["id"]["id"].as_str().expect("id").to_string();
+    let awake = rest.create_device("Awake", "AWAKE")?;
+    let coap = c.coap[&1].clone();
+
+    // Both observe; 2 s later (the PSM device asleep since 1 s) a shared attribute changes.
+    let psm = observe(&coap, "api/v1/SLEEPER/attributes", 4);
+    let drx = observe(&coap, "api/v1/AWAKE/attributes", 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(&rest, &sleeper, r#"{"setpoint":1}"#)?;
+    save_shared(&rest, &awake, r#"{"setpoint":1}"#)?;
+    let (psm, drx) = (psm.await??, drx.await??);
+    assert!(
+        drx.body.contains(r#""setpoint":1"#),
+        "the device without PSM got it: {drx:?}"
+    );
+    assert!(
+        !psm.body.contains("setpoint"),
+        "the sleeping device did not: {psm:?}"
+    );
+
+    // A new observation (an uplink: the first notification has every shared attribute), then
+    // a change while it sleeps, then an uplink of its own: the change arrives after it.
+    let psm = observe(&coap, "api/v1/SLEEPER/attributes", 6);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(&rest, &sleeper, r#"{"setpoint":2}"#)?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        r#"{"battery":88}"#,
+        &format!("coap://{coap}/api/v1/SLEEPER/telemetry"),
+    ])?;
+    assert_eq!(out.code, "2.01", "{out:?}");
+    let psm = psm.await??;
+    assert!(
+        psm.body.contains(r#""setpoint":1"#),
+        "first notification: {psm:?}"
+    );
+    assert!(
+        psm.body.contains(r#""setpoint":2"#),
+        "released by the uplink: {psm:?}"
+    );
+    Ok(())
+}
