@@ -72,22 +72,16 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
     let body = json!({"deviceId": {"entityType": "DEVICE", "id": by_cert}, "credentialsType": "X509_CERTIFICATE", "credentialsValue": pem});
     let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body.to_string()))?;
     assert_eq!(code, 200, "{creds}");
-    let post_as = |name: &str, resource: &str, msg: &str| {
+    // `coap-client` with the client certificate `name` (.pem and .key in `d`), then `args`.
+    let as_device = |name: &str, args: &[&str]| {
         let cert = d.join(format!("{name}.pem")).display().to_string();
         let key = d.join(format!("{name}.key")).display().to_string();
-        coaps_client(&[
-            "-R",
-            &ca,
-            "-c",
-            &cert,
-            "-j",
-            &key,
-            "-m",
-            "post",
-            "-e",
-            msg,
-            &format!("{base}/{resource}"),
-        ])
+        let mut all = vec!["-R", &ca, "-c", &cert, "-j", &key];
+        all.extend_from_slice(args);
+        coaps_client(&all)
+    };
+    let post_as = |name: &str, resource: &str, msg: &str| {
+        as_device(name, &["-m", "post", "-e", msg, &format!("{base}/{resource}")])
     };
     let out = post_as("device", "telemetry", r#"{"x509":2}"#)?;
     assert_eq!(out.code, "2.01", "{out:?}");
@@ -100,21 +94,8 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
 
     // The OTA path without a token: the certificate's device is found (no package assigned
     // yet: 4.04), where an unknown certificate gets 4.01.
-    let get_fw_as = |name: &str| {
-        let cert = d.join(format!("{name}.pem")).display().to_string();
-        let key = d.join(format!("{name}.key")).display().to_string();
-        coaps_client(&[
-            "-R",
-            &ca,
-            "-c",
-            &cert,
-            "-j",
-            &key,
-            "-m",
-            "get",
-            &format!("coaps://127.0.0.1:{port}/fw?title=x&version=1"),
-        ])
-    };
+    let fw = format!("coaps://127.0.0.1:{port}/fw?title=x&version=1");
+    let get_fw_as = |name: &str| as_device(name, &["-m", "get", &fw]);
     assert_eq!(get_fw_as("device")?.code, "4.04");
     assert_eq!(get_fw_as("stranger")?.code, "4.01");
 
