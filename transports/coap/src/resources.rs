@@ -75,8 +75,8 @@ async fn route(
     let mut segs: Vec<&str> = path.split('/').collect();
     // Over DTLS with a client certificate ThingsBoard's paths have no token
     // (`/api/v1/telemetry`, `/fw?title=..`): the certificate's credentials key stands in its
-    // place. The key has
-    // `/` in it, which no segment of a split path has, so no request can name it.
+    // place. The key has `/` in it, which no segment of a split path has, so no request can
+    // name it.
     let certificate = t.peer_credentials(responder.peer);
     if let Some(key) = certificate.as_deref() {
         if segs.len() >= 3 && segs[..2] == ["api", "v1"] && DEVICE_RESOURCES.contains(&segs[2]) {
