@@ -508,6 +508,29 @@ impl Rest {
         Ok(v)
     }
 
+    /// A device's client attributes (`[{"key":..,"value":..,"lastUpdateTs":..}]`), polled until
+    /// there are `count` of them or `timeout` passes (then as they are).
+    pub async fn wait_client_attributes(
+        &self,
+        device: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<serde_json::Value> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let (code, v) = self.call(
+                "GET",
+                &format!("/api/plugins/telemetry/DEVICE/{device}/values/attributes/CLIENT_SCOPE"),
+                None,
+            )?;
+            anyhow::ensure!(code == 200, "client attributes: {code} {v}");
+            if v.as_array().is_some_and(|a| a.len() == count) || std::time::Instant::now() > deadline {
+                return Ok(v);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Polls `f` on the latest telemetry until it holds (true) or `timeout` passes (false).
     pub async fn wait_latest(
         &self,

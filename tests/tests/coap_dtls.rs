@@ -28,16 +28,19 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
     let ca = d.join("server.pem").display().to_string();
 
     // An access token over DTLS; the server's certificate is checked against its own PEM.
+    let post_with_token = |token: &str, msg: &str| {
+        coaps_client(&[
+            "-R",
+            &ca,
+            "-m",
+            "post",
+            "-e",
+            msg,
+            &format!("{base}/{token}/telemetry"),
+        ])
+    };
     let by_token = rest.create_device("DTLS token", "DTLS_TOKEN")?;
-    let out = coaps_client(&[
-        "-R",
-        &ca,
-        "-m",
-        "post",
-        "-e",
-        r#"{"dtls":1}"#,
-        &format!("{base}/DTLS_TOKEN/telemetry"),
-    ])?;
+    let out = post_with_token("DTLS_TOKEN", r#"{"dtls":1}"#)?;
     assert_eq!(out.code, "2.01", "{out:?}");
     let v = rest
         .wait_latest(&by_token, Duration::from_secs(5), |v| v.get("dtls").is_some())
@@ -55,15 +58,7 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
     assert!(states.contains("read server hello"), "{states}");
 
     // A wrong token over DTLS: 4.01.
-    let out = coaps_client(&[
-        "-R",
-        &ca,
-        "-m",
-        "post",
-        "-e",
-        "{}",
-        &format!("{base}/NO_SUCH/telemetry"),
-    ])?;
+    let out = post_with_token("NO_SUCH", "{}")?;
     assert_eq!(out.code, "4.01", "{out:?}");
 
     // A client certificate registered as the device's X.509 credentials: token-less paths.
@@ -112,15 +107,7 @@ async fn devices_post_over_dtls_with_a_token_or_their_certificate() -> anyhow::R
     sock.send_to(&[22, 0xfe, 0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 1, 2], &target)
         .await?;
     sock.send_to(b"", &target).await?;
-    let out = coaps_client(&[
-        "-R",
-        &ca,
-        "-m",
-        "post",
-        "-e",
-        r#"{"dtls":5}"#,
-        &format!("{base}/DTLS_TOKEN/telemetry"),
-    ])?;
+    let out = post_with_token("DTLS_TOKEN", r#"{"dtls":5}"#)?;
     assert_eq!(out.code, "2.01", "{out:?}");
     rest.wait_latest(&by_token, Duration::from_secs(5), |v| {
         v["dtls"][0]["value"] == "5"

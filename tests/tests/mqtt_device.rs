@@ -109,19 +109,9 @@ async fn telemetry_and_attributes_over_mqtt_are_readable_through_rest() -> anyho
         ],
     )?;
     assert_eq!(rc, 0);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let attrs = loop {
-        let (code, v) = rest.call(
-            "GET",
-            &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/CLIENT_SCOPE"),
-            None,
-        )?;
-        assert_eq!(code, 200);
-        if v.as_array().is_some_and(|a| a.len() == 2) || std::time::Instant::now() > deadline {
-            break v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let attrs = rest
+        .wait_client_attributes(&id, 2, Duration::from_secs(5))
+        .await?;
     let get = |k: &str| {
         attrs
             .as_array()

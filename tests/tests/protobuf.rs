@@ -130,16 +130,6 @@ fn create_device(rest: &Rest, name: &str, profile: &str, token: &str) -> anyhow:
     Ok(v["id"]["id"].as_str().expect("id").to_string())
 }
 
-fn client_attributes(rest: &Rest, id: &str) -> anyhow::Result<Value> {
-    let (code, v) = rest.call(
-        "GET",
-        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/CLIENT_SCOPE"),
-        None,
-    )?;
-    anyhow::ensure!(code == 200, "attributes: {code} {v}");
-    Ok(v)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_profile_devices_publish_over_mqtt_and_coap() -> anyhow::Result<()> {
     let c = ProcCluster::start(1, 4).await?;
@@ -246,14 +236,9 @@ async fn protobuf_profile_devices_publish_over_mqtt_and_coap() -> anyhow::Result
         )
         .await?;
     assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let attrs = loop {
-        let a = client_attributes(&rest, &id)?;
-        if a.as_array().is_some_and(|a| a.len() == 2) || std::time::Instant::now() > deadline {
-            break a;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let attrs = rest
+        .wait_client_attributes(&id, 2, Duration::from_secs(5))
+        .await?;
     let value = |k: &str| {
         attrs
             .as_array()
