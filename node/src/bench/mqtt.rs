@@ -62,6 +62,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         tasks.push(tokio::spawn(publisher(
             s,
             i,
+            a.connections,
             a.inflight,
             per_conn_rate,
             shared.clone(),
@@ -191,6 +192,7 @@ fn take_pubacks(buf: &mut BytesMut, out: &mut Vec<u16>) -> anyhow::Result<()> {
 async fn publisher(
     s: TcpStream,
     conn: usize,
+    connections: usize,
     inflight: usize,
     rate: Option<f64>,
     shared: Arc<Meter>,
@@ -204,7 +206,12 @@ async fn publisher(
     let mut wbuf = BytesMut::with_capacity(4096);
     let mut acks = Vec::new();
     let mut seq = conn as u64;
-    let start = Instant::now();
+    // Connections start their schedules evenly spread over one message interval, so that the
+    // offered load arrives smoothly and not as one burst from every connection at once.
+    let start = Instant::now()
+        + rate.map_or(Duration::ZERO, |r| {
+            Duration::from_secs_f64(conn as f64 / (r * connections as f64))
+        });
     let mut sent_total = 0u64;
     loop {
         if shared.stopped() {
@@ -212,7 +219,8 @@ async fn publisher(
         }
         // Fill the window (within the rate, if any).
         let allowed = match rate {
-            Some(r) => ((start.elapsed().as_secs_f64() * r) as u64).saturating_sub(sent_total),
+            Some(r) => ((Instant::now().saturating_duration_since(start).as_secs_f64() * r) as u64)
+                .saturating_sub(sent_total),
             None => u64::MAX,
         };
         let mut n = 0u64;
