@@ -110,7 +110,9 @@ impl Shard {
         let _abort_actor = AbortOnDrop(actor);
         let mut tail = self.log.tail(p, st.processed_upto)?;
         let mut proposed_upto = st.processed_upto;
-        let mut in_flight: Option<tokio::task::JoinHandle<bool>> = None;
+        // The outcome append in flight, polled here rather than spawned (a task per outcome is a
+        // spawn and a cross-thread wake-up each).
+        let mut in_flight: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -122,7 +124,7 @@ impl Shard {
                 }
                 ok = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     in_flight = None;
-                    if !matches!(ok, Ok(true)) {
+                    if !ok {
                         // Not appended (or unknown): propose again from what is applied.
                         proposed_upto = st.processed_upto;
                     }
@@ -144,7 +146,7 @@ impl Shard {
                     let rec = PartitionRecord::Outcome(Outcome { from, to, term }).encode();
                     let log = self.log.clone();
                     proposed_upto = to;
-                    in_flight = Some(tokio::spawn(async move {
+                    in_flight = Some(Box::pin(async move {
                         match log.append_as_leader(p, vec![Record::new(Vec::new(), rec)]).await {
                             Ok(_) => true,
                             Err(e) => {
@@ -220,9 +222,7 @@ impl Shard {
                     processed_upto: st.processed_upto,
                 },
             );
-            // A RocksDB write can stall (memtable flush, compaction): let the runtime move other
-            // tasks off this worker meanwhile.
-            tokio::task::block_in_place(|| self.store.write(batch))?;
+            self.store.write_in_task(batch)?;
             self.applied_tx.send_replace(st.processed_upto);
         }
         for a in actions {

@@ -153,6 +153,30 @@ impl Store {
         Ok(())
     }
 
+    /// [`Store::write`] for async callers. The write runs on the calling worker, since a memtable
+    /// insert is short and moving the worker to another thread (`block_in_place`) costs more
+    /// than the write. When RocksDB would make the write wait (a write stall while flushes or
+    /// compactions catch up), it answers `Incomplete` at once, and the write is made again in
+    /// `block_in_place`, so that other tasks move off this worker while it waits.
+    pub fn write_in_task(&self, mut b: Batch) -> anyhow::Result<()> {
+        b.finish();
+        let data = b.wb.data().to_vec();
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        wo.set_no_slowdown(true);
+        match self.db.write_opt(b.wb, &wo) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
+                tracing::debug!("store write stalled; waiting off the async worker");
+                let mut wo = WriteOptions::default();
+                wo.disable_wal(true);
+                tokio::task::block_in_place(|| self.db.write_opt(WriteBatch::from_data(&data), &wo))?;
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn latest_map(&self, device: &EntityId) -> anyhow::Result<LatestMap> {
         Ok(match self.db.get(latest_key(device))? {
             Some(v) => decode(&v)?,

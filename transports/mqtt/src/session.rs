@@ -227,6 +227,10 @@ impl std::fmt::Display for End {
 /// An append's outcome and the PUBACKs it owes.
 type AppendDone = (Result<(), LogError>, Vec<Option<u16>>);
 
+/// The session's append in flight. Polled by the session itself rather than spawned: a task
+/// per append costs a spawn and a cross-thread wake-up per message at low rates.
+type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + Send>>;
+
 /// A message waiting for its append, and the PUBACK it owes.
 struct Queued {
     record: Record,
@@ -411,7 +415,7 @@ impl Session {
     }
 
     async fn serve(&mut self, downlinks: mpsc::Receiver<Downlink>, keep_alive_s: u16) -> End {
-        let mut in_flight: Option<tokio::task::JoinHandle<AppendDone>> = None;
+        let mut in_flight: Option<InFlight> = None;
         let end = self.serve_loop(downlinks, keep_alive_s, &mut in_flight).await;
         if matches!(end, End::ClientDisconnect | End::ClientClosed) {
             // What the device sent before it left is still its data (QoS 0 messages have no
@@ -433,7 +437,7 @@ impl Session {
         &mut self,
         mut downlinks: mpsc::Receiver<Downlink>,
         keep_alive_s: u16,
-        in_flight: &mut Option<tokio::task::JoinHandle<AppendDone>>,
+        in_flight: &mut Option<InFlight>,
     ) -> End {
         let mut stop = self.transport.shutdown.subscribe();
         // MQTT: the server may close a connection silent for 1.5 × keep-alive.
@@ -459,7 +463,7 @@ impl Session {
             if in_flight.is_none() && !self.queue.is_empty() {
                 let batch = std::mem::take(&mut self.queue);
                 let log = self.transport.hub.log.clone();
-                *in_flight = Some(tokio::spawn(async move { append_all(&log, batch).await }));
+                *in_flight = Some(Box::pin(async move { append_all(&log, batch).await }));
             }
             if !self.wbuf.is_empty() {
                 if let Err(e) = self.stream.write_all(&self.wbuf).await {
@@ -483,19 +487,18 @@ impl Session {
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     *in_flight = None;
                     match done {
-                        Ok((Ok(()), pkids)) => {
+                        (Ok(()), pkids) => {
                             for pkid in pkids.into_iter().flatten() {
                                 codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
                             }
                         }
-                        Ok((Err(e), _)) => {
+                        (Err(e), _) => {
                             // Not acknowledged, so the device keeps the messages and resends
                             // them on its next connection.
                             codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::ImplementationSpecificError);
                             let _ = self.stream.write_all(&self.wbuf).await;
                             return End::Backend(e);
                         }
-                        Err(e) => return End::Protocol(format!("append task: {e}")),
                     }
                 }
                 d = downlinks.recv() => {
