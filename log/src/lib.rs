@@ -29,6 +29,6 @@ pub use batcher::Appended;
 pub use client::LogClient;
 pub use config::LogConfig;
 pub use error::LogError;
-pub use node::{AppHandler, LogHandle, LogNode, META_PARTITION, ReadResult, TxnResult};
+pub use node::{AppHandler, LogHandle, LogNode, META_PARTITION, ReadResult, Tail, TxnResult};
 pub use storage::{Retention, StoredRecord};
 pub use types::{Command, MetaCheck, MetaOp, MetaTxn, NodeId, Record};

@@ -921,42 +921,17 @@ impl LogHandle {
         Ok(g.reader.subscribe())
     }
 
-    /// Committed records of `partition` from `from_offset` on, in order, for as long as the
-    /// returned receiver is held. Each item is a batch of consecutive records.
-    pub fn tail(
-        &self,
-        partition: u32,
-        from_offset: u64,
-    ) -> Result<mpsc::Receiver<Result<ReadResult, LogError>>, LogError> {
-        let mut watch = self.watch_partition(partition)?;
-        let (tx, rx) = mpsc::channel(16);
-        let this = self.clone();
-        let mut stop = self.inner.shutdown.subscribe();
-        tokio::spawn(async move {
-            let mut next = from_offset;
-            loop {
-                match this.read(partition, next, 4096) {
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
-                        return;
-                    }
-                    Ok(r) if !r.records.is_empty() => {
-                        next = r.records.last().map(|x| x.offset + 1).unwrap_or(next);
-                        if tx.send(Ok(r)).await.is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {
-                        tokio::select! {
-                            changed = watch.changed() => if changed.is_err() { return },
-                            () = tx.closed() => return,
-                            _ = stop.wait_for(|s| *s) => return,
-                        }
-                    }
-                }
-            }
-        });
-        Ok(rx)
+    /// Committed records of `partition` from `from_offset` on, in order. Each item of
+    /// [`Tail::recv`] is a batch of consecutive records.
+    pub fn tail(&self, partition: u32, from_offset: u64) -> Result<Tail, LogError> {
+        Ok(Tail {
+            watch: self.watch_partition(partition)?,
+            handle: self.clone(),
+            stop: self.inner.shutdown.subscribe(),
+            partition,
+            next: from_offset,
+            ended: false,
+        })
     }
 
     /// Asks each peer for its status (short timeout); returns the replies that came.
@@ -1054,5 +1029,45 @@ impl LogHandle {
             }
         }
         Ok(())
+    }
+}
+
+/// A reader of a partition's committed records, polled by its owner: reading happens in the
+/// owner's task, so a newly applied batch costs one wake-up (the owner's), not a relay task's too.
+pub struct Tail {
+    handle: LogHandle,
+    partition: u32,
+    next: u64,
+    watch: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+    ended: bool,
+}
+
+impl Tail {
+    /// The next batch of committed records from the tail's position; waits while there is none.
+    /// `None` once the node shuts down or after an error was returned. Cancel-safe: a `recv`
+    /// dropped before it returns loses nothing.
+    pub async fn recv(&mut self) -> Option<Result<ReadResult, LogError>> {
+        loop {
+            if self.ended {
+                return None;
+            }
+            match self.handle.read(self.partition, self.next, 4096) {
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(e));
+                }
+                Ok(r) if !r.records.is_empty() => {
+                    self.next = r.records.last().map(|x| x.offset + 1).unwrap_or(self.next);
+                    return Some(Ok(r));
+                }
+                Ok(_) => {
+                    tokio::select! {
+                        changed = self.watch.changed() => if changed.is_err() { self.ended = true },
+                        _ = self.stop.wait_for(|s| *s) => self.ended = true,
+                    }
+                }
+            }
+        }
     }
 }
