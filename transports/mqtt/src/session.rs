@@ -429,6 +429,9 @@ impl Session {
             {
                 tracing::info!(error = %e, "messages sent before disconnect not appended");
             }
+        } else if let Some(h) = in_flight.take() {
+            // An append already under way finishes on its own, as it would have as a task.
+            tokio::spawn(h);
         }
         end
     }
