@@ -287,6 +287,8 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
                     "last_log_index": g.last_log_index, "applied_index": g.applied_index,
                     "next_offset": g.next_offset, "start_offset": g.start_offset,
                     "voters": g.voters, "learners": g.learners,
+                    "batches": g.batches, "batched_records": g.batched_records,
+                    "commit_us_total": g.commit_us_total,
                 })
             })
             .collect();
@@ -298,6 +300,7 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
         let v = serde_json::json!({
             "node_id": s.node_id, "initialized": s.initialized, "partitions": s.partitions,
             "members": members, "groups": groups,
+            "fsyncs": s.fsyncs, "fsynced_appends": s.fsynced_appends, "fsync_us_total": s.fsync_us_total,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -330,5 +333,21 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
             g.state
         );
     }
+    // Counters since the node started: what group commit achieved here.
+    let (batches, records, commit_us) = s.groups.iter().fold((0u64, 0u64, 0u64), |(b, r, c), g| {
+        (b + g.batches, r + g.batched_records, c + g.commit_us_total)
+    });
+    println!(
+        "entries proposed here {batches}, records {records} ({:.1} per entry), mean proposal to commit {} µs",
+        records as f64 / batches.max(1) as f64,
+        commit_us / batches.max(1)
+    );
+    println!(
+        "fsyncs {}, appends made durable {} ({:.1} per fsync), mean fsync {} µs",
+        s.fsyncs,
+        s.fsynced_appends,
+        s.fsynced_appends as f64 / s.fsyncs.max(1) as f64,
+        s.fsync_us_total / s.fsyncs.max(1)
+    );
     Ok(())
 }
