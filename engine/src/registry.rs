@@ -8,7 +8,8 @@
 //!
 //! Keys: `reg/tenant/<id>`, `reg/customer/<id>`, `reg/user/<id>`, `reg/email/<email>`,
 //! `reg/profile/<id>`, `reg/profile_name/<tenant>/<name>`, `reg/profile_transport/<id>` (a
-//! profile's transport configuration, JSON), `reg/device/<id>`,
+//! profile's transport configuration, JSON), `reg/device/<id>`, `reg/device_transport/<id>` (a
+//! device's own transport configuration, ThingsBoard's `deviceData.transportConfiguration`),
 //! `reg/device_name/<tenant>/<name>`, `reg/cred/<device id>`, `reg/token/<token>`,
 //! `reg/seeded`.
 
@@ -187,6 +188,9 @@ pub struct NewDevice {
     pub profile_id: Option<Uuid>,
     pub additional_info: Option<String>,
     pub access_token: Option<String>,
+    /// The device's own transport configuration (JSON text, validated by the caller); `None`
+    /// for ThingsBoard's DEFAULT.
+    pub transport: Option<String>,
 }
 
 pub(crate) fn enc<T: Serialize>(v: &T) -> Bytes {
@@ -384,6 +388,12 @@ impl Registry {
     /// JSON text as the REST API validated it); `None` for the DEFAULT transport type.
     pub fn profile_transport(&self, id: Uuid) -> Option<String> {
         self.get(&profile_transport_key(id))
+    }
+
+    /// A device's own transport configuration (`deviceData.transportConfiguration`, JSON text);
+    /// `None` for the DEFAULT type.
+    pub fn device_transport(&self, id: Uuid) -> Option<String> {
+        self.get(&device_transport_key(id))
     }
 
     pub fn profile_by_name(&self, tenant: Uuid, name: &str) -> Option<DeviceProfile> {
@@ -598,16 +608,20 @@ impl Registry {
         };
         let name_key = format!("reg/device_name/{}/{}", device.tenant_id, device.name);
         let tk = token_key(&creds.credentials_id);
+        let mut ops = vec![
+            MetaOp::Put(format!("reg/device/{}", device.id), enc(&device)),
+            MetaOp::Put(name_key.clone(), enc(&device.id)),
+            MetaOp::Put(format!("reg/cred/{}", device.id), enc(&creds)),
+            MetaOp::Put(tk.clone(), device_ref(&device, "").encode().into()),
+        ];
+        if let Some(t) = new.transport {
+            ops.push(MetaOp::Put(device_transport_key(device.id), enc(&t)));
+        }
         let r = self
             .log
             .meta_txn(MetaTxn {
-                checks: vec![MetaCheck::Absent(name_key.clone()), MetaCheck::Absent(tk.clone())],
-                ops: vec![
-                    MetaOp::Put(format!("reg/device/{}", device.id), enc(&device)),
-                    MetaOp::Put(name_key, enc(&device.id)),
-                    MetaOp::Put(format!("reg/cred/{}", device.id), enc(&creds)),
-                    MetaOp::Put(tk, device_ref(&device, "").encode().into()),
-                ],
+                checks: vec![MetaCheck::Absent(name_key), MetaCheck::Absent(tk)],
+                ops,
             })
             .await?;
         match r.failed_check {
@@ -731,6 +745,7 @@ impl Registry {
         name: &str,
         label: Option<String>,
         additional_info: Option<String>,
+        transport: Option<String>,
     ) -> Result<Device, RegistryError> {
         let name = name.trim();
         if name.is_empty() {
@@ -750,7 +765,13 @@ impl Registry {
             ..old.clone()
         };
         let mut checks = vec![MetaCheck::Equals(key.clone(), bytes)];
-        let mut ops = vec![MetaOp::Put(key, enc(&new))];
+        let mut ops = vec![
+            MetaOp::Put(key, enc(&new)),
+            match transport {
+                Some(t) => MetaOp::Put(device_transport_key(id), enc(&t)),
+                None => MetaOp::Delete(device_transport_key(id)),
+            },
+        ];
         if new.name != old.name {
             let name_key = format!("reg/device_name/{}/{}", new.tenant_id, new.name);
             checks.push(MetaCheck::Absent(name_key.clone()));
@@ -785,6 +806,7 @@ impl Registry {
             MetaOp::Delete(key.clone()),
             MetaOp::Delete(format!("reg/device_name/{}/{}", device.tenant_id, device.name)),
             MetaOp::Delete(format!("reg/cred/{id}")),
+            MetaOp::Delete(device_transport_key(id)),
         ];
         if let Some(c) = self.credentials(id) {
             ops.push(MetaOp::Delete(credentials_key(&c)));
@@ -975,6 +997,10 @@ pub fn device_ref(d: &Device, password: &str) -> DeviceRef {
         device_type: d.device_type.clone(),
         password: password.into(),
     }
+}
+
+fn device_transport_key(device: Uuid) -> String {
+    format!("reg/device_transport/{device}")
 }
 
 fn profile_transport_key(profile: Uuid) -> String {

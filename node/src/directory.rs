@@ -48,6 +48,15 @@ impl EngineDirectory {
 impl Directory for EngineDirectory {
     fn coap_power_mode(&self, device: &EntityId) -> PowerMode {
         let registry = &self.engine.registry;
+        // The device's own setting first (ThingsBoard: a COAP `deviceData.transportConfiguration`
+        // with a `powerMode`), then its profile's `clientSettings`.
+        let own = registry
+            .device_transport(Uuid::from_bytes(*device))
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .filter(|t| t["type"] == "COAP" && t["powerMode"].is_string());
+        if let Some(t) = own {
+            return PowerMode::of_client_settings(&t);
+        }
         registry
             .device(Uuid::from_bytes(*device))
             .and_then(|d| registry.profile_transport(d.profile_id))

@@ -1,6 +1,7 @@
 //! CoAP power-saving mode with libcoap's `coap-client`: a device whose profile says PSM gets an
 //! Observe notification only within `psmActivityTimer` of its last uplink; a notification for
-//! it while it sleeps waits for its next uplink, where a device without PSM gets it at once.
+//! it while it sleeps waits for its next uplink, where a device without PSM gets it at once. A
+//! device's own `deviceData.transportConfiguration` takes the place of its profile's setting.
 
 use std::time::Duration;
 
@@ -91,5 +92,67 @@ async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow:
         psm.body.contains(r#""setpoint":2"#),
         "released by the uplink: {psm:?}"
     );
+    Ok(())
+}
+
+/// ThingsBoard's device-level setting: a device of a profile without PSM whose own
+/// `deviceData.transportConfiguration` says PSM sleeps like one; a bad setting is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+
+    // Refused: an unknown mode, a type that is not built. Neither device exists afterwards.
+    for (name, transport) in [
+        ("BadMode", json!({"type": "COAP", "powerMode": "SLEEP"})),
+        ("BadType", json!({"type": "SNMP"})),
+    ] {
+        let body = json!({"name": name, "deviceData": {"transportConfiguration": transport}});
+        let (code, v) = rest.call("POST", "/api/device", Some(&body.to_string()))?;
+        assert_eq!(code, 400, "{name}: {v}");
+        let (code, _) = rest.call("GET", &format!("/api/tenant/device?deviceName={name}"), None)?;
+        assert_eq!(code, 404, "{name} was not created");
+    }
+
+    let transport = json!({"type": "COAP", "powerMode": "PSM", "psmActivityTimer": 1000});
+    let body = json!({"name": "Own PSM", "deviceData": {"transportConfiguration": transport}});
+    let (code, v) = rest.call("POST", "/api/device?accessToken=OWNPSM", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{v}");
+    let id = v["id"]["id"].as_str().expect("id").to_string();
+    let (code, v) = rest.call("GET", &format!("/api/device/{id}"), None)?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["deviceData"]["transportConfiguration"]["powerMode"], "PSM",
+        "{v}"
+    );
+    assert_eq!(
+        v["deviceData"]["transportConfiguration"]["psmActivityTimer"], 1000,
+        "{v}"
+    );
+
+    // Asleep 1 s after its last uplink: a change made at 2 s does not reach it.
+    let coap = c.coap[&1].clone();
+    let psm = observe(&coap, "api/v1/OWNPSM/attributes", 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(&rest, &id, r#"{"setpoint":1}"#)?;
+    let psm = psm.await??;
+    assert!(
+        !psm.body.contains("setpoint"),
+        "the sleeping device did not get it: {psm:?}"
+    );
+
+    // Updated back to DEFAULT, it follows its profile (no PSM): the next change arrives.
+    let body = json!({"id": {"entityType": "DEVICE", "id": id}, "name": "Own PSM"});
+    let (code, v) = rest.call("POST", "/api/device", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        v["deviceData"]["transportConfiguration"]["type"], "DEFAULT",
+        "{v}"
+    );
+    let awake = observe(&coap, "api/v1/OWNPSM/attributes", 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(&rest, &id, r#"{"setpoint":2}"#)?;
+    let awake = awake.await??;
+    assert!(awake.body.contains(r#""setpoint":2"#), "{awake:?}");
     Ok(())
 }

@@ -49,7 +49,8 @@ async fn claim(
     Ok(match result {
         Ok(d) => {
             tracing::info!(device = %d.name, customer = %caller.customer_id, "device claimed");
-            Json(json!({"device": device_json(&d), "response": "SUCCESS"})).into_response()
+            Json(json!({"device": device_json(&state.engine.registry, &d), "response": "SUCCESS"}))
+                .into_response()
         }
         Err(refusal) => {
             let response = match refusal {
@@ -81,5 +82,7 @@ async fn reclaim(
     // A customer user may only give back its own customer's devices.
     caller.device(&state, id)?;
     let d = registry.reclaim_device(id).await.map_err(registry_error)?;
-    Ok(Json(json!({"device": device_json(&d), "response": "SUCCESS"})))
+    Ok(Json(
+        json!({"device": device_json(registry, &d), "response": "SUCCESS"}),
+    ))
 }

@@ -8,7 +8,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 use thingraft_engine::ota::OtaKind;
-use thingraft_engine::registry::{Authority, Credentials, Device, NewDevice, RegistryError};
+use thingraft_engine::registry::{Authority, Credentials, Device, NewDevice, Registry, RegistryError};
 use uuid::Uuid;
 
 use super::auth::ApiError;
@@ -24,8 +24,12 @@ pub fn routes() -> Router<AppState> {
         .route("/api/tenant/device", get(tenant_device))
 }
 
-pub fn device_json(d: &Device) -> Value {
+pub fn device_json(registry: &Registry, d: &Device) -> Value {
     let info: Value = serde_json::from_str(&d.additional_info).unwrap_or(Value::Null);
+    let transport = registry
+        .device_transport(d.id)
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .unwrap_or_else(|| json!({"type": "DEFAULT"}));
     json!({
         "id": entity_id("DEVICE", d.id),
         "createdTime": d.created_ms,
@@ -35,7 +39,7 @@ pub fn device_json(d: &Device) -> Value {
         "type": d.device_type,
         "label": d.label,
         "deviceProfileId": entity_id("DEVICE_PROFILE", d.profile_id),
-        "deviceData": {"configuration": {"type": "DEFAULT"}, "transportConfiguration": {"type": "DEFAULT"}},
+        "deviceData": {"configuration": {"type": "DEFAULT"}, "transportConfiguration": transport},
         "firmwareId": null,
         "softwareId": null,
         "externalId": null,
@@ -75,6 +79,53 @@ fn parse_uuid(s: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(s).map_err(|_| ApiError::bad_request(format!("Invalid UUID string: {s}")))
 }
 
+/// A device body's `deviceData.transportConfiguration`, as it is kept: `None` for DEFAULT (or
+/// none given); for COAP, its power-saving settings, which take the place of the profile's
+/// `clientSettings` for this device when `powerMode` is set. 400 for a type that is not built
+/// (LWM2M, SNMP) or a setting that is not valid.
+fn device_transport(body: &Value) -> Result<Option<String>, ApiError> {
+    let Some(t) = body
+        .get("deviceData")
+        .and_then(|d| d.get("transportConfiguration"))
+        .filter(|t| !t.is_null())
+    else {
+        return Ok(None);
+    };
+    match t.get("type").and_then(Value::as_str) {
+        None | Some("DEFAULT") => Ok(None),
+        Some("MQTT") => Ok(Some(json!({"type": "MQTT"}).to_string())),
+        Some("COAP") => {
+            let mut kept = json!({"type": "COAP", "powerMode": null});
+            match t.get("powerMode") {
+                None | Some(Value::Null) => {}
+                Some(Value::String(m)) if ["PSM", "DRX", "E_DRX"].contains(&m.as_str()) => {
+                    kept["powerMode"] = json!(m);
+                }
+                Some(m) => {
+                    return Err(ApiError::bad_request(format!(
+                        "Invalid power mode {m}: expected PSM, DRX or E_DRX"
+                    )));
+                }
+            }
+            for k in ["psmActivityTimer", "edrxCycle", "pagingTransmissionWindow"] {
+                match t.get(k) {
+                    None | Some(Value::Null) => {}
+                    Some(v) if v.as_u64().is_some() => kept[k] = v.clone(),
+                    Some(v) => {
+                        return Err(ApiError::bad_request(format!(
+                            "Invalid {k} {v}: expected milliseconds"
+                        )));
+                    }
+                }
+            }
+            Ok(Some(kept.to_string()))
+        }
+        Some(other) => Err(ApiError::bad_request(format!(
+            "Device transport configuration {other} is not supported"
+        ))),
+    }
+}
+
 fn json_body(body: Result<Json<Value>, JsonRejection>) -> Result<Value, ApiError> {
     body.map(|Json(v)| v)
         .map_err(|e| ApiError::bad_request(e.body_text()))
@@ -92,8 +143,10 @@ async fn save_device(
         .get("name")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::bad_request("Device name should be specified!"))?;
+    let transport = device_transport(&body)?;
     if let Some(id) = body.get("id").and_then(|v| v.get("id")).and_then(Value::as_str) {
-        // An update: name, label, additionalInfo, and the OTA packages assigned.
+        // An update: name, label, additionalInfo, the transport configuration, and the OTA
+        // packages assigned.
         let current = caller.device(&state, parse_uuid(id)?)?;
         let device = state
             .engine
@@ -105,6 +158,7 @@ async fn save_device(
                 body.get("additionalInfo")
                     .filter(|v| !v.is_null())
                     .map(Value::to_string),
+                transport,
             )
             .await
             .map_err(registry_error)?;
@@ -132,6 +186,7 @@ async fn save_device(
             .filter(|v| !v.is_null())
             .map(Value::to_string),
         access_token: q.get("accessToken").cloned(),
+        transport,
     };
     let (device, _) = state
         .engine
@@ -147,7 +202,7 @@ async fn save_device(
 
 /// [`device_json`] with the OTA packages assigned to the device.
 fn device_json_with_ota(state: &AppState, d: &Device) -> Value {
-    let mut v = device_json(d);
+    let mut v = device_json(&state.engine.registry, d);
     for (field, kind) in [
         ("firmwareId", OtaKind::Firmware),
         ("softwareId", OtaKind::Software),
@@ -343,7 +398,7 @@ async fn tenant_devices(
         .iter()
         .skip(page.saturating_mul(page_size))
         .take(page_size)
-        .map(device_json)
+        .map(|d| device_json(&state.engine.registry, d))
         .collect();
     let total_pages = total.div_ceil(page_size);
     Ok(Json(json!({
@@ -361,7 +416,7 @@ fn tenant_device_by_name(state: &AppState, caller: &Caller, name: &str) -> Resul
         .device_by_name(caller.tenant_id, name)
         .filter(|d| visible(caller, d))
         .ok_or_else(|| ApiError::not_found(format!("Device with name [{name}] is not found")))?;
-    Ok(device_json(&d))
+    Ok(device_json(&state.engine.registry, &d))
 }
 
 async fn tenant_device(
