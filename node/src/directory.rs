@@ -15,7 +15,7 @@ use thingraft_engine::relations::{COMMON, CREATED, EntityRef, Relation};
 use thingraft_proto::device::Value as TypedValue;
 use thingraft_proto::records::{DeviceRef, EntityId, Ingest, IngestMsg, Scope};
 use thingraft_transport_common::proto_payload::{self, DeviceTransport, ProtoSchemas};
-use thingraft_transport_common::{ClaimError, Directory, OtaInfo, OtaKind, PowerMode};
+use thingraft_transport_common::{ClaimError, Directory, MqttTopics, OtaInfo, OtaKind, PowerMode};
 use uuid::Uuid;
 
 pub struct EngineDirectory {
@@ -65,6 +65,16 @@ impl Directory for EngineDirectory {
             .map_or(PowerMode::Drx, |t| {
                 PowerMode::of_client_settings(&t["clientSettings"])
             })
+    }
+
+    fn mqtt_topics(&self, device: &EntityId) -> Option<Arc<MqttTopics>> {
+        let registry = &self.engine.registry;
+        let profile = registry.device(Uuid::from_bytes(*device))?.profile_id;
+        let t: serde_json::Value = serde_json::from_str(&registry.profile_transport(profile)?).ok()?;
+        (t["type"] == "MQTT")
+            .then(|| MqttTopics::of_config(&t))
+            .flatten()
+            .map(Arc::new)
     }
 
     fn proto_schemas(&self, device: &EntityId, transport: DeviceTransport) -> Option<Arc<ProtoSchemas>> {

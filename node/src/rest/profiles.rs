@@ -46,7 +46,8 @@ fn transport_json(state: &AppState, p: &DeviceProfile) -> Value {
         .unwrap_or_else(|| json!({"type": "DEFAULT"}))
 }
 
-/// The transport configuration of a profile body: `None` for DEFAULT; MQTT (default topics) or
+/// The transport configuration of a profile body: `None` for DEFAULT; MQTT (its topic filters
+/// checked) or
 /// COAP (DEFAULT device type) with JSON or PROTOBUF payloads, whose schemas are compiled here so
 /// that a bad one is this request's 400, not a device's error later. The text kept is the
 /// object as given.
@@ -64,17 +65,14 @@ fn transport_of(body: &Value) -> Result<Option<String>, ApiError> {
                 "deviceAttributesTopic",
                 "deviceAttributesSubscribeTopic",
             ] {
-                let default = if field == "deviceTelemetryTopic" {
-                    "v1/devices/me/telemetry"
-                } else {
-                    "v1/devices/me/attributes"
-                };
-                if let Some(topic) = t[field].as_str()
-                    && topic != default
-                {
-                    return Err(ApiError::bad_request(format!(
-                        "Custom MQTT topics are not supported: {field} must be {default}"
-                    )));
+                match &t[field] {
+                    Value::Null => {}
+                    Value::String(topic) if thingraft_transport_common::valid_topic_filter(topic) => {}
+                    other => {
+                        return Err(ApiError::bad_request(format!(
+                            "Invalid MQTT topic filter {other} in {field}"
+                        )));
+                    }
                 }
             }
         }

@@ -131,6 +131,10 @@ pub trait Directory: Send + Sync {
     /// The power mode `device`'s profile sets for CoAP (its `clientSettings`).
     fn coap_power_mode(&self, device: &EntityId) -> PowerMode;
 
+    /// The custom MQTT topics `device`'s profile sets (ThingsBoard's MQTT transport
+    /// configuration); `None` for the default topics.
+    fn mqtt_topics(&self, device: &EntityId) -> Option<Arc<MqttTopics>>;
+
     /// The protobuf schemas `device`'s profile sets for `transport`; `None` when its payloads
     /// there are JSON.
     fn proto_schemas(
@@ -138,6 +142,70 @@ pub trait Directory: Send + Sync {
         device: &EntityId,
         transport: proto_payload::DeviceTransport,
     ) -> Option<Arc<proto_payload::ProtoSchemas>>;
+}
+
+/// A device profile's MQTT topics (ThingsBoard's `deviceTelemetryTopic`,
+/// `deviceAttributesTopic`, `deviceAttributesSubscribeTopic`: MQTT topic filters that take the
+/// place of `v1/devices/me/telemetry` and `v1/devices/me/attributes`), and whether a payload
+/// that fails validation is still acknowledged (`sendAckOnValidationException`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MqttTopics {
+    pub telemetry: String,
+    pub attributes: String,
+    pub attributes_subscribe: String,
+    pub ack_invalid: bool,
+}
+
+impl MqttTopics {
+    /// The topics of an MQTT transport configuration (JSON), with ThingsBoard's defaults for
+    /// the ones it leaves out; `None` when all three are the defaults and invalid payloads
+    /// are refused, so that such devices keep the plain path.
+    pub fn of_config(t: &serde_json::Value) -> Option<MqttTopics> {
+        let topic = |k: &str, default: &str| t[k].as_str().unwrap_or(default).to_string();
+        let m = MqttTopics {
+            telemetry: topic("deviceTelemetryTopic", "v1/devices/me/telemetry"),
+            attributes: topic("deviceAttributesTopic", "v1/devices/me/attributes"),
+            attributes_subscribe: topic("deviceAttributesSubscribeTopic", "v1/devices/me/attributes"),
+            ack_invalid: t["sendAckOnValidationException"].as_bool().unwrap_or(false),
+        };
+        let defaults = m.telemetry == "v1/devices/me/telemetry"
+            && m.attributes == "v1/devices/me/attributes"
+            && m.attributes_subscribe == "v1/devices/me/attributes";
+        (!defaults || m.ack_invalid).then_some(m)
+    }
+}
+
+/// Whether `filter` is a valid MQTT topic filter: not empty, `+` and `#` only as whole levels,
+/// `#` only last.
+pub fn valid_topic_filter(filter: &str) -> bool {
+    if filter.is_empty() || filter.contains('\0') {
+        return false;
+    }
+    let levels: Vec<&str> = filter.split('/').collect();
+    levels.iter().enumerate().all(|(i, l)| match *l {
+        "+" => true,
+        "#" => i == levels.len() - 1,
+        l => !l.contains('+') && !l.contains('#'),
+    })
+}
+
+/// MQTT matching of a topic name against a topic filter (`+` one level, `#` the rest and the
+/// parent level); wildcards at the first level do not match topics starting with `$`.
+pub fn topic_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
 }
 
 /// Device provisioning as ThingsBoard's MQTT and CoAP transports take it: a JSON request gets
@@ -465,5 +533,26 @@ async fn invalidate_on_changes(
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_filters_match_as_mqtt_says() {
+        assert!(topic_matches("sensors/+/telemetry", "sensors/7/telemetry"));
+        assert!(!topic_matches("sensors/+/telemetry", "sensors/7/8/telemetry"));
+        assert!(topic_matches("sensors/#", "sensors"));
+        assert!(topic_matches("sensors/#", "sensors/a/b"));
+        assert!(!topic_matches("sensors/+", "sensors"));
+        assert!(!topic_matches("+/x", "$SYS/x"));
+        assert!(topic_matches("a/b", "a/b"));
+        assert!(!topic_matches("a/b", "a/b/c"));
+        assert!(valid_topic_filter("sensors/+/t/#"));
+        assert!(!valid_topic_filter("sensors/a+/t"));
+        assert!(!valid_topic_filter("sensors/#/t"));
+        assert!(!valid_topic_filter(""));
     }
 }

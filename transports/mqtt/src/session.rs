@@ -19,7 +19,9 @@ use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
 };
-use thingraft_transport_common::{ClaimError, Downlink, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms};
+use thingraft_transport_common::{
+    ClaimError, Downlink, MqttTopics, OtaKind, SUB_ATTRIBUTES, SUB_RPC, now_ms, topic_matches,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
@@ -257,6 +259,8 @@ struct Session {
     ota_chunk_size: u64,
     /// The device profile's protobuf schemas for MQTT, as they were at CONNECT (`None`: JSON).
     proto: Option<Arc<ProtoSchemas>>,
+    /// The device profile's own MQTT topics, as they were at CONNECT (`None`: the defaults).
+    topics: Option<Arc<MqttTopics>>,
 }
 
 /// Serves one accepted connection until it ends.
@@ -355,6 +359,10 @@ pub(crate) async fn run(
         .hub
         .directory()
         .and_then(|d| d.proto_schemas(&device.device, DeviceTransport::Mqtt));
+    let topics = transport
+        .hub
+        .directory()
+        .and_then(|d| d.mqtt_topics(&device.device));
     let session = transport.hub.open_session_on(device, credentials_key, 0, tx);
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let mut s = Session {
@@ -370,6 +378,7 @@ pub(crate) async fn run(
         gateway,
         ota_chunk_size: 0,
         proto,
+        topics,
     };
     s.enqueue(IngestMsg::Connect, None);
     let span = tracing::info_span!("mqtt", device = %s.s.device.name, session = s.s.id.session);
@@ -620,8 +629,16 @@ impl Session {
                 let results: Vec<Result<u8, ()>> = filters
                     .iter()
                     .map(|(f, qos)| {
-                        if VALID_FILTERS.contains(&f.as_str()) {
-                            let (bit, family) = subscription(f);
+                        let custom = self
+                            .topics
+                            .as_ref()
+                            .is_some_and(|t| topic_matches(&t.attributes_subscribe, f));
+                        if VALID_FILTERS.contains(&f.as_str()) || custom {
+                            let (bit, family) = if custom {
+                                (SUB_ATTRIBUTES, Family::V1)
+                            } else {
+                                subscription(f)
+                            };
                             match bit {
                                 SUB_ATTRIBUTES => self.families.attributes = family,
                                 SUB_RPC => self.families.rpc = family,
@@ -661,7 +678,7 @@ impl Session {
         {
             return self.gateway_publish(topic, g, payload, ack).await;
         }
-        let parsed: Result<IngestMsg, PayloadError> = match classify(topic) {
+        let parsed: Result<IngestMsg, PayloadError> = match self.classify(topic) {
             Topic::Telemetry(format) => {
                 uplink_json(self.proto.as_deref(), format, Uplink::Telemetry, payload)
                     .and_then(|json| device::parse_telemetry(&json, now_ms()))
@@ -798,9 +815,35 @@ impl Session {
         out
     }
 
+    /// What a publish topic is for this device: its profile's own topic filters first
+    /// (ThingsBoard checks attributes, then telemetry), which then also take the place of the
+    /// default v1 telemetry and attributes topics.
+    fn classify<'t>(&self, topic: &'t str) -> Topic<'t> {
+        if let Some(t) = &self.topics {
+            if topic_matches(&t.attributes, topic) {
+                return Topic::Attributes(Format::Profile);
+            }
+            if topic_matches(&t.telemetry, topic) {
+                return Topic::Telemetry(Format::Profile);
+            }
+            if topic == "v1/devices/me/telemetry" || topic == "v1/devices/me/attributes" {
+                return Topic::Unknown;
+            }
+        }
+        classify(topic)
+    }
+
     /// Refuses a publish with invalid content: PUBACK 0x99 on MQTT 5; on 3.1.1 ThingsBoard
-    /// closes the connection.
+    /// closes the connection. A profile with `sendAckOnValidationException` has it
+    /// acknowledged instead (nothing is stored).
     fn refuse(&mut self, topic: &str, e: &PayloadError, ack: Option<u16>) -> Option<End> {
+        if self.topics.as_ref().is_some_and(|t| t.ack_invalid) {
+            tracing::info!(topic, error = %e, "invalid payload dropped and acknowledged (profile setting)");
+            if let Some(pkid) = ack {
+                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+            }
+            return None;
+        }
         tracing::info!(topic, error = %e, "invalid payload refused");
         match (self.version, ack) {
             (Version::V5, Some(pkid)) => {
