@@ -1052,6 +1052,9 @@ impl Tail {
             if self.ended {
                 return None;
             }
+            // A reader catching up finds records at every call and never waits: let it count
+            // against the task's budget, so that it yields to the runtime now and then.
+            tokio::task::coop::consume_budget().await;
             match self.handle.read(self.partition, self.next, 4096) {
                 Err(e) => {
                     self.ended = true;

@@ -266,7 +266,13 @@ impl Log for LogService {
             .tail(r.partition, r.from_offset)
             .map_err(Status::from)?;
         let stream = async_stream(move |tx| async move {
-            while let Some(item) = rx.recv().await {
+            loop {
+                let item = tokio::select! {
+                    item = rx.recv() => item,
+                    // The client went away: stop reading for it (`recv` is cancel-safe).
+                    () = tx.closed() => return,
+                };
+                let Some(item) = item else { return };
                 if tx.send(item.map(read_reply).map_err(Status::from)).await.is_err() {
                     return;
                 }

@@ -48,23 +48,35 @@ impl EngineDirectory {
 impl Directory for EngineDirectory {
     fn coap_power_mode(&self, device: &EntityId) -> PowerMode {
         let registry = &self.engine.registry;
-        // The device's own setting first (ThingsBoard: a COAP `deviceData.transportConfiguration`
-        // with a `powerMode`), then its profile's `clientSettings`.
-        let own = registry
-            .device_transport(Uuid::from_bytes(*device))
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .filter(|t| t["type"] == "COAP" && t["powerMode"].is_string());
-        if let Some(t) = own {
-            return PowerMode::of_client_settings(&t);
-        }
-        registry
-            .device(Uuid::from_bytes(*device))
+        let id = Uuid::from_bytes(*device);
+        let coap = |text: String| {
+            serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .filter(|t| t["type"] == "COAP")
+        };
+        // ThingsBoard: the profile's `clientSettings`, with the device's own COAP transport
+        // configuration taking the place of the mode and of each timer it sets.
+        let mut settings = registry
+            .device(id)
             .and_then(|d| registry.profile_transport(d.profile_id))
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .filter(|t| t["type"] == "COAP")
-            .map_or(PowerMode::Drx, |t| {
-                PowerMode::of_client_settings(&t["clientSettings"])
-            })
+            .and_then(coap)
+            .map_or_else(|| serde_json::json!({}), |t| t["clientSettings"].clone());
+        if !settings.is_object() {
+            settings = serde_json::json!({});
+        }
+        if let Some(own) = registry.device_transport(id).and_then(coap) {
+            for k in [
+                "powerMode",
+                "psmActivityTimer",
+                "edrxCycle",
+                "pagingTransmissionWindow",
+            ] {
+                if !own[k].is_null() {
+                    settings[k] = own[k].clone();
+                }
+            }
+        }
+        PowerMode::of_client_settings(&settings)
     }
 
     fn mqtt_topics(&self, device: &EntityId) -> Option<Arc<MqttTopics>> {

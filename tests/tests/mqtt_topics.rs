@@ -2,15 +2,16 @@
 //! `deviceAttributesTopic`, `deviceAttributesSubscribeTopic`, with MQTT wildcards), with rumqttc
 //! as the device: telemetry and attributes on the profile's topics are stored, the default v1
 //! topics then get "topic name invalid" and store nothing, a subscription to the profile's
-//! attributes filter gets shared-attribute pushes, and `sendAckOnValidationException`
-//! acknowledges a bad payload without storing it. Invalid filters are refused at profile save.
+//! attributes filter gets shared-attribute pushes, and `sendAckOnValidationException` has a bad
+//! payload acknowledged on MQTT 3.1.1 instead of the connection closed, storing nothing.
+//! Invalid filters are refused at profile save; blank ones are the defaults.
 
 use std::time::Duration;
 
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde_json::{Value, json};
-use thingraft_tests::{ProcCluster, Rest, next_packet, next_puback, publish_on, v5_client};
+use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, next_puback, publish_on, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -47,7 +48,7 @@ async fn a_profile_with_its_own_topics_takes_data_on_them() -> anyhow::Result<()
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
 
     // Filters that are not MQTT topic filters: 400, no profile.
-    for bad in ["sensors/#/telemetry", "sensors/a+/telemetry", ""] {
+    for bad in ["sensors/#/telemetry", "sensors/a+/telemetry"] {
         let body = profile(
             "Bad topics",
             bad,
@@ -137,40 +138,55 @@ async fn a_profile_with_its_own_topics_takes_data_on_them() -> anyhow::Result<()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn send_ack_on_validation_exception_acknowledges_bad_payloads_without_storing_them()
--> anyhow::Result<()> {
+async fn send_ack_on_validation_exception_acknowledges_bad_payloads_on_mqtt_3() -> anyhow::Result<()> {
     let c = ProcCluster::start(1, 4).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     for (name, ack_invalid) in [("Acking", true), ("Strict", false)] {
-        let body = profile(
-            name,
-            "v1/devices/me/telemetry",
-            "v1/devices/me/attributes",
-            "v1/devices/me/attributes",
-            ack_invalid,
-        );
+        // Blank topics are the default ones, as in ThingsBoard.
+        let body = profile(name, "", " ", "", ack_invalid);
         let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&body))?;
         assert_eq!(code, 200, "{v}");
     }
     let acking = create_device(&rest, "Acking 1", "Acking", "ACKING1")?;
     let strict = create_device(&rest, "Strict 1", "Strict", "STRICT1")?;
-    for (token, expected) in [
-        ("ACKING1", PubAckReason::Success),
-        ("STRICT1", PubAckReason::PayloadFormatInvalid),
-    ] {
-        let (client, mut ev) = v5_client(&c.mqtt[&1], token);
+    let mqtt = &c.mqtt[&1];
+    let publish = |token: &str, message: &str| {
+        mosquitto_pub(
+            mqtt,
+            &[
+                "-V",
+                "mqttv311",
+                "-q",
+                "1",
+                "-u",
+                token,
+                "-t",
+                "v1/devices/me/telemetry",
+                "-m",
+                message,
+            ],
+        )
+    };
+    // MQTT 3.1.1 has no reason code: with the setting the bad message is acknowledged (the
+    // client ends normally), without it the connection is closed before any PUBACK.
+    assert_eq!(publish("ACKING1", "not json")?, 0, "acknowledged");
+    assert_ne!(publish("STRICT1", "not json")?, 0, "closed unacknowledged");
+    // MQTT 5 refuses it with 0x99 either way.
+    for token in ["ACKING1", "STRICT1"] {
+        let (client, mut ev) = v5_client(mqtt, token);
         client
             .publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, "not json")
             .await?;
-        assert_eq!(next_puback(&mut ev).await?, expected, "{token}");
-        client
-            .publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, r#"{"ok":1}"#)
-            .await?;
-        assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success, "{token}");
+        assert_eq!(
+            next_puback(&mut ev).await?,
+            PubAckReason::PayloadFormatInvalid,
+            "{token}"
+        );
     }
-    for id in [acking, strict] {
+    for (token, id) in [("ACKING1", &acking), ("STRICT1", &strict)] {
+        assert_eq!(publish(token, r#"{"ok":1}"#)?, 0, "{token}");
         let latest: Value = rest
-            .wait_latest(&id, Duration::from_secs(5), |v| v.get("ok").is_some())
+            .wait_latest(id, Duration::from_secs(5), |v| v.get("ok").is_some())
             .await?;
         let keys: Vec<&String> = latest.as_object().map(|o| o.keys().collect()).unwrap_or_default();
         assert_eq!(keys, ["ok"], "only the valid message was stored: {latest}");

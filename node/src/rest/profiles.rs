@@ -66,7 +66,9 @@ fn transport_of(body: &Value) -> Result<Option<String>, ApiError> {
                 "deviceAttributesSubscribeTopic",
             ] {
                 match &t[field] {
+                    // Blank means the default topic, as in ThingsBoard.
                     Value::Null => {}
+                    Value::String(topic) if topic.trim().is_empty() => {}
                     Value::String(topic) if thingraft_transport_common::valid_topic_filter(topic) => {}
                     other => {
                         return Err(ApiError::bad_request(format!(

@@ -161,7 +161,14 @@ impl MqttTopics {
     /// the ones it leaves out; `None` when all three are the defaults and invalid payloads
     /// are refused, so that such devices keep the plain path.
     pub fn of_config(t: &serde_json::Value) -> Option<MqttTopics> {
-        let topic = |k: &str, default: &str| t[k].as_str().unwrap_or(default).to_string();
+        // ThingsBoard's getters (`notBlankOrDefault`): a blank field is the default topic.
+        let topic = |k: &str, default: &str| {
+            t[k].as_str()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .unwrap_or(default)
+                .to_string()
+        };
         let m = MqttTopics {
             telemetry: topic("deviceTelemetryTopic", "v1/devices/me/telemetry"),
             attributes: topic("deviceAttributesTopic", "v1/devices/me/attributes"),

@@ -201,6 +201,7 @@ pub enum DisconnectCode {
     MalformedPacket,
     ProtocolError,
     KeepAliveTimeout,
+    PayloadFormatInvalid,
 }
 
 impl DisconnectCode {
@@ -216,6 +217,7 @@ impl DisconnectCode {
             DisconnectCode::MessageRateTooHigh => 0x96,
             DisconnectCode::QuotaExceeded => 0x97,
             DisconnectCode::AdministrativeAction => 0x98,
+            DisconnectCode::PayloadFormatInvalid => 0x99,
         }
     }
 }

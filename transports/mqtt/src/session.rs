@@ -475,7 +475,17 @@ impl Session {
             if in_flight.is_none() && !self.queue.is_empty() {
                 let batch = std::mem::take(&mut self.queue);
                 let log = self.transport.hub.log.clone();
-                *in_flight = Some(Box::pin(async move { append_all(&log, batch).await }));
+                let mut append: InFlight = Box::pin(async move { append_all(&log, batch).await });
+                // One poll now hands the records to the log before a socket write below can
+                // block on a client that does not read.
+                match futures::poll!(append.as_mut()) {
+                    std::task::Poll::Ready(done) => {
+                        if let Some(end) = self.appended(done).await {
+                            return end;
+                        }
+                    }
+                    std::task::Poll::Pending => *in_flight = Some(append),
+                }
             }
             if !self.wbuf.is_empty() {
                 if let Err(e) = self.stream.write_all(&self.wbuf).await {
@@ -498,19 +508,8 @@ impl Session {
                 }
                 done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
                     *in_flight = None;
-                    match done {
-                        (Ok(()), pkids) => {
-                            for pkid in pkids.into_iter().flatten() {
-                                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
-                            }
-                        }
-                        (Err(e), _) => {
-                            // Not acknowledged, so the device keeps the messages and resends
-                            // them on its next connection.
-                            codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::ImplementationSpecificError);
-                            let _ = self.stream.write_all(&self.wbuf).await;
-                            return End::Backend(e);
-                        }
+                    if let Some(end) = self.appended(done).await {
+                        return end;
                     }
                 }
                 d = downlinks.recv() => {
@@ -583,6 +582,29 @@ impl Session {
                     return End::KeepAlive;
                 }
                 () = crate::stopped(&mut stop) => return End::Shutdown,
+            }
+        }
+    }
+
+    /// An append's outcome: the PUBACKs it owes, or the end of the session if it failed.
+    async fn appended(&mut self, done: AppendDone) -> Option<End> {
+        match done {
+            (Ok(()), pkids) => {
+                for pkid in pkids.into_iter().flatten() {
+                    codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+                }
+                None
+            }
+            (Err(e), _) => {
+                // Not acknowledged, so the device keeps the messages and resends them on its
+                // next connection.
+                codec::write_disconnect(
+                    &mut self.wbuf,
+                    self.version,
+                    DisconnectCode::ImplementationSpecificError,
+                );
+                let _ = self.stream.write_all(&self.wbuf).await;
+                Some(End::Backend(e))
             }
         }
     }
@@ -833,20 +855,16 @@ impl Session {
         classify(topic)
     }
 
-    /// Refuses a publish with invalid content: PUBACK 0x99 on MQTT 5; on 3.1.1 ThingsBoard
-    /// closes the connection. A profile with `sendAckOnValidationException` has it
-    /// acknowledged instead (nothing is stored).
+    /// Refuses a publish with invalid content, as ThingsBoard's
+    /// `sendResponseForAdaptorErrorOrCloseContext`: a QoS 1 publish gets PUBACK 0x99 on MQTT 5,
+    /// and on 3.1.1 too when the profile sets `sendAckOnValidationException` (3.1.1's PUBACK
+    /// carries no reason code); otherwise the connection is closed (MQTT 5: DISCONNECT 0x99).
+    /// Nothing is stored either way.
     fn refuse(&mut self, topic: &str, e: &PayloadError, ack: Option<u16>) -> Option<End> {
-        if self.topics.as_ref().is_some_and(|t| t.ack_invalid) {
-            tracing::info!(topic, error = %e, "invalid payload dropped and acknowledged (profile setting)");
-            if let Some(pkid) = ack {
-                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
-            }
-            return None;
-        }
-        tracing::info!(topic, error = %e, "invalid payload refused");
-        match (self.version, ack) {
-            (Version::V5, Some(pkid)) => {
+        let may_ack = self.version == Version::V5 || self.topics.as_ref().is_some_and(|t| t.ack_invalid);
+        match ack {
+            Some(pkid) if may_ack => {
+                tracing::info!(topic, error = %e, "invalid payload refused");
                 codec::write_puback(
                     &mut self.wbuf,
                     self.version,
@@ -855,8 +873,16 @@ impl Session {
                 );
                 None
             }
-            (Version::V5, None) => None,
-            (Version::V3_1_1, _) => Some(End::Protocol(format!("invalid payload on {topic}: {e}"))),
+            _ => {
+                if self.version == Version::V5 {
+                    codec::write_disconnect(
+                        &mut self.wbuf,
+                        self.version,
+                        DisconnectCode::PayloadFormatInvalid,
+                    );
+                }
+                Some(End::Protocol(format!("invalid payload on {topic}: {e}")))
+            }
         }
     }
 }
