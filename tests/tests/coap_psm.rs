@@ -154,5 +154,41 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
     save_shared(&rest, &id, r#"{"setpoint":2}"#)?;
     let awake = awake.await??;
     assert!(awake.body.contains(r#""setpoint":2"#), "{awake:?}");
+
+    // A timer alone: the profile says PSM with a 10-minute activity timer, the device's own
+    // configuration only a 1 s one. The device's timer counts, so it sleeps after 1 s.
+    let profile = json!({
+        "name": "Slow sleepers",
+        "type": "DEFAULT",
+        "transportType": "COAP",
+        "profileData": {
+            "configuration": {"type": "DEFAULT"},
+            "transportConfiguration": {
+                "type": "COAP",
+                "coapDeviceTypeConfiguration": {"coapDeviceType": "DEFAULT",
+                    "transportPayloadTypeConfiguration": {"transportPayloadType": "JSON"}},
+                "clientSettings": {"powerMode": "PSM", "psmActivityTimer": 600_000},
+            },
+        },
+    });
+    let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&profile.to_string()))?;
+    assert_eq!(code, 200, "{v}");
+    let body = json!({"name": "Own timer", "type": "Slow sleepers",
+        "deviceData": {"transportConfiguration": {"type": "COAP", "psmActivityTimer": 1000}}});
+    let (code, v) = rest.call(
+        "POST",
+        "/api/device?accessToken=OWNTIMER",
+        Some(&body.to_string()),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let timer = v["id"]["id"].as_str().expect("id").to_string();
+    let psm = observe(&coap, "api/v1/OWNTIMER/attributes", 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(&rest, &timer, r#"{"setpoint":3}"#)?;
+    let psm = psm.await??;
+    assert!(
+        !psm.body.contains("setpoint"),
+        "asleep after its own 1 s timer: {psm:?}"
+    );
     Ok(())
 }
