@@ -653,6 +653,24 @@ pub async fn next_puback(
     .await
 }
 
+/// Publishes `payload` on `topic` with QoS 1 and returns the reason code of the PUBACK.
+pub async fn publish_qos1(
+    client: &rumqttc::v5::AsyncClient,
+    ev: &mut rumqttc::v5::EventLoop,
+    topic: &str,
+    payload: &str,
+) -> anyhow::Result<rumqttc::v5::mqttbytes::v5::PubAckReason> {
+    client
+        .publish(
+            topic,
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            payload.to_string(),
+        )
+        .await?;
+    next_puback(ev).await
+}
+
 /// A PUBLISH whose topic starts with `prefix`: its topic and JSON payload.
 pub fn publish_on(
     p: &rumqttc::v5::mqttbytes::v5::Packet,

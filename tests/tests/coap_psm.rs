@@ -26,12 +26,10 @@ fn save_shared(rest: &Rest, id: &str, body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow::Result<()> {
-    let c = ProcCluster::start(1, 4).await?;
-    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+/// Saves a CoAP device profile whose `clientSettings` say PSM with `activity_ms`.
+fn save_psm_profile(rest: &Rest, name: &str, activity_ms: u64) -> anyhow::Result<()> {
     let profile = json!({
-        "name": "Sleepy meters",
+        "name": name,
         "type": "DEFAULT",
         "transportType": "COAP",
         "profileData": {
@@ -40,12 +38,20 @@ async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow:
                 "type": "COAP",
                 "coapDeviceTypeConfiguration": {"coapDeviceType": "DEFAULT",
                     "transportPayloadTypeConfiguration": {"transportPayloadType": "JSON"}},
-                "clientSettings": {"powerMode": "PSM", "psmActivityTimer": 1000},
+                "clientSettings": {"powerMode": "PSM", "psmActivityTimer": activity_ms},
             },
         },
     });
     let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&profile.to_string()))?;
-    assert_eq!(code, 200, "{v}");
+    anyhow::ensure!(code == 200, "profile save: {code} {v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow::Result<()> {
+    let c = ProcCluster::start(1, 4).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    save_psm_profile(&rest, "Sleepy meters", 1000)?;
     let body = json!({"name": "Sleeper", "type": "Sleepy meters"}).to_string();
     let (code, v) = rest.call("POST", "/api/device?accessToken=SLEEPER", Some(&body))?;
     assert_eq!(code, 200, "{v}");
@@ -157,22 +163,7 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
 
     // A timer alone: the profile says PSM with a 10-minute activity timer, the device's own
     // configuration only a 1 s one. The device's timer counts, so it sleeps after 1 s.
-    let profile = json!({
-        "name": "Slow sleepers",
-        "type": "DEFAULT",
-        "transportType": "COAP",
-        "profileData": {
-            "configuration": {"type": "DEFAULT"},
-            "transportConfiguration": {
-                "type": "COAP",
-                "coapDeviceTypeConfiguration": {"coapDeviceType": "DEFAULT",
-                    "transportPayloadTypeConfiguration": {"transportPayloadType": "JSON"}},
-                "clientSettings": {"powerMode": "PSM", "psmActivityTimer": 600_000},
-            },
-        },
-    });
-    let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&profile.to_string()))?;
-    assert_eq!(code, 200, "{v}");
+    save_psm_profile(&rest, "Slow sleepers", 600_000)?;
     let body = json!({"name": "Own timer", "type": "Slow sleepers",
         "deviceData": {"transportConfiguration": {"type": "COAP", "psmActivityTimer": 1000}}});
     let (code, v) = rest.call(

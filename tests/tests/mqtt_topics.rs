@@ -11,7 +11,7 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
 use serde_json::{Value, json};
-use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, next_puback, publish_on, v5_client};
+use thingraft_tests::{ProcCluster, Rest, mosquitto_pub, next_packet, publish_on, publish_qos1, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -72,34 +72,19 @@ async fn a_profile_with_its_own_topics_takes_data_on_them() -> anyhow::Result<()
     let id = create_device(&rest, "Custom 1", "Custom topics", "CUSTOM1")?;
     let (client, mut ev) = v5_client(&c.mqtt[&1], "CUSTOM1");
 
-    client
-        .publish(
-            "sensors/7/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"temperature":21.5}"#,
-        )
-        .await?;
-    assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
-    client
-        .publish(
-            "sensors/7/attributes",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"firmware":"1.2"}"#,
-        )
-        .await?;
-    assert_eq!(next_puback(&mut ev).await?, PubAckReason::Success);
+    assert_eq!(
+        publish_qos1(&client, &mut ev, "sensors/7/telemetry", r#"{"temperature":21.5}"#).await?,
+        PubAckReason::Success
+    );
+    assert_eq!(
+        publish_qos1(&client, &mut ev, "sensors/7/attributes", r#"{"firmware":"1.2"}"#).await?,
+        PubAckReason::Success
+    );
     // The default topics no longer carry this device's telemetry or attributes.
-    client
-        .publish(
-            "v1/devices/me/telemetry",
-            QoS::AtLeastOnce,
-            false,
-            r#"{"humidity":40}"#,
-        )
-        .await?;
-    assert_eq!(next_puback(&mut ev).await?, PubAckReason::TopicNameInvalid);
+    assert_eq!(
+        publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", r#"{"humidity":40}"#).await?,
+        PubAckReason::TopicNameInvalid
+    );
 
     let latest = rest
         .wait_latest(&id, Duration::from_secs(5), |v| v.get("temperature").is_some())
@@ -174,11 +159,8 @@ async fn send_ack_on_validation_exception_acknowledges_bad_payloads_on_mqtt_3() 
     // MQTT 5 refuses it with 0x99 either way.
     for token in ["ACKING1", "STRICT1"] {
         let (client, mut ev) = v5_client(mqtt, token);
-        client
-            .publish("v1/devices/me/telemetry", QoS::AtLeastOnce, false, "not json")
-            .await?;
         assert_eq!(
-            next_puback(&mut ev).await?,
+            publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", "not json").await?,
             PubAckReason::PayloadFormatInvalid,
             "{token}"
         );
