@@ -26,6 +26,21 @@ fn save_shared(rest: &Rest, id: &str, body: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the device with `token` sees while it observes its attributes for 4 s, during which
+/// (2 s in, 1 s past its last uplink) the shared attributes `body` are saved.
+async fn change_while_observed(
+    coap: &str,
+    rest: &Rest,
+    token: &str,
+    id: &str,
+    body: &str,
+) -> anyhow::Result<CoapOut> {
+    let seen = observe(coap, &format!("api/v1/{token}/attributes"), 4);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    save_shared(rest, id, body)?;
+    seen.await?
+}
+
 /// Saves a CoAP device profile whose `clientSettings` say PSM with `activity_ms`.
 fn save_psm_profile(rest: &Rest, name: &str, activity_ms: u64) -> anyhow::Result<()> {
     let profile = json!({
@@ -138,10 +153,7 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
 
     // Asleep 1 s after its last uplink: a change made at 2 s does not reach it.
     let coap = c.coap[&1].clone();
-    let psm = observe(&coap, "api/v1/OWNPSM/attributes", 4);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    save_shared(&rest, &id, r#"{"setpoint":1}"#)?;
-    let psm = psm.await??;
+    let psm = change_while_observed(&coap, &rest, "OWNPSM", &id, r#"{"setpoint":1}"#).await?;
     assert!(
         !psm.body.contains("setpoint"),
         "the sleeping device did not get it: {psm:?}"
@@ -155,10 +167,7 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
         v["deviceData"]["transportConfiguration"]["type"], "DEFAULT",
         "{v}"
     );
-    let awake = observe(&coap, "api/v1/OWNPSM/attributes", 4);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    save_shared(&rest, &id, r#"{"setpoint":2}"#)?;
-    let awake = awake.await??;
+    let awake = change_while_observed(&coap, &rest, "OWNPSM", &id, r#"{"setpoint":2}"#).await?;
     assert!(awake.body.contains(r#""setpoint":2"#), "{awake:?}");
 
     // A timer alone: the profile says PSM with a 10-minute activity timer, the device's own
@@ -173,10 +182,7 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
     )?;
     assert_eq!(code, 200, "{v}");
     let timer = v["id"]["id"].as_str().expect("id").to_string();
-    let psm = observe(&coap, "api/v1/OWNTIMER/attributes", 4);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    save_shared(&rest, &timer, r#"{"setpoint":3}"#)?;
-    let psm = psm.await??;
+    let psm = change_while_observed(&coap, &rest, "OWNTIMER", &timer, r#"{"setpoint":3}"#).await?;
     assert!(
         !psm.body.contains("setpoint"),
         "asleep after its own 1 s timer: {psm:?}"
