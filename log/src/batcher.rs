@@ -9,11 +9,12 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openraft::error::ClientWriteError;
+use openraft::errors::ClientWriteError;
+use openraft::impls::ProgressResponder;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::LogError;
-use crate::types::{Command, NodeId, Raft, Record, Response};
+use crate::types::{Command, Raft, Record, Response, TypeConfig};
 
 /// Offsets given to one append's records: `first_offset .. first_offset + count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,18 +54,20 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn client_write_error(
-    partition: u32,
-    e: ClientWriteError<NodeId, crate::types::Node>,
-) -> LogError {
+pub(crate) fn client_write_error(partition: u32, e: ClientWriteError<TypeConfig>) -> LogError {
     match e {
-        // openraft answers ForwardToLeader only for entries it never appended or truncated, so
-        // the append did not commit and may be retried.
+        // Refused before its entry was appended: it did not commit and may be retried.
         ClientWriteError::ForwardToLeader(f) => LogError::NotLeader {
             partition,
             leader: f.leader_id.zip(f.leader_node.map(|n| n.addr)),
         },
+        // Appended, then truncated or purged at a leader change: it may still have committed
+        // elsewhere, so a retry could store the records twice.
+        ClientWriteError::LogEntryDiscarded(_) => LogError::Ambiguous {
+            reason: "entry discarded at a leader change; commit status unknown".into(),
+        },
         ClientWriteError::ChangeMembershipError(e) => LogError::Internal(e.to_string()),
+        ClientWriteError::PreconditionFailed(e) => LogError::Internal(e.to_string()),
     }
 }
 
@@ -113,12 +116,17 @@ impl Batcher {
             }
             self.metrics.observe_batch(records.len(), bytes);
             let partition = self.partition;
+            let (responder, rx) = ProgressResponder::complete_only();
             match self
                 .raft
-                .client_write_ff(Command::Append {
-                    batch: crate::batch::encode(now_ms(), &records).into(),
-                })
+                .client_write_ff(
+                    Command::Append {
+                        batch: crate::batch::encode(now_ms(), &records).into(),
+                    },
+                    Some(responder),
+                )
                 .await
+                .map(|()| rx)
             {
                 Err(fatal) => {
                     tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");

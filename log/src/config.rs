@@ -53,6 +53,8 @@ pub struct LogConfig {
     pub snapshot_every_entries: u64,
     /// Raft entries kept behind the last snapshot, for followers that lag a little.
     pub entries_kept_after_snapshot: u64,
+    /// Bytes per message when a snapshot is sent to a follower.
+    pub snapshot_chunk_bytes: usize,
     /// How much of each partition is kept.
     pub retention: Retention,
 }
@@ -79,6 +81,7 @@ impl Default for LogConfig {
             append_timeout_ms: 10_000,
             snapshot_every_entries: 20_000,
             entries_kept_after_snapshot: 2_000,
+            snapshot_chunk_bytes: 4 << 20,
             retention: Retention::default(),
         }
     }

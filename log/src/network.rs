@@ -5,20 +5,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
-use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+use bytes::Bytes;
+use futures::FutureExt;
+use openraft::OptionalSend;
+use openraft::errors::{
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use serde::Serialize;
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 use thingraft_proto::v1::raft_client::RaftClient;
 use thingraft_proto::v1::{RaftBatchRequest, RaftCallResult, RaftReply, RaftRequest};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::types::{GroupId, Node, NodeId, TypeConfig};
+use crate::types::{GroupId, Node, NodeId, Snapshot, SnapshotMeta, TypeConfig, Vote};
 
 /// Largest gRPC message a node accepts or sends (a Raft batch, a snapshot chunk, a read).
 pub const GRPC_MESSAGE_BYTES_MAX: usize = 64 << 20;
@@ -179,21 +183,39 @@ enum Rpc {
 #[error("{0}")]
 struct Msg(String);
 
+/// One piece of a snapshot on its way to a follower, sent over the `InstallSnapshot` RPC.
+/// openraft 0.10 leaves the transfer to the application: the follower appends the pieces of
+/// one `transfer` in `offset` order and installs the whole snapshot with the last one.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub vote: Vote,
+    pub meta: SnapshotMeta,
+    /// Names one transfer: a chunk of another transfer restarts the follower's buffer.
+    pub transfer: u64,
+    pub offset: u64,
+    pub data: Bytes,
+    pub done: bool,
+}
+
+/// The follower's answer to a [`SnapshotChunk`]: `None` until the last chunk, then openraft's
+/// response to the installed snapshot.
+pub type SnapshotChunkReply = Result<Option<SnapshotResponse<TypeConfig>>, Fatal<TypeConfig>>;
+
+fn unreachable(e: impl std::fmt::Display) -> Unreachable<TypeConfig> {
+    Unreachable::new(&Msg(e.to_string()))
+}
+
 impl PeerConnection {
-    async fn call<Req, Resp, E>(
+    /// Sends one request and returns the reply's payload.
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &mut self,
         rpc: Rpc,
         req: &Req,
-        option: &RPCOption,
-    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
-    where
-        Req: Serialize,
-        Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
-    {
+        ttl: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
         let (client, link) = match &mut self.link {
             Ok((c, l)) => (c, l),
-            Err(e) => return Err(RPCError::Unreachable(Unreachable::new(&Msg(e.clone())))),
+            Err(e) => return Err(RPCError::Unreachable(unreachable(e))),
         };
         let payload = postcard::to_stdvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let request = RaftRequest {
@@ -215,7 +237,7 @@ impl PeerConnection {
                 Rpc::InstallSnapshot => client.install_snapshot(request).await,
             }
         };
-        let reply = match tokio::time::timeout(option.hard_ttl(), fut).await {
+        let reply = match tokio::time::timeout(ttl, fut).await {
             Err(_) => return Err(RPCError::Network(NetworkError::new(&Msg("rpc timed out".into())))),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));
@@ -223,37 +245,103 @@ impl PeerConnection {
             Ok(Err(status)) => return Err(RPCError::Network(NetworkError::new(&status))),
             Ok(Ok(r)) => r.into_inner(),
         };
-        let res: Result<Resp, RaftError<NodeId, E>> =
-            postcard::from_bytes(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        res.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+        postcard::from_bytes(&reply.payload).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
+    /// An AppendEntries or Vote call: the peer answers openraft's result. A fatal error there
+    /// means the peer's group is stopping, so back off as from an unreachable peer.
+    async fn raft_call<Req: Serialize, Resp: DeserializeOwned>(
+        &mut self,
+        rpc: Rpc,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let res: Result<Resp, RaftError<TypeConfig>> = self.call(rpc, req, option.hard_ttl()).await?;
+        res.map_err(|e| {
+            RPCError::Unreachable(unreachable(format_args!("node {} answered: {e}", self.target)))
+        })
     }
 }
 
-impl RaftNetwork<TypeConfig> for PeerConnection {
+/// Process-wide counter that, with the time, names a snapshot transfer.
+static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl RaftNetworkV2<TypeConfig> for PeerConnection {
+    type SnapshotData = crate::types::SnapshotData;
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::AppendEntries, &rpc, &option).await
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        rpc: InstallSnapshotRequest<TypeConfig>,
-        option: RPCOption,
-    ) -> Result<
-        InstallSnapshotResponse<NodeId>,
-        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
-    > {
-        self.call(Rpc::InstallSnapshot, &rpc, &option).await
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.raft_call(Rpc::AppendEntries, &rpc, &option).await
     }
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.call(Rpc::Vote, &rpc, &option).await
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.raft_call(Rpc::Vote, &rpc, &option).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let data = Bytes::from(snapshot.snapshot.into_inner());
+        let chunk_size = option
+            .snapshot_chunk_size()
+            .unwrap_or(4 << 20)
+            .clamp(1, GRPC_MESSAGE_BYTES_MAX / 2);
+        let transfer = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ (TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48);
+        let deadline = tokio::time::Instant::now() + option.hard_ttl();
+        let mut cancel = std::pin::pin!(cancel);
+        let mut offset = 0usize;
+        loop {
+            if let Some(closed) = cancel.as_mut().now_or_never() {
+                return Err(StreamingError::Closed(closed));
+            }
+            let end = (offset + chunk_size).min(data.len());
+            let chunk = SnapshotChunk {
+                vote,
+                meta: snapshot.meta.clone(),
+                transfer,
+                offset: offset as u64,
+                data: data.slice(offset..end),
+                done: end == data.len(),
+            };
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let reply: SnapshotChunkReply =
+                self.call(Rpc::InstallSnapshot, &chunk, left)
+                    .await
+                    .map_err(|e| match e {
+                        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                        RPCError::Network(n) => StreamingError::Network(n),
+                        RPCError::Timeout(t) => StreamingError::Timeout(t),
+                        RPCError::RemoteError(r) => StreamingError::Unreachable(unreachable(r)),
+                    })?;
+            match reply {
+                Err(fatal) => {
+                    return Err(StreamingError::Unreachable(unreachable(format_args!(
+                        "node {} answered: {fatal}",
+                        self.target
+                    ))));
+                }
+                Ok(Some(resp)) => return Ok(resp),
+                Ok(None) if chunk.done => {
+                    return Err(StreamingError::Network(NetworkError::new(&Msg(
+                        "snapshot's last chunk got no response".into(),
+                    ))));
+                }
+                Ok(None) => offset = end,
+            }
+        }
     }
 }

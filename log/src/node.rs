@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use bytes::Bytes;
+use openraft::async_runtime::WatchReceiver;
 use openraft::{ServerState, SnapshotPolicy};
 use thingraft_proto::v1::log_client::LogClient as GrpcLogClient;
 use thingraft_proto::v1::{self as pb};
@@ -23,7 +24,7 @@ use crate::network::{GRPC_MESSAGE_BYTES_MAX, NetworkFactory, Peers};
 use crate::placement;
 use crate::storage::{SmReader, Store, StoredRecord};
 use crate::types::{
-    Command, GroupId, META_GROUP, MetaTxn, Node, NodeId, Raft, Record, Response, partition_group,
+    Command, GroupId, META_GROUP, MetaTxn, Node, NodeId, Raft, Record, Response, TypeConfig, partition_group,
 };
 
 /// gRPC metadata key set on an append that one node forwards to another; the receiver answers
@@ -46,6 +47,8 @@ pub struct Group {
     /// While recovering: the peers' newest (last log term, last log index) and current term
     /// when this node came back; `u64::MAX` index while unknown.
     recover_target: std::sync::Mutex<RecoverTarget>,
+    /// The snapshot being received from the leader: its transfer id and the bytes so far.
+    pub(crate) snapshot_rx: std::sync::Mutex<Option<(u64, Vec<u8>)>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -88,7 +91,7 @@ impl Group {
     /// term is newer than any term it could have voted in before (so it never votes twice in
     /// one term). Without this, a cluster formed while this node was starting could never
     /// elect a leader.
-    pub fn may_vote_while_recovering(&self, req: &openraft::raft::VoteRequest<NodeId>) -> bool {
+    pub fn may_vote_while_recovering(&self, req: &openraft::raft::VoteRequest<TypeConfig>) -> bool {
         let t = *self.recover_target.lock().expect("recover target lock");
         if t.term == u64::MAX {
             return false;
@@ -169,7 +172,12 @@ fn raft_config(c: &LogConfig) -> anyhow::Result<openraft::Config> {
         max_payload_entries: 16,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
         max_in_snapshot_log_to_keep: c.entries_kept_after_snapshot,
-        snapshot_max_chunk_size: 4 << 20,
+        snapshot_max_chunk_size: c.snapshot_chunk_bytes as u64,
+        // A replica that lost its data dir comes back with an empty log (`rejoin`): the leader
+        // must restart its search for the match instead of insisting on the old one. That
+        // replica neither votes nor campaigns until it has caught up.
+        allow_log_reversion: Some(true),
+        broadcast_submitted_on_append: Some(true),
         ..Default::default()
     };
     Ok(rc.validate()?)
@@ -239,6 +247,7 @@ impl LogNode {
                 metrics,
                 recovering: AtomicBool::new(false),
                 recover_target: std::sync::Mutex::new(RecoverTarget::UNKNOWN),
+                snapshot_rx: std::sync::Mutex::new(None),
             })));
         }
 
@@ -375,7 +384,7 @@ async fn bootstrap(handle: LogHandle) {
     // over the members; the others step in only if it has not produced a leader in time.
     tokio::time::sleep(Duration::from_millis(inner.config.election_timeout_max_ms * 3)).await;
     for g in delayed {
-        if g.raft.metrics().borrow().current_leader.is_none() {
+        if g.raft.metrics().borrow_watched().current_leader.is_none() {
             initialize_group(inner, &g).await;
         }
     }
@@ -389,7 +398,7 @@ async fn initialize_group(inner: &Inner, g: &Group) {
         .collect();
     match g.raft.initialize(nodes).await {
         Ok(()) => {}
-        Err(openraft::error::RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => {}
+        Err(openraft::errors::RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {}
         Err(e) => tracing::error!(group = g.id, error = %e, "initialize failed"),
     }
 }
@@ -475,7 +484,7 @@ async fn publish_metadata(handle: LogHandle) {
         if meta.reader.meta_get("members").is_some() {
             return;
         }
-        if meta.raft.metrics().borrow().current_leader != Some(inner.config.node_id) {
+        if meta.raft.metrics().borrow_watched().current_leader != Some(inner.config.node_id) {
             continue;
         }
         for (k, v) in [("members", members.clone()), ("placement", placement.clone())] {
@@ -734,7 +743,7 @@ impl LogHandle {
     /// The Raft term in which this node leads `partition`, if it does.
     pub fn leader_term(&self, partition: u32) -> Option<u64> {
         let g = self.group(partition_group(partition))?;
-        let m = g.raft.metrics().borrow().clone();
+        let m = g.raft.metrics().borrow_watched().clone();
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
     }
 
@@ -834,10 +843,10 @@ impl LogHandle {
                         }),
                         other => Err(LogError::Internal(format!("unexpected reply {other:?}"))),
                     },
-                    Err(openraft::error::RaftError::APIError(e)) => {
+                    Err(openraft::errors::RaftError::APIError(e)) => {
                         Err(crate::batcher::client_write_error(META_PARTITION, e))
                     }
-                    Err(openraft::error::RaftError::Fatal(e)) => Err(LogError::Internal(e.to_string())),
+                    Err(openraft::errors::RaftError::Fatal(e)) => Err(LogError::Internal(e.to_string())),
                 },
                 Ok(Route::Remote(id, addr)) if may_forward => {
                     self.meta_forward(id, &addr, &txn, deadline).await
@@ -959,7 +968,7 @@ impl LogHandle {
         let inner = &self.inner;
         let mut groups = Vec::new();
         for g in inner.groups.iter().flatten() {
-            let m = g.raft.metrics().borrow().clone();
+            let m = g.raft.metrics().borrow_watched().clone();
             let applied = g.reader.applied();
             let membership = m.membership_config.membership();
             groups.push(pb::GroupStatus {
@@ -970,7 +979,7 @@ impl LogHandle {
                 last_log_term: g
                     .raft
                     .data_metrics()
-                    .borrow()
+                    .borrow_watched()
                     .last_log
                     .map(|l| l.leader_id.term)
                     .unwrap_or(0),
@@ -982,6 +991,7 @@ impl LogHandle {
                 batches: g.metrics.batches.load(Ordering::Relaxed),
                 batched_records: g.metrics.batched_records.load(Ordering::Relaxed),
                 commit_us_total: g.metrics.commit_us_total.load(Ordering::Relaxed),
+                snapshots_installed: g.metrics.snapshots_installed.load(Ordering::Relaxed),
                 state: if g.recovering.load(Ordering::SeqCst) {
                     "Recovering".into()
                 } else {

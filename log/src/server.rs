@@ -6,7 +6,7 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
-use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::Serialize;
 use thingraft_proto::v1::log_server::{Log, LogServer};
 use thingraft_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
@@ -14,11 +14,11 @@ use thingraft_proto::v1::{self as pb};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::network::GRPC_MESSAGE_BYTES_MAX;
+use crate::network::{GRPC_MESSAGE_BYTES_MAX, SnapshotChunk, SnapshotChunkReply};
 use std::sync::{Arc, Weak};
 
 use crate::node::{FORWARDED, Group, Inner, LogHandle};
-use crate::types::{NodeId, Record, TypeConfig};
+use crate::types::{Record, Snapshot, TypeConfig};
 
 /// Both services, ready to serve.
 /// The services hold the node weakly: connections that outlive a shutdown must not keep its
@@ -83,7 +83,66 @@ fn reply<T: Serialize>(res: &T) -> Result<Response<pb::RaftReply>, Status> {
     }))
 }
 
+/// Largest snapshot a follower buffers while receiving it.
+const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
+
 impl RaftService {
+    /// Adds one chunk to the group's snapshot being received; installs it with the last one.
+    async fn snapshot_chunk(&self, g: &Group, chunk: SnapshotChunk) -> Result<SnapshotChunkReply, Status> {
+        let gid = g.id;
+        // openraft panics on a snapshot beyond the leadership that sends it: refuse it here.
+        if chunk
+            .meta
+            .last_log_id
+            .is_some_and(|l| l.leader_id > *chunk.vote.leader_id())
+        {
+            tracing::warn!(group = gid, "snapshot beyond its sender's vote rejected");
+            return Err(Status::invalid_argument("snapshot is beyond the sender's vote"));
+        }
+        let data = {
+            let mut rx = g.snapshot_rx.lock().expect("snapshot receive lock");
+            let fresh = chunk.offset == 0;
+            match rx.as_mut() {
+                Some((t, buf)) if *t == chunk.transfer && buf.len() as u64 == chunk.offset => {
+                    buf.extend_from_slice(&chunk.data);
+                }
+                _ if fresh => *rx = Some((chunk.transfer, chunk.data.to_vec())),
+                _ => {
+                    tracing::warn!(
+                        group = gid,
+                        offset = chunk.offset,
+                        "snapshot chunk out of order rejected"
+                    );
+                    *rx = None;
+                    return Err(Status::failed_precondition("snapshot chunk out of order"));
+                }
+            }
+            if rx
+                .as_ref()
+                .is_some_and(|(_, b)| b.len() as u64 > SNAPSHOT_BYTES_MAX)
+            {
+                *rx = None;
+                tracing::warn!(group = gid, "oversized snapshot rejected");
+                return Err(Status::resource_exhausted("snapshot too large"));
+            }
+            if !chunk.done {
+                return Ok(Ok(None));
+            }
+            rx.take().map(|(_, b)| b).unwrap_or_default()
+        };
+        let snapshot = Snapshot {
+            meta: chunk.meta,
+            snapshot: std::io::Cursor::new(data),
+        };
+        let bytes = snapshot.snapshot.get_ref().len();
+        let res = g.raft.install_full_snapshot(chunk.vote, snapshot).await;
+        if res.is_ok() {
+            g.metrics.snapshots_installed.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(group = gid, bytes, "installed a snapshot from the leader");
+        }
+        Ok(res.map(Some))
+    }
+
     async fn append_one(&self, r: pb::RaftRequest) -> Result<Response<pb::RaftReply>, Status> {
         let g = self.group(r.group)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode("append_entries", r.group, &r.payload)?;
@@ -131,7 +190,7 @@ impl RaftRpc for RaftService {
     async fn vote(&self, req: Request<pb::RaftRequest>) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
         let g = self.group(r.group)?;
-        let rpc: VoteRequest<NodeId> = decode("vote", r.group, &r.payload)?;
+        let rpc: VoteRequest<TypeConfig> = decode("vote", r.group, &r.payload)?;
         if g.recovering.load(Ordering::SeqCst) && !g.may_vote_while_recovering(&rpc) {
             // This replica lost its data: it may not vote until its log has caught up, or it
             // could elect a leader that lacks committed entries.
@@ -146,8 +205,8 @@ impl RaftRpc for RaftService {
     ) -> Result<Response<pb::RaftReply>, Status> {
         let r = req.into_inner();
         let g = self.group(r.group)?;
-        let rpc: InstallSnapshotRequest<TypeConfig> = decode("install_snapshot", r.group, &r.payload)?;
-        reply(&g.raft.install_snapshot(rpc).await)
+        let chunk: SnapshotChunk = decode("install_snapshot", r.group, &r.payload)?;
+        reply(&self.snapshot_chunk(&g, chunk).await?)
     }
 }
 

@@ -9,36 +9,30 @@
 //! | `records` | group · first offset (u64 BE) | one applied batch: [`batch`] encoding |
 //!
 //! Appends are written to RocksDB (memtable + WAL, no sync) inside `append`, so they are readable
-//! when it returns, and their `LogFlushed` callback goes to the [`Syncer`] thread. The syncer takes
+//! when it returns, and their `IOFlushed` callback goes to the syncer thread. The syncer takes
 //! every callback waiting, fsyncs the WAL once, and only then tells openraft the entries are
 //! durable: group commit across all groups of the node.
 
-// openraft's traits fix the error type (`StorageError`, ~224 bytes); helpers return it too so
-// that `?` works without conversions. Errors here are rare and end the Raft group anyway.
-#![allow(clippy::result_large_err)]
-
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::io::Cursor;
+use std::io::{self, Cursor};
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, mpsc};
 
 use bytes::Bytes;
-use openraft::storage::{LogFlushed, LogState, RaftLogStorage, RaftStateMachine, Snapshot};
-use openraft::{
-    AnyError, EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, RaftSnapshotBuilder,
-    SnapshotMeta, StorageIOError, StoredMembership, Vote,
-};
+use futures::{Stream, StreamExt};
+use openraft::storage::{EntryResponder, IOFlushed, LogState, RaftLogStorage, RaftStateMachine};
+use openraft::{EntryPayload, OptionalSend, RaftLogReader, RaftSnapshotBuilder};
 use rocksdb::{ColumnFamilyDescriptor, DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::batch;
 use crate::types::{
-    Command, Entry, GroupId, LogId, MetaCheck, MetaOp, MetaTxn, Node, NodeId, Response, StorageError,
-    TypeConfig,
+    Command, Entry, GroupId, LogId, MetaCheck, MetaOp, MetaTxn, Response, Snapshot, SnapshotData,
+    SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
 
 const CF_RAFT_LOG: &str = "raft_log";
@@ -80,7 +74,7 @@ pub struct SyncStats {
 }
 
 enum SyncJob {
-    Flushed(LogFlushed<TypeConfig>),
+    Flushed(IOFlushed<TypeConfig>),
     Stop,
 }
 
@@ -127,20 +121,13 @@ fn key_index(k: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
-fn io_err(
-    subject: ErrorSubject<NodeId>,
-    verb: ErrorVerb,
-    e: impl std::error::Error + 'static,
-) -> StorageError {
-    StorageIOError::new(subject, verb, AnyError::new(&e)).into()
+// openraft adds what failed (log, vote, state machine) and how; these keep the cause.
+fn read_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
 }
 
-fn read_err(e: impl std::error::Error + 'static) -> StorageError {
-    io_err(ErrorSubject::Store, ErrorVerb::Read, e)
-}
-
-fn write_err(e: impl std::error::Error + 'static) -> StorageError {
-    io_err(ErrorSubject::Store, ErrorVerb::Write, e)
+fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
+    io::Error::other(e)
 }
 
 impl Store {
@@ -188,11 +175,7 @@ impl Store {
     }
 
     /// The state machine of `group`, loaded from disk.
-    pub fn state_machine(
-        self: &Arc<Self>,
-        group: GroupId,
-        retention: Retention,
-    ) -> Result<StateMachine, StorageError> {
+    pub fn state_machine(self: &Arc<Self>, group: GroupId, retention: Retention) -> io::Result<StateMachine> {
         StateMachine::load(self.clone(), group, retention)
     }
 
@@ -214,27 +197,33 @@ impl Store {
         self.db.cf_handle(name).expect("column family created at open")
     }
 
-    fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), StorageError> {
+    fn write(&self, batch: WriteBatch, sync: bool) -> io::Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
         self.db.write_opt(batch, &wo).map_err(write_err)
     }
 
-    /// A write to `sm` that skips the WAL: applied state is a fold of the fsynced Raft log, so
-    /// after a crash it restarts from the last memtable flush and openraft re-applies the rest
-    /// (log entries are purged only behind a snapshot, and building one flushes `sm` first).
-    fn write_applied(&self, batch: WriteBatch) -> Result<(), StorageError> {
+    /// A write to `sm` that skips the WAL: applied state is a fold of the Raft log, so after a
+    /// crash it restarts from the last memtable flush and openraft re-applies the rest (log
+    /// entries are purged only behind a snapshot, and building one flushes `sm` first).
+    ///
+    /// openraft 0.10 may apply an entry before this node's own fsync of it (it is durable on a
+    /// quorum). A flushed `sm` still never runs ahead of the local log: with more than one
+    /// column family, RocksDB syncs every closed WAL before it flushes a memtable
+    /// (`FlushMemTableToOutputFile`, `needs_to_sync_closed_wals`), and the log entries of every
+    /// apply in that memtable were written to the WAL before the apply. Decision 0007.
+    fn write_applied(&self, batch: WriteBatch) -> io::Result<()> {
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         self.db.write_opt(batch, &wo).map_err(write_err)
     }
 
     /// Persists every applied state written so far.
-    fn flush_applied(&self) -> Result<(), StorageError> {
+    fn flush_applied(&self) -> io::Result<()> {
         self.db.flush_cf(self.cf(CF_SM)).map_err(write_err)
     }
 
-    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, k: &[u8]) -> Result<Option<T>, StorageError> {
+    fn get<T: for<'de> Deserialize<'de>>(&self, cf: &str, k: &[u8]) -> io::Result<Option<T>> {
         match self.db.get_pinned_cf(self.cf(cf), k).map_err(read_err)? {
             None => Ok(None),
             Some(v) => postcard::from_bytes(&v).map(Some).map_err(read_err),
@@ -279,7 +268,7 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
                     Ok(()) => Ok(()),
                     Err(e) => Err(std::io::Error::other(e.to_string())),
                 };
-                cb.log_io_completed(r);
+                cb.io_completed(r);
             }
         }
         if stop {
@@ -370,7 +359,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> io::Result<Vec<Entry>> {
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x + 1,
@@ -407,12 +396,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(out)
     }
+
+    async fn read_vote(&mut self) -> io::Result<Option<Vote>> {
+        self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_VOTE))
+    }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId> = self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_PURGED))?;
         let upper = key(self.group, u64::MAX);
         let mut it = self.store.db.iterator_cf(
@@ -437,20 +430,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+    async fn save_vote(&mut self, vote: &Vote) -> io::Result<()> {
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(vote).map_err(write_err)?;
         b.put_cf(self.store.cf(CF_RAFT_STATE), tag_key(self.group, TAG_VOTE), v);
-        self.store
-            .write(b, true)
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, e))
+        self.store.write(b, true)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_VOTE))
-    }
-
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> io::Result<()>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -471,31 +458,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 r.push(entry, bytes);
             }
         }
-        self.store.sync_tx.send(SyncJob::Flushed(callback)).map_err(|e| {
-            io_err(
-                ErrorSubject::Logs,
-                ErrorVerb::Write,
-                std::io::Error::other(e.to_string()),
-            )
-        })
+        self.store
+            .sync_tx
+            .send(SyncJob::Flushed(callback))
+            .map_err(|_| io::Error::other("the fsync thread has stopped"))
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        self.recent
-            .lock()
-            .expect("recent entries lock")
-            .truncate(log_id.index);
+    async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
+        // Keeps `last_log_id` itself; `None` deletes every entry.
+        let from = last_log_id.map_or(0, |l| l.index + 1);
+        self.recent.lock().expect("recent entries lock").truncate(from);
         let mut b = WriteBatch::default();
         b.delete_range_cf(
             self.store.cf(CF_RAFT_LOG),
-            key(self.group, log_id.index),
+            key(self.group, from),
             key(self.group, u64::MAX),
         );
         b.delete_cf(self.store.cf(CF_RAFT_LOG), key(self.group, u64::MAX));
         self.store.write(b, true)
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
         self.recent
             .lock()
             .expect("recent entries lock")
@@ -519,7 +502,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AppliedState {
     pub last_applied: Option<LogId>,
-    pub membership: StoredMembership<NodeId, Node>,
+    pub membership: StoredMembership,
     /// Offset the next appended record will get.
     pub next_offset: u64,
     /// First offset still retained.
@@ -534,7 +517,7 @@ pub struct AppliedState {
 /// immutable, so the snapshot's records are exactly the retained batches below `next_offset`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SnapshotRecord {
-    meta: SnapshotMeta<NodeId, Node>,
+    meta: SnapshotMeta,
     next_offset: u64,
     meta_kv: Vec<(String, Bytes)>,
 }
@@ -584,7 +567,7 @@ impl SmReader {
     }
 
     /// Committed records from `from_offset` (or the first retained one), at most `max`.
-    pub fn read(&self, from_offset: u64, max: usize) -> Result<Vec<StoredRecord>, StorageError> {
+    pub fn read(&self, from_offset: u64, max: usize) -> io::Result<Vec<StoredRecord>> {
         let (start, next) = {
             let a = self.shared.applied.read().expect("applied lock");
             (a.start_offset, a.next_offset)
@@ -682,11 +665,10 @@ fn check_txn(
 pub struct StateMachine {
     reader: SmReader,
     retention: Retention,
-    snapshot_seq: Arc<AtomicU64>,
 }
 
 impl StateMachine {
-    fn load(store: Arc<Store>, group: GroupId, retention: Retention) -> Result<Self, StorageError> {
+    fn load(store: Arc<Store>, group: GroupId, retention: Retention) -> io::Result<Self> {
         let applied: AppliedState = store.get(CF_SM, &sm_key(group, TAG_APPLIED))?.unwrap_or_default();
         let mut meta_kv = BTreeMap::new();
         let prefix = sm_key(group, TAG_META_KV);
@@ -708,7 +690,6 @@ impl StateMachine {
         Ok(Self {
             reader: SmReader { group, store, shared },
             retention,
-            snapshot_seq: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -727,7 +708,7 @@ impl StateMachine {
 
     /// Drops whole batches from the front while the partition is over its retention. Bounded per
     /// call; runs again on the next apply.
-    fn trim(&self, st: &mut AppliedState, now_ms: u64, b: &mut WriteBatch) -> Result<(), StorageError> {
+    fn trim(&self, st: &mut AppliedState, now_ms: u64, b: &mut WriteBatch) -> io::Result<()> {
         const TRIM_BATCHES_MAX: usize = 256;
         let store = self.store();
         let cf = store.cf(CF_SM);
@@ -760,7 +741,7 @@ impl StateMachine {
         Ok(())
     }
 
-    fn snapshot_payload(&self, rec: &SnapshotRecord) -> Result<Vec<u8>, StorageError> {
+    fn snapshot_payload(&self, rec: &SnapshotRecord) -> io::Result<Vec<u8>> {
         let store = self.store();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(key(self.group(), rec.next_offset).to_vec());
@@ -787,7 +768,9 @@ impl StateMachine {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> io::Result<Snapshot> {
         let applied = self.reader.applied();
         let meta_kv: Vec<(String, Bytes)> = self
             .reader
@@ -798,15 +781,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match applied.last_applied {
-            Some(l) => format!("{}-{}-{}-{seq}", self.group(), l.leader_id, l.index),
-            None => format!("{}--{seq}", self.group()),
-        };
         let meta = SnapshotMeta {
             last_log_id: applied.last_applied,
             last_membership: applied.membership.clone(),
-            snapshot_id,
         };
         let rec = SnapshotRecord {
             meta: meta.clone(),
@@ -819,7 +796,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let store = self.store().clone();
         tokio::task::spawn_blocking(move || store.flush_applied())
             .await
-            .map_err(|e| write_err(std::io::Error::other(e.to_string())))??;
+            .map_err(write_err)??;
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(&rec).map_err(write_err)?;
         b.put_cf(self.store().cf(CF_SM), sm_key(self.group(), TAG_SNAPSHOT), v);
@@ -828,35 +805,40 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // follower needs it (`get_current_snapshot`), so building costs O(1).
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(Vec::new())),
+            snapshot: Cursor::new(Vec::new()),
         })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
     type SnapshotBuilder = Self;
 
-    async fn applied_state(
-        &mut self,
-    ) -> Result<(Option<LogId>, StoredMembership<NodeId, Node>), StorageError> {
+    async fn applied_state(&mut self) -> io::Result<(Option<LogId>, StoredMembership)> {
         let a = self.reader.applied();
         Ok((a.last_applied, a.membership))
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    async fn apply<S>(&mut self, mut entries: S) -> io::Result<()>
     where
-        I: IntoIterator<Item = Entry> + OptionalSend,
-        I::IntoIter: OptionalSend,
+        S: Stream<Item = io::Result<EntryResponder<TypeConfig>>> + Unpin + OptionalSend,
     {
         let mut st = self.reader.applied();
         let group = self.group();
         let store = self.store().clone();
         let mut b = WriteBatch::default();
+        // Answers go out only after the batch is written and visible to `read` and `tail`.
         let mut replies = Vec::new();
+        let mut responders = Vec::new();
         // Writes of this apply call, visible to later transactions of the same call.
         let mut meta_updates: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
         let mut latest_ts = None;
-        for entry in entries {
+        // The stream must be drained: openraft checks that every entry it sent was applied.
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            if let Some(r) = responder {
+                responders.push((r, replies.len()));
+            }
             st.last_applied = Some(entry.log_id);
             match entry.payload {
                 EntryPayload::Blank => replies.push(Response::None),
@@ -941,25 +923,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let _ = self.reader.shared.meta_changes.send(Arc::new(changed));
         }
         self.reader.shared.next_offset_tx.send_replace(next);
-        Ok(replies)
+        let mut replies: Vec<Option<Response>> = replies.into_iter().map(Some).collect();
+        for (responder, i) in responders {
+            responder.send(replies[i].take().unwrap_or_default());
+        }
+        Ok(())
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> io::Result<()> {
         let data = snapshot.into_inner();
-        let payload: SnapshotPayload = postcard::from_bytes(&data)
-            .map_err(|e| io_err(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
+        let payload: SnapshotPayload = postcard::from_bytes(&data).map_err(read_err)?;
         let group = self.group();
         let store = self.store().clone();
         let mut b = WriteBatch::default();
@@ -1016,13 +993,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> io::Result<Option<Snapshot>> {
         let rec: Option<SnapshotRecord> = self.store().get(CF_SM, &sm_key(self.group(), TAG_SNAPSHOT))?;
         let Some(rec) = rec else { return Ok(None) };
         let data = self.snapshot_payload(&rec)?;
         Ok(Some(Snapshot {
             meta: rec.meta,
-            snapshot: Box::new(Cursor::new(data)),
+            snapshot: Cursor::new(data),
         }))
     }
 }

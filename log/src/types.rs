@@ -2,8 +2,6 @@
 
 use std::fmt;
 
-use std::io::Cursor;
-
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +66,16 @@ pub enum Command {
     MetaTxn(MetaTxn),
 }
 
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Command::Append { batch } => write!(f, "Append({} bytes)", batch.len()),
+            Command::MetaPut { key, value } => write!(f, "MetaPut({key}, {} bytes)", value.len()),
+            Command::MetaTxn(t) => write!(f, "MetaTxn({} checks, {} ops)", t.checks.len(), t.ops.len()),
+        }
+    }
+}
+
 /// An atomic compare-and-write of the metadata map (the entity registry is built on it: a
 /// create is "these keys are absent, then put them all"). Evaluated at apply, in log order, so
 /// every replica reaches the same verdict.
@@ -123,11 +131,24 @@ openraft::declare_raft_types!(
         Node = Node,
 );
 
+use openraft::type_config::alias;
+
 /// A Raft instance of thingraft.
-pub type Raft = openraft::Raft<TypeConfig>;
+pub type Raft = openraft::Raft<TypeConfig, crate::storage::StateMachine>;
 /// A log entry of thingraft.
-pub type Entry = openraft::Entry<TypeConfig>;
-/// openraft's log id with thingraft's node id.
-pub type LogId = openraft::LogId<NodeId>;
-/// openraft's storage error with thingraft's node id.
-pub type StorageError = openraft::StorageError<NodeId>;
+pub type Entry = alias::EntryOf<TypeConfig>;
+/// openraft's log id with thingraft's leader id.
+pub type LogId = alias::LogIdOf<TypeConfig>;
+/// openraft's vote.
+pub type Vote = alias::VoteOf<TypeConfig>;
+/// openraft's membership as stored with the log id that set it.
+pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
+/// What a snapshot covers.
+pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
+/// The bytes of a snapshot, in memory.
+pub type SnapshotData = std::io::Cursor<Vec<u8>>;
+/// A snapshot: its meta and its bytes.
+pub type Snapshot = alias::SnapshotOf<TypeConfig, SnapshotData>;
+/// openraft's storage error (the storage traits return `std::io::Error`; the test builder
+/// still needs this one).
+pub type StorageError = openraft::StorageError<TypeConfig>;

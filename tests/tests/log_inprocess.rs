@@ -23,6 +23,8 @@ fn config(id: NodeId, members: &BTreeMap<NodeId, String>, dir: &std::path::Path)
         // Small snapshots interval so the restarted node also exercises snapshot + purge.
         snapshot_every_entries: 200,
         entries_kept_after_snapshot: 50,
+        // Small chunks, so that snapshots travel in many pieces.
+        snapshot_chunk_bytes: 4096,
         ..LogConfig::default()
     }
 }
@@ -88,6 +90,16 @@ async fn leader_crash_and_restart_under_load_keeps_every_acked_record_once() {
         ledger.acked.len() > acked_before,
         "load was acknowledged after the crash"
     );
+    // The restarted node fell more than `entries_kept_after_snapshot` behind, so the leaders
+    // sent it snapshots (chunked by thingraft's own transfer, openraft 0.10 has none).
+    let installed: u64 = nodes[&victim]
+        .handle()
+        .status()
+        .groups
+        .iter()
+        .map(|g| g.snapshots_installed)
+        .sum();
+    assert!(installed > 0, "the restarted node installed no snapshot");
     let ids: Vec<NodeId> = members.keys().copied().collect();
     let total = check_replicas(&client, &ids, 4, &ledger, Duration::from_secs(30))
         .await
