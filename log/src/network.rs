@@ -6,14 +6,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use openraft::OptionalSend;
 use openraft::errors::{
     Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
+    VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -161,6 +162,14 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             group: self.group,
             target,
             link,
+            heartbeat: false,
+        }
+    }
+
+    async fn new_heartbeat_client(&mut self, target: NodeId, node: &Node) -> PeerConnection {
+        PeerConnection {
+            heartbeat: true,
+            ..self.new_client(target, node).await
         }
     }
 }
@@ -170,6 +179,10 @@ pub struct PeerConnection {
     group: GroupId,
     target: NodeId,
     link: Result<(RaftClient<Channel>, PeerLink), String>,
+    /// openraft's heartbeat connection: each heartbeat is a one-request stream, sent as one
+    /// AppendEntries call through the peer's batcher (with every other group's heartbeats)
+    /// instead of opening a gRPC stream per heartbeat.
+    heartbeat: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -266,8 +279,121 @@ impl PeerConnection {
 /// Process-wide counter that, with the time, names a snapshot transfer.
 static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+type AppendResults<'s> = futures::stream::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+
+/// Send times of the requests of one append stream still waiting for their results.
+#[derive(Default)]
+struct Outstanding {
+    sent: Mutex<std::collections::VecDeque<tokio::time::Instant>>,
+    pushed: tokio::sync::Notify,
+}
+
+fn status_error(status: tonic::Status) -> RPCError<TypeConfig> {
+    if status.code() == tonic::Code::Unavailable {
+        RPCError::Unreachable(Unreachable::new(&status))
+    } else {
+        RPCError::Network(NetworkError::new(&status))
+    }
+}
+
+impl PeerConnection {
+    /// openraft's replication stream to this peer as one gRPC stream: requests go out as the
+    /// stream yields them, without waiting for earlier results, and results come back in order.
+    /// A result that has not come back within `soft_ttl` ends the stream with an error.
+    async fn append_stream<S>(&mut self, input: S, option: RPCOption) -> Result<AppendResults<'static>, RPCError<TypeConfig>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let mut client = match &self.link {
+            Ok((c, _)) => c.clone(),
+            Err(e) => return Err(RPCError::Unreachable(unreachable(e))),
+        };
+        let group = self.group;
+        let ttl = option.soft_ttl();
+        let outstanding = Arc::new(Outstanding::default());
+        let requests = {
+            let outstanding = outstanding.clone();
+            input.map(move |req| {
+                outstanding
+                    .sent
+                    .lock()
+                    .expect("outstanding lock")
+                    .push_back(tokio::time::Instant::now());
+                outstanding.pushed.notify_one();
+                RaftRequest {
+                    group,
+                    // Serializing openraft's own serde types into a Vec does not fail; an empty
+                    // payload would be refused by the peer and end the stream.
+                    payload: postcard::to_stdvec(&req).unwrap_or_default().into(),
+                }
+            })
+        };
+        let replies = match tokio::time::timeout(ttl, client.append_stream(requests)).await {
+            Err(_) => return Err(RPCError::Network(NetworkError::new(&Msg("append stream open timed out".into())))),
+            Ok(Err(status)) => return Err(status_error(status)),
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let target = self.target;
+        let results = futures::stream::unfold(Some((replies, outstanding)), move |state| async move {
+            let (mut replies, outstanding) = state?;
+            loop {
+                let oldest = outstanding.sent.lock().expect("outstanding lock").front().copied();
+                let expired = async {
+                    match oldest {
+                        Some(t) => tokio::time::sleep_until(t + ttl).await,
+                        None => outstanding.pushed.notified().await,
+                    }
+                };
+                tokio::select! {
+                    m = replies.message() => {
+                        let item = match m {
+                            Ok(None) => return None,
+                            Err(status) => Err(status_error(status)),
+                            Ok(Some(reply)) => {
+                                outstanding.sent.lock().expect("outstanding lock").pop_front();
+                                match postcard::from_bytes::<Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>>(&reply.payload) {
+                                    Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+                                    Ok(Err(fatal)) => Err(RPCError::Unreachable(unreachable(format_args!("node {target} answered: {fatal}")))),
+                                    Ok(Ok(r)) => Ok(r),
+                                }
+                            }
+                        };
+                        // The stream ends after an error or a refused append, as openraft expects.
+                        let next = matches!(item, Ok(Ok(_))).then_some((replies, outstanding));
+                        return Some((item, next));
+                    }
+                    () = expired => {
+                        if oldest.is_some() {
+                            let e = RPCError::Network(NetworkError::new(&Msg("append stream result timed out".into())));
+                            return Some((Err(e), None));
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(results))
+    }
+}
+
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
     type SnapshotData = crate::types::SnapshotData;
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> futures::future::BoxFuture<'s, Result<AppendResults<'s>, RPCError<TypeConfig>>>
+    where
+        S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + OptionalSend + Unpin + 'static,
+    {
+        if self.heartbeat {
+            return stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let results: AppendResults<'s> = self.append_stream(input, option).await?;
+            Ok(results)
+        })
+    }
 
     async fn append_entries(
         &mut self,

@@ -11,6 +11,7 @@ use serde::Serialize;
 use thingraft_proto::v1::log_server::{Log, LogServer};
 use thingraft_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
 use thingraft_proto::v1::{self as pb};
+use futures::StreamExt;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -150,8 +151,75 @@ impl RaftService {
     }
 }
 
+type AppendStreamReplies = Pin<Box<dyn Stream<Item = Result<pb::RaftReply, Status>> + Send>>;
+
+fn failed_stream(s: Status) -> AppendStreamReplies {
+    Box::pin(futures::stream::once(std::future::ready(Err(s))))
+}
+
+impl RaftService {
+    /// One group's replication stream from its leader: every request goes to openraft as it
+    /// arrives; the results go back in order. A request for another group or one that does not
+    /// decode ends the stream with `InvalidArgument` after the results before it.
+    async fn open_append_stream(&self, mut input: tonic::Streaming<pb::RaftRequest>) -> AppendStreamReplies {
+        let first = match input.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return Box::pin(futures::stream::empty()),
+            Err(s) => return failed_stream(s),
+        };
+        let gid = first.group;
+        let g = match self.group(gid) {
+            Ok(g) => g,
+            Err(s) => return failed_stream(s),
+        };
+        let first: AppendEntriesRequest<TypeConfig> = match decode("append_stream", gid, &first.payload) {
+            Ok(r) => r,
+            Err(s) => return failed_stream(s),
+        };
+        let failed: Arc<std::sync::Mutex<Option<Status>>> = Arc::default();
+        let rest = {
+            let failed = failed.clone();
+            input.scan((), move |(), m| {
+                let r = match m {
+                    Ok(m) if m.group == gid => decode("append_stream", gid, &m.payload),
+                    Ok(m) => {
+                        tracing::warn!(group = gid, other = m.group, "append stream switched groups; closed");
+                        Err(Status::invalid_argument("an append stream carries one group"))
+                    }
+                    Err(s) => Err(s),
+                };
+                std::future::ready(match r {
+                    Ok(req) => Some(req),
+                    Err(s) => {
+                        *failed.lock().expect("append stream lock") = Some(s);
+                        None
+                    }
+                })
+            })
+        };
+        let requests = futures::stream::once(std::future::ready(first)).chain(rest);
+        let results = g.raft.stream_append(requests).map(|r| reply(&r).map(Response::into_inner));
+        let end = futures::stream::once(async move { failed.lock().expect("append stream lock").take() })
+            .filter_map(|s| std::future::ready(s.map(Err)));
+        Box::pin(results.chain(end))
+    }
+}
+
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
+    type AppendStreamStream = AppendStreamReplies;
+
+    async fn append_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::RaftRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        // Answer the stream's headers at once; the group is known from its first request.
+        let svc = RaftService { node: self.node.clone() };
+        let input = req.into_inner();
+        let replies = futures::stream::once(async move { svc.open_append_stream(input).await }).flatten();
+        Ok(Response::new(Box::pin(replies)))
+    }
+
     async fn append_entries_batch(
         &self,
         req: Request<pb::RaftBatchRequest>,

@@ -91,7 +91,12 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         Code::InvalidArgument
     );
     assert_eq!(
-        raft.install_snapshot(garbage).await.unwrap_err().code(),
+        raft.install_snapshot(garbage.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // A replication stream: its first message that does not decode ends it with the error.
+    assert_eq!(
+        append_stream_error(&mut raft, garbage).await,
         Code::InvalidArgument
     );
     let stray = RaftRequest {
@@ -99,9 +104,10 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         payload: vec![].into(),
     };
     assert_eq!(
-        raft.append_entries(stray).await.unwrap_err().code(),
+        raft.append_entries(stray.clone()).await.unwrap_err().code(),
         Code::NotFound
     );
+    assert_eq!(append_stream_error(&mut raft, stray).await, Code::NotFound);
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(offsets(&mut log).await, before, "bad input changed stored state");
@@ -110,4 +116,20 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
     let r = log.append(good).await.unwrap().into_inner();
     assert_eq!(r.first_offset, 1);
     node.shutdown().await;
+}
+
+/// Opens a replication stream carrying `first` and returns the error it ends with.
+async fn append_stream_error(
+    raft: &mut RaftClient<tonic::transport::Channel>,
+    first: RaftRequest,
+) -> Code {
+    let mut replies = raft
+        .append_stream(futures::stream::iter(vec![first]))
+        .await
+        .expect("stream opens")
+        .into_inner();
+    match replies.message().await {
+        Err(s) => s.code(),
+        Ok(m) => panic!("stream answered {m:?} instead of an error"),
+    }
 }
