@@ -279,7 +279,8 @@ impl PeerConnection {
 /// Process-wide counter that, with the time, names a snapshot transfer.
 static TRANSFERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-type AppendResults<'s> = futures::stream::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
+type AppendResults<'s> =
+    futures::stream::BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
 
 /// Send times of the requests of one append stream still waiting for their results.
 #[derive(Default)]
@@ -300,7 +301,11 @@ impl PeerConnection {
     /// openraft's replication stream to this peer as one gRPC stream: requests go out as the
     /// stream yields them, without waiting for earlier results, and results come back in order.
     /// A result that has not come back within `soft_ttl` ends the stream with an error.
-    async fn append_stream<S>(&mut self, input: S, option: RPCOption) -> Result<AppendResults<'static>, RPCError<TypeConfig>>
+    async fn append_stream<S>(
+        &mut self,
+        input: S,
+        option: RPCOption,
+    ) -> Result<AppendResults<'static>, RPCError<TypeConfig>>
     where
         S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
@@ -329,7 +334,11 @@ impl PeerConnection {
             })
         };
         let replies = match tokio::time::timeout(ttl, client.append_stream(requests)).await {
-            Err(_) => return Err(RPCError::Network(NetworkError::new(&Msg("append stream open timed out".into())))),
+            Err(_) => {
+                return Err(RPCError::Network(NetworkError::new(&Msg(
+                    "append stream open timed out".into(),
+                ))));
+            }
             Ok(Err(status)) => return Err(status_error(status)),
             Ok(Ok(r)) => r.into_inner(),
         };
@@ -337,7 +346,12 @@ impl PeerConnection {
         let results = futures::stream::unfold(Some((replies, outstanding)), move |state| async move {
             let (mut replies, outstanding) = state?;
             loop {
-                let oldest = outstanding.sent.lock().expect("outstanding lock").front().copied();
+                let oldest = outstanding
+                    .sent
+                    .lock()
+                    .expect("outstanding lock")
+                    .front()
+                    .copied();
                 let expired = async {
                     match oldest {
                         Some(t) => tokio::time::sleep_until(t + ttl).await,

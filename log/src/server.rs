@@ -6,12 +6,12 @@
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
+use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::Serialize;
 use thingraft_proto::v1::log_server::{Log, LogServer};
 use thingraft_proto::v1::raft_server::{Raft as RaftRpc, RaftServer};
 use thingraft_proto::v1::{self as pb};
-use futures::StreamExt;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
@@ -183,7 +183,11 @@ impl RaftService {
                 let r = match m {
                     Ok(m) if m.group == gid => decode("append_stream", gid, &m.payload),
                     Ok(m) => {
-                        tracing::warn!(group = gid, other = m.group, "append stream switched groups; closed");
+                        tracing::warn!(
+                            group = gid,
+                            other = m.group,
+                            "append stream switched groups; closed"
+                        );
                         Err(Status::invalid_argument("an append stream carries one group"))
                     }
                     Err(s) => Err(s),
@@ -198,7 +202,10 @@ impl RaftService {
             })
         };
         let requests = futures::stream::once(std::future::ready(first)).chain(rest);
-        let results = g.raft.stream_append(requests).map(|r| reply(&r).map(Response::into_inner));
+        let results = g
+            .raft
+            .stream_append(requests)
+            .map(|r| reply(&r).map(Response::into_inner));
         let end = futures::stream::once(async move { failed.lock().expect("append stream lock").take() })
             .filter_map(|s| std::future::ready(s.map(Err)));
         Box::pin(results.chain(end))
@@ -214,7 +221,9 @@ impl RaftRpc for RaftService {
         req: Request<tonic::Streaming<pb::RaftRequest>>,
     ) -> Result<Response<Self::AppendStreamStream>, Status> {
         // Answer the stream's headers at once; the group is known from its first request.
-        let svc = RaftService { node: self.node.clone() };
+        let svc = RaftService {
+            node: self.node.clone(),
+        };
         let input = req.into_inner();
         let replies = futures::stream::once(async move { svc.open_append_stream(input).await }).flatten();
         Ok(Response::new(Box::pin(replies)))

@@ -119,10 +119,7 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
 }
 
 /// Opens a replication stream carrying `first` and returns the error it ends with.
-async fn append_stream_error(
-    raft: &mut RaftClient<tonic::transport::Channel>,
-    first: RaftRequest,
-) -> Code {
+async fn append_stream_error(raft: &mut RaftClient<tonic::transport::Channel>, first: RaftRequest) -> Code {
     let mut replies = raft
         .append_stream(futures::stream::iter(vec![first]))
         .await
