@@ -3,6 +3,9 @@
 
 use std::time::Duration;
 
+use openraft::testing::log_id;
+use thingraft_log::network::SnapshotChunk;
+use thingraft_log::types::{SnapshotMeta, TypeConfig, Vote};
 use thingraft_log::{LogConfig, LogNode};
 use thingraft_proto::v1::log_client::LogClient;
 use thingraft_proto::v1::raft_client::RaftClient;
@@ -108,6 +111,33 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         Code::NotFound
     );
     assert_eq!(append_stream_error(&mut raft, stray).await, Code::NotFound);
+
+    // Snapshot chunks: a piece of a transfer that never started, and a snapshot beyond the
+    // leadership that sends it (openraft would panic installing it).
+    let chunk = |vote_term: u64, last_term: u64, offset: u64| RaftRequest {
+        group: 1,
+        payload: postcard::to_stdvec(&SnapshotChunk {
+            vote: Vote::new_committed(vote_term, 2),
+            meta: SnapshotMeta {
+                last_log_id: Some(log_id::<TypeConfig>(last_term, 2, 1_000_000)),
+                last_membership: Default::default(),
+            },
+            transfer: 7,
+            offset,
+            data: vec![0u8; 16].into(),
+            done: true,
+        })
+        .unwrap()
+        .into(),
+    };
+    assert_eq!(
+        raft.install_snapshot(chunk(1, 1, 4096)).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        raft.install_snapshot(chunk(1, 5, 0)).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(offsets(&mut log).await, before, "bad input changed stored state");
