@@ -441,7 +441,6 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
             ^ (TRANSFERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) << 48);
-        let deadline = tokio::time::Instant::now() + option.hard_ttl();
         let mut cancel = std::pin::pin!(cancel);
         let mut offset = 0usize;
         loop {
@@ -457,16 +456,17 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 data: data.slice(offset..end),
                 done: end == data.len(),
             };
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            let reply: SnapshotChunkReply =
-                self.call(Rpc::InstallSnapshot, &chunk, left)
-                    .await
-                    .map_err(|e| match e {
-                        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
-                        RPCError::Network(n) => StreamingError::Network(n),
-                        RPCError::Timeout(t) => StreamingError::Timeout(t),
-                        RPCError::RemoteError(r) => StreamingError::Unreachable(unreachable(r)),
-                    })?;
+            // Each chunk gets `install_snapshot_timeout`, as each InstallSnapshot call did in
+            // openraft 0.9: a large snapshot takes many of them.
+            let reply: SnapshotChunkReply = self
+                .call(Rpc::InstallSnapshot, &chunk, option.hard_ttl())
+                .await
+                .map_err(|e| match e {
+                    RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+                    RPCError::Network(n) => StreamingError::Network(n),
+                    RPCError::Timeout(t) => StreamingError::Timeout(t),
+                    RPCError::RemoteError(r) => StreamingError::Unreachable(unreachable(r)),
+                })?;
             match reply {
                 Err(fatal) => {
                     return Err(StreamingError::Unreachable(unreachable(format_args!(
