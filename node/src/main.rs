@@ -289,6 +289,7 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
                     "voters": g.voters, "learners": g.learners,
                     "batches": g.batches, "batched_records": g.batched_records,
                     "commit_us_total": g.commit_us_total,
+                    "snapshots_installed": g.snapshots_installed,
                 })
             })
             .collect();
@@ -332,6 +333,10 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
             g.last_log_index.saturating_sub(g.applied_index),
             g.state
         );
+    }
+    let installed: u64 = s.groups.iter().map(|g| g.snapshots_installed).sum();
+    if installed > 0 {
+        println!("snapshots installed from leaders since start: {installed}");
     }
     // Counters since the node started: what group commit achieved here.
     let (batches, records, commit_us) = s.groups.iter().fold((0u64, 0u64, 0u64), |(b, r, c), g| {
