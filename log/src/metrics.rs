@@ -11,8 +11,6 @@ pub struct PartitionMetrics {
     pub batch_records_max_seen: AtomicU64,
     /// Sum over batches of microseconds from proposal to commit-and-apply.
     pub commit_us_total: AtomicU64,
-    /// Snapshots installed from the leader (a follower that fell behind the leader's log).
-    pub snapshots_installed: AtomicU64,
 }
 
 impl PartitionMetrics {

@@ -316,9 +316,13 @@ impl PeerConnection {
         let group = self.group;
         let ttl = option.soft_ttl();
         let outstanding = Arc::new(Outstanding::default());
+        // The request side ends when the result side does: hyper keeps sending a request body
+        // after its response was dropped, and openraft's request stream must be released for the
+        // next session (it shares the replication state with it).
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let requests = {
             let outstanding = outstanding.clone();
-            input.map(move |req| {
+            input.take_until(stop_rx).map(move |req| {
                 outstanding
                     .sent
                     .lock()
@@ -343,48 +347,51 @@ impl PeerConnection {
             Ok(Ok(r)) => r.into_inner(),
         };
         let target = self.target;
-        let results = futures::stream::unfold(Some((replies, outstanding)), move |state| async move {
-            let (mut replies, outstanding) = state?;
-            loop {
-                let oldest = outstanding
-                    .sent
-                    .lock()
-                    .expect("outstanding lock")
-                    .front()
-                    .copied();
-                let expired = async {
-                    match oldest {
-                        Some(t) => tokio::time::sleep_until(t + ttl).await,
-                        None => outstanding.pushed.notified().await,
-                    }
-                };
-                tokio::select! {
-                    m = replies.message() => {
-                        let item = match m {
-                            Ok(None) => return None,
-                            Err(status) => Err(status_error(status)),
-                            Ok(Some(reply)) => {
-                                outstanding.sent.lock().expect("outstanding lock").pop_front();
-                                match postcard::from_bytes::<Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>>(&reply.payload) {
-                                    Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
-                                    Ok(Err(fatal)) => Err(RPCError::Unreachable(unreachable(format_args!("node {target} answered: {fatal}")))),
-                                    Ok(Ok(r)) => Ok(r),
+        let results = futures::stream::unfold(
+            Some((replies, outstanding, stop_tx)),
+            move |state| async move {
+                let (mut replies, outstanding, stop_tx) = state?;
+                loop {
+                    let oldest = outstanding
+                        .sent
+                        .lock()
+                        .expect("outstanding lock")
+                        .front()
+                        .copied();
+                    let expired = async {
+                        match oldest {
+                            Some(t) => tokio::time::sleep_until(t + ttl).await,
+                            None => outstanding.pushed.notified().await,
+                        }
+                    };
+                    tokio::select! {
+                        m = replies.message() => {
+                            let item = match m {
+                                Ok(None) => return None,
+                                Err(status) => Err(status_error(status)),
+                                Ok(Some(reply)) => {
+                                    outstanding.sent.lock().expect("outstanding lock").pop_front();
+                                    match postcard::from_bytes::<Result<StreamAppendResult<TypeConfig>, Fatal<TypeConfig>>>(&reply.payload) {
+                                        Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+                                        Ok(Err(fatal)) => Err(RPCError::Unreachable(unreachable(format_args!("node {target} answered: {fatal}")))),
+                                        Ok(Ok(r)) => Ok(r),
+                                    }
                                 }
+                            };
+                            // The stream ends after an error or a refused append, as openraft expects.
+                            let next = matches!(item, Ok(Ok(_))).then_some((replies, outstanding, stop_tx));
+                            return Some((item, next));
+                        }
+                        () = expired => {
+                            if oldest.is_some() {
+                                let e = RPCError::Network(NetworkError::new(&Msg("append stream result timed out".into())));
+                                return Some((Err(e), None));
                             }
-                        };
-                        // The stream ends after an error or a refused append, as openraft expects.
-                        let next = matches!(item, Ok(Ok(_))).then_some((replies, outstanding));
-                        return Some((item, next));
-                    }
-                    () = expired => {
-                        if oldest.is_some() {
-                            let e = RPCError::Network(NetworkError::new(&Msg("append stream result timed out".into())));
-                            return Some((Err(e), None));
                         }
                     }
                 }
-            }
-        });
+            },
+        );
         Ok(Box::pin(results))
     }
 }

@@ -991,7 +991,7 @@ impl LogHandle {
                 batches: g.metrics.batches.load(Ordering::Relaxed),
                 batched_records: g.metrics.batched_records.load(Ordering::Relaxed),
                 commit_us_total: g.metrics.commit_us_total.load(Ordering::Relaxed),
-                snapshots_installed: g.metrics.snapshots_installed.load(Ordering::Relaxed),
+                snapshots_installed: g.reader.shared.snapshots_installed.load(Ordering::Relaxed),
                 state: if g.recovering.load(Ordering::SeqCst) {
                     "Recovering".into()
                 } else {

@@ -28,6 +28,10 @@ pub fn router(handle: LogHandle) -> tonic::transport::server::Router {
     let node = NodeRef(Arc::downgrade(&handle.inner));
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // A peer that vanishes without closing its connection (its host died) must not keep
+        // replication streams and their openraft tasks open until TCP gives up.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(5)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
         .initial_connection_window_size(8 << 20)
         .initial_stream_window_size(4 << 20)
         .add_service(
@@ -91,7 +95,17 @@ impl RaftService {
     /// Adds one chunk to the group's snapshot being received; installs it with the last one.
     async fn snapshot_chunk(&self, g: &Group, chunk: SnapshotChunk) -> Result<SnapshotChunkReply, Status> {
         let gid = g.id;
-        // openraft panics on a snapshot beyond the leadership that sends it: refuse it here.
+        // openraft panics (or debug-asserts) on a snapshot that no protocol-following leader
+        // sends: refuse those here, before they reach it.
+        if !chunk.vote.is_committed() {
+            tracing::warn!(
+                group = gid,
+                "snapshot from a vote that is not a leader's rejected"
+            );
+            return Err(Status::invalid_argument(
+                "snapshot sender's vote is not committed",
+            ));
+        }
         if chunk
             .meta
             .last_log_id
@@ -108,13 +122,16 @@ impl RaftService {
                     buf.extend_from_slice(&chunk.data);
                 }
                 _ if fresh => *rx = Some((chunk.transfer, chunk.data.to_vec())),
-                _ => {
+                current => {
                     tracing::warn!(
                         group = gid,
                         offset = chunk.offset,
                         "snapshot chunk out of order rejected"
                     );
-                    *rx = None;
+                    // A broken transfer is dropped; another sender's transfer in progress is not.
+                    if current.is_some_and(|(t, _)| *t == chunk.transfer) {
+                        *rx = None;
+                    }
                     return Err(Status::failed_precondition("snapshot chunk out of order"));
                 }
             }
@@ -131,16 +148,33 @@ impl RaftService {
             }
             rx.take().map(|(_, b)| b).unwrap_or_default()
         };
+        if let Err(e) = crate::storage::validate_snapshot_payload(&data) {
+            tracing::warn!(group = gid, error = %e, "undecodable snapshot rejected");
+            return Err(Status::invalid_argument(format!("snapshot does not decode: {e}")));
+        }
+        // Best effort against the other panic (the metrics may trail the core a little): a
+        // snapshot newer than the local commit must also be at a greater index.
+        let committed =
+            openraft::async_runtime::WatchReceiver::borrow_watched(&g.raft.metrics()).local_committed;
+        if let (Some(c), Some(s)) = (committed, chunk.meta.last_log_id)
+            && s > c
+            && s.index <= c.index
+        {
+            tracing::warn!(group = gid, "snapshot contradicting the local commit rejected");
+            return Err(Status::invalid_argument("snapshot contradicts committed entries"));
+        }
         let snapshot = Snapshot {
             meta: chunk.meta,
             snapshot: std::io::Cursor::new(data),
         };
         let bytes = snapshot.snapshot.get_ref().len();
         let res = g.raft.install_full_snapshot(chunk.vote, snapshot).await;
-        if res.is_ok() {
-            g.metrics.snapshots_installed.fetch_add(1, Ordering::Relaxed);
-            tracing::info!(group = gid, bytes, "installed a snapshot from the leader");
-        }
+        tracing::info!(
+            group = gid,
+            bytes,
+            ok = res.is_ok(),
+            "snapshot received from the leader"
+        );
         Ok(res.map(Some))
     }
 

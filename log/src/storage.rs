@@ -522,6 +522,14 @@ struct SnapshotRecord {
     meta_kv: Vec<(String, Bytes)>,
 }
 
+/// Checks that `data` is a snapshot payload, before it is handed to openraft (which stops the
+/// group when installing fails).
+pub fn validate_snapshot_payload(data: &[u8]) -> io::Result<()> {
+    postcard::from_bytes::<SnapshotPayload>(data)
+        .map(|_| ())
+        .map_err(read_err)
+}
+
 /// The bytes sent to a follower that installs a snapshot.
 #[derive(Debug, Serialize, Deserialize)]
 struct SnapshotPayload {
@@ -541,6 +549,8 @@ pub struct SmShared {
     pub meta_changes: broadcast::Sender<Arc<Vec<String>>>,
     /// `next_offset` after each apply, for tail subscriptions.
     pub next_offset_tx: watch::Sender<u64>,
+    /// Snapshots installed into this state machine since the node started.
+    pub snapshots_installed: AtomicU64,
 }
 
 /// A record read back from a partition.
@@ -686,6 +696,7 @@ impl StateMachine {
             meta_kv: RwLock::new(meta_kv),
             meta_changes: broadcast::channel(1024).0,
             next_offset_tx,
+            snapshots_installed: AtomicU64::new(0),
         });
         Ok(Self {
             reader: SmReader { group, store, shared },
@@ -990,6 +1001,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Anything may have changed.
         let _ = self.reader.shared.meta_changes.send(Arc::new(Vec::new()));
         self.reader.shared.next_offset_tx.send_replace(next);
+        self.reader
+            .shared
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 

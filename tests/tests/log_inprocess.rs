@@ -92,14 +92,22 @@ async fn leader_crash_and_restart_under_load_keeps_every_acked_record_once() {
     );
     // The restarted node fell more than `entries_kept_after_snapshot` behind, so the leaders
     // sent it snapshots (chunked by thingraft's own transfer, openraft 0.10 has none).
-    let installed: u64 = nodes[&victim]
-        .handle()
-        .status()
-        .groups
-        .iter()
-        .map(|g| g.snapshots_installed)
-        .sum();
-    assert!(installed > 0, "the restarted node installed no snapshot");
+    let installed = |n: &LogNode| -> u64 {
+        n.handle()
+            .status()
+            .groups
+            .iter()
+            .map(|g| g.snapshots_installed)
+            .sum()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while installed(&nodes[&victim]) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        installed(&nodes[&victim]) > 0,
+        "the restarted node installed no snapshot"
+    );
     let ids: Vec<NodeId> = members.keys().copied().collect();
     let total = check_replicas(&client, &ids, 4, &ledger, Duration::from_secs(30))
         .await
