@@ -5,6 +5,7 @@
 //! - [`shard`]: per partition, processing at the leader (outcomes) and applying on every
 //!   replica.
 //! - [`connectivity`]: device activity, inactivity and the five connectivity attributes.
+//! - [`rules`]: rule chains in ThingsBoard's shape and their executor (client-side RPC today).
 //! - [`store`]: the local store (RocksDB) the shards fold into; latest values, history,
 //!   attributes.
 
@@ -12,6 +13,7 @@ pub mod connectivity;
 pub mod ota;
 pub mod registry;
 pub mod relations;
+pub mod rules;
 pub mod shard;
 pub mod store;
 

@@ -10,7 +10,7 @@
 //! telemetry, save the attributes, record connectivity), so an outcome names the range and each
 //! replica applies the records it already holds, instead of copying them into the log again.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use thingraft_proto::records::{
 use tokio::sync::{mpsc, watch};
 
 use crate::connectivity::Connectivity;
+use crate::rules::{Effect, RuleChain, RuleMsg};
 use crate::store::{Batch, Progress, RpcState, Store};
 use crate::{Downlinks, EngineConfig};
 
@@ -54,6 +55,14 @@ pub(crate) enum Action {
     },
     /// Deliver a server-side RPC (or queue it until a session subscribes).
     Rpc(RpcState),
+    /// Run a device's client-side RPC through the root rule chain; answer what it replies.
+    ClientRpc {
+        device: EntityId,
+        session: SessionRef,
+        request_id: u32,
+        method: String,
+        params: String,
+    },
 }
 
 struct State {
@@ -102,6 +111,7 @@ impl Shard {
                 log: self.log.clone(),
                 store: self.store.clone(),
                 downlinks: self.downlinks.clone(),
+                root_chain: RuleChain::default_root(),
                 queued: Vec::new(),
                 awaiting: Vec::new(),
             }
@@ -417,10 +427,22 @@ fn apply_default(
                     actions.push(Action::Rpc(r));
                 }
             }
-            IngestMsg::ClientRpc { method, .. } => {
-                // The default root chain only logs client-side RPCs ("Log RPC from Device");
-                // the device's transport answers with a timeout.
-                tracing::debug!(method = %method, "client-side RPC from device");
+            IngestMsg::ClientRpc {
+                request_id,
+                method,
+                params,
+            } => {
+                // Only a session can take the answer; the transport answers with a timeout when
+                // the chain gives none.
+                if let Some(session) = i.session {
+                    actions.push(Action::ClientRpc {
+                        device: *d,
+                        session,
+                        request_id: *request_id,
+                        method: method.clone(),
+                        params: params.clone(),
+                    });
+                }
             }
             IngestMsg::RpcResponse { id, payload } => {
                 if let Some(mut r) = batch.rpc_by_id(store, d, *id)
@@ -472,6 +494,8 @@ struct Leader {
     log: LogHandle,
     store: Arc<Store>,
     downlinks: Arc<dyn Downlinks>,
+    /// The chain client-side RPCs run through (per tenant once chains can be edited).
+    root_chain: RuleChain,
     /// RPCs no session took yet.
     queued: Vec<RpcState>,
     /// Two-way RPCs delivered and waiting for the device's reply.
@@ -527,6 +551,39 @@ impl Leader {
                     msg,
                 };
                 self.downlinks.deliver(Some(session.node), d).await;
+            }
+            Action::ClientRpc {
+                device,
+                session,
+                request_id,
+                method,
+                params,
+            } => {
+                let data = serde_json::json!({
+                    "method": method,
+                    "params": serde_json::from_str::<serde_json::Value>(&params).unwrap_or(serde_json::Value::Null),
+                });
+                let msg = RuleMsg {
+                    msg_type: "TO_SERVER_RPC_REQUEST",
+                    data,
+                    metadata: BTreeMap::from([
+                        ("requestId".to_string(), request_id.to_string()),
+                        ("sessionId".to_string(), session.session.to_string()),
+                        ("serviceId".to_string(), session.node.to_string()),
+                    ]),
+                };
+                for effect in self.root_chain.run(msg, now_ms()) {
+                    match effect {
+                        Effect::RpcReply { request_id, body } => {
+                            let d = Deliver {
+                                device,
+                                session: Some(session.session),
+                                msg: DownlinkMsg::ClientRpcResponse { request_id, body },
+                            };
+                            self.downlinks.deliver(Some(session.node), d).await;
+                        }
+                    }
+                }
             }
             Action::Rpc(r) => {
                 if !self.deliver_rpc(&r).await {

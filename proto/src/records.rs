@@ -282,6 +282,8 @@ pub enum DownlinkMsg {
     },
     /// A server-side RPC: its method and params (JSON text); to sessions subscribed to RPC.
     RpcRequest { id: u32, method: String, params: String },
+    /// A rule chain's answer to the session's client-side RPC `request_id` (JSON text).
+    ClientRpcResponse { request_id: u32, body: String },
 }
 
 /// One attribute in a downlink: name, last update time, value.
@@ -326,6 +328,7 @@ impl DownlinkMsg {
                 serde_json::Value::String(method.clone()),
                 params
             ),
+            DownlinkMsg::ClientRpcResponse { body, .. } => body.clone(),
         }
     }
 }

@@ -114,6 +114,13 @@ time.sleep(0.3)
 code, answer = rest("POST", f"/api/plugins/rpc/twoway/{dev_id}", {"method": "ping", "params": {"n": 7}}, JWT)
 check("server-side RPC answered by the SDK", code == 200 and answer == {"echo": {"n": 7}}, (code, answer))
 
+# Client-side RPC, as the SDK's client_rpc_request example makes it: the default root chain
+# answers `getTime` with the server time.
+client_answers = []
+client.send_rpc_call("getTime", {}, lambda req_id, result, exception=None: client_answers.append(result))
+check("client-side getTime answered by the root chain",
+      wait_for(lambda: client_answers and "GMT+0000" in str(client_answers[0].get("time"))), client_answers)
+
 check("claim", client.claim(secret_key="sdk-secret", duration=60000).get() == TBPublishInfo.TB_ERR_SUCCESS)
 client.disconnect()
 
@@ -216,6 +223,8 @@ time.sleep(0.5)
 rest("POST", f"/api/plugins/telemetry/{http_id}/SHARED_SCOPE", {"mode": "eco"}, JWT)
 check("http attribute long poll", wait_for(lambda: any(u.get("mode") == "eco" for u in http_updates)), http_updates)
 hd.unsubscribe("attributes")
+answer = hd.send_rpc("getTime")
+check("http client-side getTime answered", "GMT+0000" in str(answer.get("time")), answer)
 
 # OTA over HTTP: the SDK's chunked download (it asks for one chunk past the end, which is empty).
 rest("POST", "/api/device", {"id": {"entityType": "DEVICE", "id": http_id}, "name": "SDK http",

@@ -723,3 +723,42 @@ pub fn certificate(dir: &std::path::Path, name: &str, cn: &str) -> anyhow::Resul
     );
     Ok(())
 }
+
+/// Asserts that `answer` is the default root chain's reply to `getTime`:
+/// `{"time":"Thu Nov 26 2026 21:13:45 GMT+0000 (Coordinated Universal Time)"}` (JavaScript's
+/// `String(new Date())` in UTC), within a minute of this machine's clock.
+pub fn assert_server_time(answer: &serde_json::Value) {
+    let obj = answer.as_object().expect("an object");
+    assert_eq!(obj.len(), 1, "only `time`: {answer}");
+    let s = obj["time"].as_str().expect("`time` is a string");
+    let parts: Vec<&str> = s.split(' ').collect();
+    assert_eq!(parts.len(), 9, "{s}");
+    assert_eq!(
+        &parts[5..],
+        ["GMT+0000", "(Coordinated", "Universal", "Time)"],
+        "{s}"
+    );
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    let month = MONTHS.iter().position(|m| *m == parts[1]).expect("month name") as i64 + 1;
+    let day: i64 = parts[2].parse().expect("day");
+    let year: i64 = parts[3].parse().expect("year");
+    let hms: Vec<i64> = parts[4].split(':').map(|x| x.parse().expect("h:m:s")).collect();
+    // Howard Hinnant's days_from_civil.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    assert_eq!(parts[0], DAYS[days.rem_euclid(7) as usize], "weekday of {s}");
+    let secs = days * 86_400 + hms[0] * 3600 + hms[1] * 60 + hms[2];
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert!((now - secs).abs() <= 60, "{s} is not the time now ({now})");
+}

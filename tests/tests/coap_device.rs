@@ -188,6 +188,17 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
     assert_eq!(reply.code, "2.01", "{reply:?}");
     let (code, answer) = call.await??;
     assert_eq!((code, answer), (200, json!({"pct": 40})));
+
+    // A client-side `getTime`: the default root chain answers with the server time.
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        r#"{"method":"getTime","params":{}}"#,
+        &url(&c, "api/v1/VALVE_TOKEN/rpc"),
+    ])?;
+    assert_eq!(out.code, "2.05", "{out:?}");
+    thingraft_tests::assert_server_time(&serde_json::from_str(&out.body)?);
     Ok(())
 }
 
@@ -218,13 +229,13 @@ async fn slow_answers_come_separately_and_duplicates_are_answered_once() -> anyh
     .await?;
     let id = user.create_device("Clock C", "CLOCK_TOKEN")?;
 
-    // A client-side RPC takes 1.5 s: coap-client gets the answer as a separate confirmable
+    // A client-side RPC the root chain does not answer takes 1.5 s: coap-client gets the answer as a separate confirmable
     // response...
     let out = coap_client(&[
         "-m",
         "post",
         "-e",
-        r#"{"method":"getTime","params":{}}"#,
+        r#"{"method":"getWeather","params":{}}"#,
         &url(&c, "api/v1/CLOCK_TOKEN/rpc"),
     ])?;
     assert_eq!(out.code, "2.05", "{out:?}");
@@ -243,7 +254,7 @@ async fn slow_answers_come_separately_and_duplicates_are_answered_once() -> anyh
     sock.send(&raw_post(
         "CLOCK_TOKEN",
         "rpc",
-        br#"{"method":"getTime"}"#,
+        br#"{"method":"getWeather"}"#,
         0x2222,
     ))
     .await?;

@@ -547,7 +547,7 @@ async fn mqtt_basic_credentials_authenticate_and_changing_them_closes_the_sessio
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_side_rpc_nobody_answers_times_out() -> anyhow::Result<()> {
+async fn client_side_rpcs_get_the_root_chains_answer_or_time_out() -> anyhow::Result<()> {
     let c = ProcCluster::start_with_config(1, 4, Some("[transport]\nclient_rpc_timeout_ms = 1000\n")).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     rest.create_device("Asker", "TOKEN_ASK")?;
@@ -556,12 +556,27 @@ async fn a_client_side_rpc_nobody_answers_times_out() -> anyhow::Result<()> {
     client
         .subscribe("v1/devices/me/rpc/response/+", QoS::AtLeastOnce)
         .await?;
+    // `getTime`: the default root chain replies with the server time, on the request's id.
+    client
+        .publish(
+            "v1/devices/me/rpc/request/2",
+            QoS::AtLeastOnce,
+            false,
+            r#"{"method":"getTime","params":{}}"#,
+        )
+        .await?;
+    let r = next_puback(&mut ev).await?;
+    assert_eq!(r, PubAckReason::Success);
+    let (topic, body) = next_packet(&mut ev, |p| publish_on(p, "v1/devices/me/rpc/response/")).await?;
+    assert_eq!(topic, "v1/devices/me/rpc/response/2");
+    thingraft_tests::assert_server_time(&body);
+    // Any other method: the chain only logs it, and the transport answers with a timeout.
     client
         .publish(
             "v1/devices/me/rpc/request/3",
             QoS::AtLeastOnce,
             false,
-            r#"{"method":"getTime","params":{}}"#,
+            r#"{"method":"getWeather","params":{}}"#,
         )
         .await?;
     let r = next_puback(&mut ev).await?;

@@ -50,7 +50,7 @@ async fn thingsboards_python_sdk_runs_unchanged() -> anyhow::Result<()> {
     // Every check ran.
     assert_eq!(
         stdout.lines().filter(|l| l.starts_with("ok ")).count(),
-        28,
+        30,
         "{stdout}"
     );
     Ok(())

@@ -177,7 +177,7 @@ async fn route(
             }
         }
         (RequestType::Post, ["api", "v1", token, "rpc"]) => {
-            let (s, _rx) = session(t, token, 0)?;
+            let (s, mut rx) = session(t, token, 0)?;
             // A protobuf device's request is a `ToServerRpcRequestMsg`, answered in kind.
             let proto = proto_schemas(t, &s).is_some();
             let parsed = if proto {
@@ -191,15 +191,30 @@ async fn route(
                 Ok(msg) => match s.submit(vec![msg]).await {
                     Err(e) => backend(&e),
                     Ok(()) => {
-                        // The default root rule chain only logs client RPCs.
-                        tokio::time::sleep(Duration::from_millis(t.hub.config.client_rpc_timeout_ms)).await;
-                        if proto {
-                            Reply::bytes(
+                        // The root rule chain's answer, or a timeout when it gives none.
+                        let wait = async {
+                            while let Some(d) = rx.recv().await {
+                                if let Downlink::Msg(_, DownlinkMsg::ClientRpcResponse { body, .. }) = d {
+                                    return Some(body);
+                                }
+                            }
+                            None
+                        };
+                        let limit = Duration::from_millis(t.hub.config.client_rpc_timeout_ms);
+                        let answer = tokio::time::timeout(limit, wait).await.ok().flatten();
+                        match (proto, answer) {
+                            (true, Some(body)) => Reply::bytes(
+                                ResponseType::Content,
+                                proto_payload::client_rpc_response(1, &body, ""),
+                            ),
+                            (true, None) => Reply::bytes(
                                 ResponseType::Content,
                                 proto_payload::client_rpc_response(1, "", "timeout"),
-                            )
-                        } else {
-                            Reply::json(ResponseType::Content, CLIENT_RPC_TIMEOUT.to_string())
+                            ),
+                            (false, Some(body)) => Reply::json(ResponseType::Content, body),
+                            (false, None) => {
+                                Reply::json(ResponseType::Content, CLIENT_RPC_TIMEOUT.to_string())
+                            }
                         }
                     }
                 },

@@ -402,7 +402,7 @@ impl Hub {
     pub fn deliver(&self, d: &Deliver) -> u32 {
         let needs = match d.msg {
             DownlinkMsg::AttributeUpdate { .. } => SUB_ATTRIBUTES,
-            DownlinkMsg::AttributeResponse { .. } => 0,
+            DownlinkMsg::AttributeResponse { .. } | DownlinkMsg::ClientRpcResponse { .. } => 0,
             DownlinkMsg::RpcRequest { .. } => SUB_RPC,
         };
         let m = self.sessions.lock().expect("sessions lock");

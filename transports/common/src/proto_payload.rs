@@ -275,7 +275,7 @@ fn ts_kv(kv: &AttrKv) -> tb::TsKvProto {
 
 /// A downlink as a protobuf device gets it: ThingsBoard's fixed messages for attributes
 /// (`AttributeUpdateNotificationMsg`, `GetAttributeResponseMsg`), the profile's RPC request
-/// message for an RPC — `None` when the device has no such schema (ThingsBoard cannot send it
+/// message for an RPC, `ToServerRpcResponseMsg` for a client-side RPC's answer — `None` when the device has no such schema (ThingsBoard cannot send it
 /// either).
 pub fn downlink(msg: &DownlinkMsg, schemas: Option<&ProtoSchemas>) -> Option<Vec<u8>> {
     Some(match msg {
@@ -298,6 +298,7 @@ pub fn downlink(msg: &DownlinkMsg, schemas: Option<&ProtoSchemas>) -> Option<Vec
         }
         .encode_to_vec(),
         DownlinkMsg::RpcRequest { id, method, params } => schemas?.rpc_request(*id, method, params),
+        DownlinkMsg::ClientRpcResponse { request_id, body } => client_rpc_response(*request_id, body, ""),
     })
 }
 

@@ -294,16 +294,25 @@ async fn rpc_reply(
     Ok(StatusCode::OK)
 }
 
-/// `POST /api/v1/{token}/rpc`: a client-side RPC. It is recorded in the log; the default root
-/// rule chain only logs it, so the answer is `{"error":"timeout"}` once the transports'
-/// client-RPC timeout passes.
+/// `POST /api/v1/{token}/rpc`: a client-side RPC. It is recorded in the log and run through the
+/// root rule chain; the answer is what the chain replies, or `{"error":"timeout"}` once the
+/// transports' client-RPC timeout passes.
 async fn client_rpc(State(api): St, Path(token): Path<String>, body: Body) -> Result<Response, DevError> {
-    let (s, _rx) = api.session(&token, 0)?;
+    let (s, mut rx) = api.session(&token, 0)?;
     let body = read_body(body, api.config.max_rpc_payload_bytes).await?;
     let msg = payload::parse_client_rpc(1, &body)?;
     s.submit(vec![msg]).await?;
-    tokio::time::sleep(Duration::from_millis(api.hub.config.client_rpc_timeout_ms)).await;
-    Ok(json(CLIENT_RPC_TIMEOUT.to_string()))
+    let wait = Duration::from_millis(api.hub.config.client_rpc_timeout_ms);
+    match wait_for(&mut rx, wait, |m| match m {
+        DownlinkMsg::ClientRpcResponse { body, .. } => Some(body),
+        _ => None,
+    })
+    .await
+    {
+        Ok(answer) => Ok(json(answer)),
+        Err(e) if e.status == StatusCode::REQUEST_TIMEOUT => Ok(json(CLIENT_RPC_TIMEOUT.to_string())),
+        Err(e) => Err(e),
+    }
 }
 
 /// `POST /api/v1/provision`: device provisioning; ThingsBoard's JSON answer with its `status`.

@@ -375,9 +375,11 @@ impl Gateway {
         }
         let name = self.names.get(&device)?.clone();
         if protobuf {
-            return Some(downlink_proto(name, &msg));
+            return downlink_proto(name, &msg);
         }
         Some(match &msg {
+            // The gateway API has no client-side RPC for its devices.
+            DownlinkMsg::ClientRpcResponse { .. } => return None,
             DownlinkMsg::AttributeUpdate { .. } => {
                 let data: Value = serde_json::from_str(&msg.json()).unwrap_or(Value::Null);
                 (
@@ -419,10 +421,11 @@ impl Gateway {
 }
 
 /// A child's downlink in ThingsBoard's gateway protobuf messages.
-fn downlink_proto(device_name: String, msg: &DownlinkMsg) -> (&'static str, Vec<u8>) {
+fn downlink_proto(device_name: String, msg: &DownlinkMsg) -> Option<(&'static str, Vec<u8>)> {
     use prost::Message as _;
     let inner = proto_payload::downlink(msg, None);
-    match msg {
+    Some(match msg {
+        DownlinkMsg::ClientRpcResponse { .. } => return None,
         DownlinkMsg::AttributeUpdate { .. } => (
             "v1/gateway/attributes",
             tb::GatewayAttributeUpdateNotificationMsg {
@@ -453,7 +456,7 @@ fn downlink_proto(device_name: String, msg: &DownlinkMsg) -> (&'static str, Vec<
             }
             .encode_to_vec(),
         ),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -252,7 +252,7 @@ struct Session {
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, response topic), oldest first.
     /// A protobuf request's id when the answer is a `ToServerRpcResponseMsg`.
-    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, String, Option<u32>)>,
+    client_rpcs: std::collections::VecDeque<(tokio::time::Instant, u32, String, Option<u32>)>,
     /// The children of a gateway device's connection (`None`: not a gateway).
     gateway: Option<Gateway>,
     /// The OTA chunk size this device asked for last (0: whole packages).
@@ -523,8 +523,12 @@ impl Session {
                                 codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, &payload);
                             }
                         }
+                        Some(Downlink::Msg(_, DownlinkMsg::ClientRpcResponse { request_id, body })) => {
+                            self.client_rpc_answered(request_id, &body);
+                        }
                         Some(Downlink::Msg(_, m)) => {
                             let (family, topic) = match &m {
+                                DownlinkMsg::ClientRpcResponse { .. } => continue,
                                 DownlinkMsg::AttributeUpdate { .. } => {
                                     let f = self.families.attributes;
                                     (f, f.attributes().to_string())
@@ -560,7 +564,7 @@ impl Session {
                         None => std::future::pending().await,
                     }
                 } => {
-                    if let Some((_, t, proto_id)) = self.client_rpcs.pop_front() {
+                    if let Some((_, _, t, proto_id)) = self.client_rpcs.pop_front() {
                         let body = match proto_id {
                             Some(rid) => proto_payload::client_rpc_response(rid, "", "timeout"),
                             None => CLIENT_RPC_TIMEOUT.as_bytes().to_vec(),
@@ -760,9 +764,32 @@ impl Session {
         }
     }
 
+    /// A rule chain answered client-side RPC `request_id`: sent on the topic the request came
+    /// on, in its format; dropped when the request already timed out.
+    fn client_rpc_answered(&mut self, request_id: u32, body: &str) {
+        let Some(i) = self
+            .client_rpcs
+            .iter()
+            .position(|(_, rid, ..)| *rid == request_id)
+        else {
+            tracing::debug!(request_id, "client-side RPC answer after its timeout; dropped");
+            return;
+        };
+        let Some((_, _, topic, proto_id)) = self.client_rpcs.remove(i) else {
+            return;
+        };
+        let payload = match proto_id {
+            Some(rid) => proto_payload::client_rpc_response(rid, body, ""),
+            None => body.as_bytes().to_vec(),
+        };
+        let pkid = self.transport.next_pkid();
+        codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
+    }
+
     /// A client-side RPC: `getSessionLimits` is answered by the transport itself, as
-    /// ThingsBoard does; any other is recorded in the log (acknowledged after the commit) and
-    /// answered with a timeout unless something replies first.
+    /// ThingsBoard does; any other is recorded in the log (acknowledged after the commit), run
+    /// through the root rule chain by the partition's leader, and answered with what the chain
+    /// replies or with a timeout.
     fn client_rpc(&mut self, family: Family, id: &str, payload: &[u8], ack: Option<u16>) -> Option<End> {
         let response_topic = family.rpc_response(id);
         // A protobuf request (`ToServerRpcRequestMsg`) is read as its JSON form, and its answer
@@ -798,8 +825,8 @@ impl Session {
             codec::write_publish(&mut self.wbuf, self.version, &response_topic, 1, pkid, &reply);
             return None;
         }
-        match request_id(id).and_then(|rid| payload::parse_client_rpc(rid, payload)) {
-            Ok(msg) => {
+        match request_id(id).and_then(|rid| Ok((rid, payload::parse_client_rpc(rid, payload)?))) {
+            Ok((rid, msg)) => {
                 self.enqueue(msg, ack);
                 let deadline = tokio::time::Instant::now()
                     + Duration::from_millis(self.transport.hub.config.client_rpc_timeout_ms);
@@ -807,7 +834,8 @@ impl Session {
                 if self.client_rpcs.len() >= 1024 {
                     self.client_rpcs.pop_front();
                 }
-                self.client_rpcs.push_back((deadline, response_topic, proto_id));
+                self.client_rpcs
+                    .push_back((deadline, rid, response_topic, proto_id));
                 None
             }
             Err(e) => self.refuse(&response_topic, &e, ack),
