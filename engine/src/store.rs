@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{DB, Direction, IteratorMode, Options, WriteBatch, WriteOptions};
+use rocksdb::{DB, Direction, IteratorMode, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use thingraft_proto::device::Value;
 use thingraft_proto::records::{EntityId, RpcStatus, Scope};
@@ -127,7 +127,7 @@ fn names_after(db: &DB, prefix: &[u8]) -> anyhow::Result<Vec<(String, Vec<u8>)>>
 
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Arc<Store>> {
-        let mut o = Options::default();
+        let mut o = thingraft_log::storage::db_options();
         o.create_if_missing(true);
         o.set_max_background_jobs(2);
         Ok(Arc::new(Store {

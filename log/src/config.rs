@@ -39,6 +39,10 @@ pub struct LogConfig {
     /// waits for more appends to join the next entry (0: never; with nothing in flight it never
     /// waits).
     pub batch_linger_us: u64,
+    /// How long a leader holds a message to a follower that carries only a new commit index,
+    /// in case the next entries can carry it instead (0: send at once). Followers learn a
+    /// commit up to this much later; acknowledgements do not wait for it.
+    pub commit_hold_us: u64,
     /// Raft entries a partition leader keeps in flight (proposed, not yet committed).
     pub inflight_entries_max: usize,
     /// Appends waiting for a partition's batcher; beyond this, appenders wait (backpressure).
@@ -74,6 +78,7 @@ impl Default for LogConfig {
             batch_records_max: 8192,
             batch_bytes_max: 1 << 20,
             batch_linger_us: 500,
+            commit_hold_us: 1000,
             inflight_entries_max: 8,
             append_queue_max: 16_384,
             record_bytes_max: 1 << 20,

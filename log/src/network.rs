@@ -147,6 +147,9 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 pub struct NetworkFactory {
     pub group: GroupId,
     pub peers: Peers,
+    /// How long an append stream holds a request that only carries a new commit index
+    /// ([`hold_commit_only`]).
+    pub commit_hold: Duration,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -163,6 +166,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             link,
             heartbeat: false,
+            commit_hold: self.commit_hold,
         }
     }
 
@@ -183,6 +187,7 @@ pub struct PeerConnection {
     /// AppendEntries call through the peer's batcher (with every other group's heartbeats)
     /// instead of opening a gRPC stream per heartbeat.
     heartbeat: bool,
+    commit_hold: Duration,
 }
 
 #[derive(Clone, Copy)]
@@ -322,6 +327,7 @@ impl PeerConnection {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let requests = {
             let outstanding = outstanding.clone();
+            let input = hold_commit_only(input, self.commit_hold);
             input.take_until(stop_rx).map(move |req| {
                 outstanding
                     .sent
@@ -394,6 +400,82 @@ impl PeerConnection {
         );
         Ok(Box::pin(results))
     }
+}
+
+/// The log position a follower matches after `req`: its last entry, or `prev_log_id`.
+fn last_log_id(req: &AppendEntriesRequest<TypeConfig>) -> Option<crate::types::LogId> {
+    req.entries.last().map(|e| e.log_id).or(req.prev_log_id)
+}
+
+/// openraft sends a follower an entry-less request as soon as the commit index moves, even when
+/// the next entries are about to carry it (with one append in flight: every time). Each one
+/// costs a message, a follower wake-up and a reply on every follower, and the leader sends them
+/// just before it answers its client. This holds such a request — one with no entries whose
+/// `prev_log_id` is where the previous request left the follower, so it carries nothing but the
+/// commit index — for up to `hold`; a request that comes in that time replaces it (its commit
+/// index is at least as new), and one that does not is sent when the time is up. The request
+/// stream's first request, probes and anything carrying entries go out at once, and so do
+/// heartbeats, which take another path. The follower learns a commit up to `hold` later; an
+/// append is acknowledged at its commit on the leader, so no acknowledgement waits for this.
+fn hold_commit_only<S>(
+    input: S,
+    hold: Duration,
+) -> impl futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static
+where
+    S: futures::Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    type Held = Option<(tokio::time::Instant, AppendEntriesRequest<TypeConfig>)>;
+    struct State<S> {
+        input: S,
+        held: Held,
+        /// Where the last request sent leaves the follower; `None` before the first.
+        sent_upto: Option<Option<crate::types::LogId>>,
+        ended: bool,
+    }
+    let state = State {
+        input,
+        held: None,
+        sent_upto: None,
+        ended: false,
+    };
+    Box::pin(futures::stream::unfold(state, move |mut st| async move {
+        loop {
+            if st.ended {
+                return st.held.take().map(|(_, r)| (r, st));
+            }
+            let next = match &st.held {
+                Some((deadline, _)) => {
+                    let deadline = *deadline;
+                    tokio::select! {
+                        biased;
+                        r = st.input.next() => Some(r),
+                        () = tokio::time::sleep_until(deadline) => None,
+                    }
+                }
+                None => Some(st.input.next().await),
+            };
+            match next {
+                // The hold is over: send the commit.
+                None => return st.held.take().map(|(_, r)| (r, st)),
+                Some(None) => st.ended = true,
+                Some(Some(req)) => {
+                    let commit_only =
+                        req.entries.is_empty() && st.sent_upto.as_ref() == Some(&req.prev_log_id);
+                    if commit_only && !hold.is_zero() {
+                        let deadline = match &st.held {
+                            Some((d, _)) => *d,
+                            None => tokio::time::Instant::now() + hold,
+                        };
+                        st.held = Some((deadline, req));
+                        continue;
+                    }
+                    st.held = None;
+                    st.sent_upto = Some(last_log_id(&req));
+                    return Some((req, st));
+                }
+            }
+        }
+    }))
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerConnection {
@@ -490,5 +572,68 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
                 Ok(None) => offset = end,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::testing::{blank_ent, log_id};
+
+    fn req(prev: Option<u64>, entries: &[u64], commit: Option<u64>) -> AppendEntriesRequest<TypeConfig> {
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: prev.map(|i| log_id::<TypeConfig>(1, 1, i)),
+            leader_commit: commit.map(|i| log_id::<TypeConfig>(1, 1, i)),
+            entries: entries
+                .iter()
+                .map(|i| blank_ent::<TypeConfig>(1, 1, *i))
+                .collect(),
+        }
+    }
+
+    /// (prev index, entry count, commit index) of each request that went out.
+    fn shape(r: &AppendEntriesRequest<TypeConfig>) -> (Option<u64>, usize, Option<u64>) {
+        (
+            r.prev_log_id.map(|l| l.index),
+            r.entries.len(),
+            r.leader_commit.map(|l| l.index),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_commit_only_request_is_replaced_by_the_next_one_or_sent_when_its_hold_ends() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let out = hold_commit_only(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(rx),
+            Duration::from_millis(200),
+        );
+        let mut out = Box::pin(out);
+        // The first request goes out as it is, even without entries (a probe).
+        tx.send(req(Some(4), &[], Some(3))).unwrap();
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(4), 0, Some(3)));
+        tx.send(req(Some(4), &[5], Some(4))).unwrap();
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(4), 1, Some(4)));
+        // Two commit-only requests, then entries: only the entries go out, with the newer commit.
+        tx.send(req(Some(5), &[], Some(5))).unwrap();
+        tx.send(req(Some(5), &[], Some(5))).unwrap();
+        tx.send(req(Some(5), &[6, 7], Some(5))).unwrap();
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(5), 2, Some(5)));
+        // A commit-only request with nothing after it goes out when its hold ends.
+        let held_at = tokio::time::Instant::now();
+        tx.send(req(Some(7), &[], Some(7))).unwrap();
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(7), 0, Some(7)));
+        assert!(held_at.elapsed() >= Duration::from_millis(200));
+        // An entry-less request that does not continue where the last one left the follower
+        // (a probe after a conflict) is not held.
+        let at = tokio::time::Instant::now();
+        tx.send(req(Some(2), &[], Some(7))).unwrap();
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(2), 0, Some(7)));
+        assert!(at.elapsed() < Duration::from_millis(200));
+        // A held commit goes out when the input ends.
+        tx.send(req(Some(2), &[], Some(8))).unwrap();
+        drop(tx);
+        assert_eq!(shape(&out.next().await.unwrap()), (Some(2), 0, Some(8)));
+        assert!(out.next().await.is_none());
     }
 }

@@ -219,6 +219,7 @@ impl LogNode {
             let network = NetworkFactory {
                 group: gid,
                 peers: peers.clone(),
+                commit_hold: Duration::from_micros(config.commit_hold_us),
             };
             let raft = Raft::new(config.node_id, rc.clone(), network, store.log_store(gid), sm)
                 .await

@@ -130,10 +130,21 @@ fn write_err(e: impl std::error::Error + Send + Sync + 'static) -> io::Error {
     io::Error::other(e)
 }
 
+/// Options every RocksDB database of a node starts from. RocksDB's info log stays at INFO: the
+/// library as Debian builds it logs at DEBUG, a line for every WAL sync (a `write` per commit, and
+/// a LOG file that grows without end); and it keeps at most 4 files of 16 MiB.
+pub fn db_options() -> Options {
+    let mut o = Options::default();
+    o.set_log_level(rocksdb::LogLevel::Info);
+    o.set_max_log_file_size(16 << 20);
+    o.set_keep_log_file_num(4);
+    o
+}
+
 impl Store {
     /// Opens (or creates) the node's database under `path`.
     pub fn open(path: &Path) -> anyhow::Result<Arc<Store>> {
-        let mut opts = Options::default();
+        let mut opts = db_options();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.set_max_background_jobs(2);
@@ -551,6 +562,79 @@ pub struct SmShared {
     pub next_offset_tx: watch::Sender<u64>,
     /// Snapshots installed into this state machine since the node started.
     pub snapshots_installed: AtomicU64,
+    /// The newest applied batches, so that reads at the tail (the engine shards' tails, which
+    /// read every batch just after its apply) come from memory instead of a RocksDB iterator.
+    recent: std::sync::Mutex<RecentBatches>,
+}
+
+/// The newest applied batches of a group, consecutive, with their first offsets.
+#[derive(Debug, Default)]
+struct RecentBatches {
+    batches: std::collections::VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+/// At most this many batches, and bytes, per group in [`RecentBatches`] (the newest batch is
+/// always kept).
+const RECENT_BATCHES_MAX: usize = 256;
+const RECENT_BYTES_MAX: usize = 1 << 20;
+
+impl RecentBatches {
+    fn push(&mut self, first: u64, batch: Bytes) {
+        self.bytes += batch.len();
+        self.batches.push_back((first, batch));
+        while self.batches.len() > 1
+            && (self.batches.len() > RECENT_BATCHES_MAX || self.bytes > RECENT_BYTES_MAX)
+        {
+            if let Some((_, b)) = self.batches.pop_front() {
+                self.bytes -= b.len();
+            }
+        }
+    }
+
+    fn clear(&mut self) {
+        self.batches.clear();
+        self.bytes = 0;
+    }
+
+    /// The batches from the one holding `offset` on, if that one is still here.
+    fn from(&self, offset: u64) -> Option<impl Iterator<Item = &(u64, Bytes)>> {
+        let first = self.batches.front()?.0;
+        if offset < first {
+            return None;
+        }
+        let i = self.batches.partition_point(|(f, _)| *f <= offset) - 1;
+        Some(self.batches.iter().skip(i))
+    }
+}
+
+/// Appends the records of stored batch `v` (first offset `first`) in `from..next` to `out`,
+/// until it holds `max`; returns whether it does.
+fn push_records(
+    out: &mut Vec<StoredRecord>,
+    first: u64,
+    v: &Bytes,
+    from: u64,
+    next: u64,
+    max: usize,
+) -> io::Result<bool> {
+    let decoded = batch::decode(v).map_err(read_err)?;
+    for (i, rec) in decoded.records.into_iter().enumerate() {
+        let offset = first + i as u64;
+        if offset < from || offset >= next {
+            continue;
+        }
+        out.push(StoredRecord {
+            offset,
+            timestamp_ms: decoded.ts_ms,
+            key: rec.key,
+            value: rec.value,
+        });
+        if out.len() == max {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 /// A record read back from a partition.
@@ -587,6 +671,17 @@ impl SmReader {
         if from >= next || max == 0 {
             return Ok(out);
         }
+        {
+            let recent = self.shared.recent.lock().expect("recent lock");
+            if let Some(batches) = recent.from(from) {
+                for (first, v) in batches {
+                    if *first >= next || push_records(&mut out, *first, v, from, next, max)? {
+                        break;
+                    }
+                }
+                return Ok(out);
+            }
+        }
         let cf = self.store.cf(CF_SM);
         // The batch holding `from` is the last one whose first offset is <= from.
         let mut ro = rocksdb::ReadOptions::default();
@@ -606,21 +701,8 @@ impl SmReader {
             }
             let first = key_index(k);
             // One copy of the stored batch; its records are slices of it.
-            let decoded = batch::decode(&Bytes::copy_from_slice(v)).map_err(read_err)?;
-            for (i, rec) in decoded.records.into_iter().enumerate() {
-                let offset = first + i as u64;
-                if offset < from || offset >= next {
-                    continue;
-                }
-                out.push(StoredRecord {
-                    offset,
-                    timestamp_ms: decoded.ts_ms,
-                    key: rec.key,
-                    value: rec.value,
-                });
-                if out.len() == max {
-                    break;
-                }
+            if push_records(&mut out, first, &Bytes::copy_from_slice(v), from, next, max)? {
+                break;
             }
             it.next();
         }
@@ -697,6 +779,7 @@ impl StateMachine {
             meta_changes: broadcast::channel(1024).0,
             next_offset_tx,
             snapshots_installed: AtomicU64::new(0),
+            recent: std::sync::Mutex::new(RecentBatches::default()),
         });
         Ok(Self {
             reader: SmReader { group, store, shared },
@@ -844,6 +927,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Writes of this apply call, visible to later transactions of the same call.
         let mut meta_updates: BTreeMap<String, Option<Bytes>> = BTreeMap::new();
         let mut latest_ts = None;
+        let mut new_batches = Vec::new();
         // The stream must be drained: openraft checks that every entry it sent was applied.
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
@@ -868,6 +952,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         continue;
                     }
                     b.put_cf(store.cf(CF_SM), key(group, st.next_offset), &v);
+                    new_batches.push((st.next_offset, v.clone()));
                     if st.retained_bytes == 0 {
                         st.start_ts_ms = h.ts_ms;
                     }
@@ -920,6 +1005,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The batch is atomic and in one column family, so records and state never disagree.
         store.write_applied(b)?;
         let next = st.next_offset;
+        // Before `next_offset` moves, so a reader that sees it finds the batches here or on disk.
+        if !new_batches.is_empty() {
+            let mut recent = self.reader.shared.recent.lock().expect("recent lock");
+            for (first, v) in new_batches {
+                recent.push(first, v);
+            }
+        }
         *self.reader.shared.applied.write().expect("applied lock") = st;
         if !meta_updates.is_empty() {
             let mut kv = self.reader.shared.meta_kv.write().expect("meta lock");
@@ -996,6 +1088,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         store.write(b, true)?;
         let next = st.next_offset;
+        // The batches applied after this one start at the snapshot's end; what is held now would
+        // leave a gap.
+        self.reader.shared.recent.lock().expect("recent lock").clear();
         *self.reader.shared.applied.write().expect("applied lock") = st;
         *self.reader.shared.meta_kv.write().expect("meta lock") = payload.meta_kv.into_iter().collect();
         // Anything may have changed.
@@ -1016,5 +1111,79 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta: rec.meta,
             snapshot: Cursor::new(data),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Record;
+
+    fn batch_of(ts_ms: u64, n: usize, tag: &str) -> Bytes {
+        let records: Vec<Record> = (0..n)
+            .map(|i| Record {
+                key: Bytes::from(format!("{tag}-k{i}")),
+                value: Bytes::from(format!("{tag}-v{i}")),
+            })
+            .collect();
+        Bytes::from(batch::encode(ts_ms, &records))
+    }
+
+    /// Reads `from..next` (at most `max`) the way `SmReader::read` does from memory.
+    fn read_recent(r: &RecentBatches, from: u64, next: u64, max: usize) -> Option<Vec<(u64, Bytes)>> {
+        let mut out = Vec::new();
+        for (first, v) in r.from(from)? {
+            if *first >= next || push_records(&mut out, *first, v, from, next, max).unwrap() {
+                break;
+            }
+        }
+        Some(out.into_iter().map(|s| (s.offset, s.value)).collect())
+    }
+
+    #[test]
+    fn recent_batches_answer_reads_at_their_offsets() {
+        let mut r = RecentBatches::default();
+        // Batches of 3, 1 and 2 records at offsets 10, 13 and 14.
+        r.push(10, batch_of(1, 3, "a"));
+        r.push(13, batch_of(2, 1, "b"));
+        r.push(14, batch_of(3, 2, "c"));
+        // Before the first batch held: not answered from memory.
+        assert!(read_recent(&r, 9, 16, 100).is_none());
+        let all = read_recent(&r, 10, 16, 100).unwrap();
+        let offsets: Vec<u64> = all.iter().map(|(o, _)| *o).collect();
+        assert_eq!(offsets, vec![10, 11, 12, 13, 14, 15]);
+        assert_eq!(all[4].1, Bytes::from("c-v0"));
+        // From the middle of a batch, bounded by `max` and by `next`.
+        let mid = read_recent(&r, 11, 16, 2).unwrap();
+        assert_eq!(mid, vec![(11, Bytes::from("a-v1")), (12, Bytes::from("a-v2"))]);
+        let upto = read_recent(&r, 12, 14, 100).unwrap();
+        assert_eq!(upto.iter().map(|(o, _)| *o).collect::<Vec<_>>(), vec![12, 13]);
+        // Past the end: nothing.
+        assert_eq!(read_recent(&r, 16, 16, 100).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn recent_batches_are_bounded_and_keep_the_newest() {
+        let mut r = RecentBatches::default();
+        for i in 0..(RECENT_BATCHES_MAX as u64 + 10) {
+            r.push(i, batch_of(i, 1, "x"));
+        }
+        assert_eq!(r.batches.len(), RECENT_BATCHES_MAX);
+        assert_eq!(r.batches.front().unwrap().0, 10);
+        assert!(read_recent(&r, 9, 1000, 1).is_none());
+        // One batch over the byte bound is still kept, alone.
+        let big = Bytes::from(batch::encode(
+            1,
+            &[Record {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(vec![7u8; RECENT_BYTES_MAX + 1]),
+            }],
+        ));
+        r.push(1000, big);
+        assert_eq!(r.batches.len(), 1);
+        assert_eq!(read_recent(&r, 1000, 1001, 10).unwrap().len(), 1);
+        r.clear();
+        assert!(read_recent(&r, 1000, 1001, 10).is_none());
+        assert_eq!(r.bytes, 0);
     }
 }
