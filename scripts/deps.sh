@@ -7,6 +7,7 @@ dpkg -s libclang-dev >/dev/null 2>&1 || need+=(libclang-dev)   # bindgen, for li
 dpkg -s librocksdb-dev >/dev/null 2>&1 || need+=(librocksdb-dev) # RocksDB 7.8 (linked, not compiled)
 command -v g++ >/dev/null 2>&1 || need+=(g++)                   # RocksDB is C++
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)         # OpenSSL's DTLS, for CoAP over DTLS
+dpkg -s libjemalloc-dev >/dev/null 2>&1 || need+=(libjemalloc-dev) # the node's malloc (decision 0009)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)     # finds libssl for openssl-sys
 command -v make >/dev/null 2>&1 || need+=(make)
 command -v curl >/dev/null 2>&1 || need+=(curl)                 # tests call the REST API with curl
