@@ -250,8 +250,8 @@ struct Session {
     s: thingraft_transport_common::Session,
     queue: Vec<Queued>,
     families: Families,
-    /// Client-side RPCs waiting for an answer: (deadline, response topic), oldest first.
-    /// A protobuf request's id when the answer is a `ToServerRpcResponseMsg`.
+    /// Client-side RPCs waiting for an answer: (deadline, request id, response topic, and a
+    /// protobuf request's id when the answer is a `ToServerRpcResponseMsg`), oldest first.
     client_rpcs: std::collections::VecDeque<(tokio::time::Instant, u32, String, Option<u32>)>,
     /// The children of a gateway device's connection (`None`: not a gateway).
     gateway: Option<Gateway>,
