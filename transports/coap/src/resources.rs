@@ -192,16 +192,12 @@ async fn route(
                     Err(e) => backend(&e),
                     Ok(()) => {
                         // The root rule chain's answer, or a timeout when it gives none.
-                        let wait = async {
-                            while let Some(d) = rx.recv().await {
-                                if let Downlink::Msg(_, DownlinkMsg::ClientRpcResponse { body, .. }) = d {
-                                    return Some(body);
-                                }
-                            }
-                            None
-                        };
                         let limit = Duration::from_millis(t.hub.config.client_rpc_timeout_ms);
-                        let answer = tokio::time::timeout(limit, wait).await.ok().flatten();
+                        let answer = next_downlink(&mut rx, limit, |m| match m {
+                            DownlinkMsg::ClientRpcResponse { body, .. } => Some(body),
+                            _ => None,
+                        })
+                        .await;
                         match (proto, answer) {
                             (true, Some(body)) => Reply::bytes(
                                 ResponseType::Content,
@@ -360,18 +356,30 @@ async fn read_attributes(
     }])
     .await
     .map_err(|e| backend(&e))?;
+    next_downlink(rx, READ_TIMEOUT, |m| {
+        matches!(m, DownlinkMsg::AttributeResponse { .. }).then_some(m)
+    })
+    .await
+    .ok_or_else(|| refuse(ErrorClass::Timeout, "no attribute answer in time"))
+}
+
+/// The first downlink message within `limit` that `pick` accepts; `None` when none comes.
+async fn next_downlink<T>(
+    rx: &mut mpsc::Receiver<Downlink>,
+    limit: Duration,
+    mut pick: impl FnMut(DownlinkMsg) -> Option<T>,
+) -> Option<T> {
     let wait = async {
         while let Some(d) = rx.recv().await {
-            if let Downlink::Msg(_, m @ DownlinkMsg::AttributeResponse { .. }) = d {
-                return Some(m);
+            if let Downlink::Msg(_, m) = d
+                && let Some(t) = pick(m)
+            {
+                return Some(t);
             }
         }
         None
     };
-    match tokio::time::timeout(READ_TIMEOUT, wait).await {
-        Ok(Some(m)) => Ok(m),
-        _ => Err(refuse(ErrorClass::Timeout, "no attribute answer in time")),
-    }
+    tokio::time::timeout(limit, wait).await.ok().flatten()
 }
 
 /// Observe on attributes: the first notification carries every shared attribute, later ones
