@@ -12,7 +12,7 @@ start)
   for i in $(seq 1 "$n"); do peers="$peers${peers:+,}$i=127.0.0.1:$((7400 + i))"; done
   for i in $(seq 1 "$n"); do
     if [ "$n" -eq 1 ]; then p=(--listen 127.0.0.1:7401); else p=(--peers "$peers"); fi
-    RUST_LOG=warn "$BIN" serve --node-id "$i" "${p[@]}" --data-dir "$dir/n$i" --mqtt-listen "127.0.0.1:$((1900 + i))" --http-listen "127.0.0.1:$((8100 + i))" --coap-listen "127.0.0.1:$((5700 + i))" "$@" > "$dir/n$i.log" 2>&1 &
+    RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --node-id "$i" "${p[@]}" --data-dir "$dir/n$i" --mqtt-listen "127.0.0.1:$((1900 + i))" --http-listen "127.0.0.1:$((8100 + i))" --coap-listen "127.0.0.1:$((5700 + i))" "$@" > "$dir/n$i.log" 2>&1 &
     echo $! > "$dir/n$i.pid"
   done
   for _ in $(seq 1 150); do

@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::errors::ClientWriteError;
-use openraft::impls::ProgressResponder;
+use openraft::raft::ClientWriteResult;
+use openraft::raft::responder::Responder;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::LogError;
+use crate::probe::{self, Stage};
 use crate::types::{Command, Raft, Record, Response, TypeConfig};
 
 /// Offsets given to one append's records: `first_offset .. first_offset + count`.
@@ -25,6 +27,8 @@ pub struct Appended {
 
 /// One append waiting for its batch to commit.
 pub(crate) struct AppendJob {
+    /// When the append was handed over (for the latency probe).
+    pub at: std::time::Instant,
     pub records: Vec<Record>,
     pub bytes: usize,
     pub reply: oneshot::Sender<Result<Appended, LogError>>,
@@ -45,6 +49,21 @@ pub(crate) struct Batcher {
     pub rx: mpsc::Receiver<AppendJob>,
     pub limits: BatchLimits,
     pub metrics: Arc<crate::metrics::PartitionMetrics>,
+}
+
+/// openraft's responder for thingraft: a closure called once with the outcome of the proposal.
+pub struct FnResponder<T>(Box<dyn FnOnce(T) + Send + 'static>);
+
+impl<T> FnResponder<T> {
+    pub fn new(f: impl FnOnce(T) + Send + 'static) -> Self {
+        Self(Box::new(f))
+    }
+}
+
+impl<T: Send + 'static> Responder<TypeConfig, T> for FnResponder<T> {
+    fn on_complete(self, result: T) {
+        (self.0)(result)
+    }
 }
 
 fn now_ms() -> u64 {
@@ -114,59 +133,45 @@ impl Batcher {
                 replies.push((job.reply, job.records.len() as u32));
                 records.extend(job.records);
             }
+            probe::rec(Stage::BatcherWait, first.at.elapsed());
             self.metrics.observe_batch(records.len(), bytes);
             let partition = self.partition;
-            let (responder, rx) = ProgressResponder::complete_only();
-            match self
-                .raft
-                .client_write_ff(
-                    Command::Append {
-                        batch: crate::batch::encode(now_ms(), &records).into(),
+            let metrics = self.metrics.clone();
+            let proposed = std::time::Instant::now();
+            // Called by the state machine right after the entry is applied (or by openraft when
+            // the proposal fails): the appends are answered there, with no task in between.
+            let responder = FnResponder::new(move |outcome: ClientWriteResult<TypeConfig>| {
+                drop(permit);
+                probe::rec(Stage::ProposalToApplied, proposed.elapsed());
+                metrics.observe_commit(proposed.elapsed().as_micros() as u64);
+                let result = match outcome {
+                    Ok(resp) => match resp.data {
+                        Response::Appended { first_offset, .. } => Ok(first_offset),
+                        other => Err(LogError::Internal(format!("unexpected apply result {other:?}"))),
                     },
-                    Some(responder),
-                )
-                .await
-                .map(|()| rx)
-            {
-                Err(fatal) => {
-                    tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");
-                    for (reply, _) in replies {
-                        let _ = reply.send(Err(LogError::ShuttingDown));
-                    }
+                    Err(e) => Err(client_write_error(partition, e)),
+                };
+                let mut offset = result.as_ref().copied().unwrap_or(0);
+                for (reply, count) in replies {
+                    let r = match &result {
+                        Ok(_) => Ok(Appended {
+                            first_offset: offset,
+                            count,
+                        }),
+                        Err(e) => Err(e.clone()),
+                    };
+                    offset += u64::from(count);
+                    let _ = reply.send(r);
                 }
-                Ok(rx) => {
-                    let metrics = self.metrics.clone();
-                    let proposed = std::time::Instant::now();
-                    tokio::spawn(async move {
-                        let outcome = rx.await;
-                        drop(permit);
-                        metrics.observe_commit(proposed.elapsed().as_micros() as u64);
-                        let result = match outcome {
-                            Ok(Ok(resp)) => match resp.data {
-                                Response::Appended { first_offset, .. } => Ok(first_offset),
-                                other => {
-                                    Err(LogError::Internal(format!("unexpected apply result {other:?}")))
-                                }
-                            },
-                            Ok(Err(e)) => Err(client_write_error(partition, e)),
-                            Err(_) => Err(LogError::Ambiguous {
-                                reason: "raft dropped the proposal".into(),
-                            }),
-                        };
-                        let mut offset = result.as_ref().copied().unwrap_or(0);
-                        for (reply, count) in replies {
-                            let r = match &result {
-                                Ok(_) => Ok(Appended {
-                                    first_offset: offset,
-                                    count,
-                                }),
-                                Err(e) => Err(e.clone()),
-                            };
-                            offset += u64::from(count);
-                            let _ = reply.send(r);
-                        }
-                    });
-                }
+            });
+            let command = Command::Append {
+                batch: crate::batch::encode(now_ms(), &records).into(),
+            };
+            if let Err(fatal) = self.raft.client_write_ff(command, Some(responder)).await {
+                // openraft drops the responder with the proposal: its appends see their reply
+                // channel closed, which `LogHandle` reports as ambiguous (it cannot tell this
+                // from a proposal dropped after it was appended).
+                tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");
             }
         }
     }

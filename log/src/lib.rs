@@ -32,3 +32,5 @@ pub use error::LogError;
 pub use node::{AppHandler, LogHandle, LogNode, META_PARTITION, ReadResult, Tail, TxnResult};
 pub use storage::{Retention, StoredRecord};
 pub use types::{Command, MetaCheck, MetaOp, MetaTxn, NodeId, Record};
+
+pub mod probe;

@@ -684,6 +684,7 @@ impl LogHandle {
         // A full queue makes the appender wait here: backpressure, not loss.
         batcher
             .send(AppendJob {
+                at: std::time::Instant::now(),
                 records,
                 bytes,
                 reply,

@@ -8,10 +8,18 @@
 //! | `sm` | group · tag (· meta key) | applied state, snapshot record, metadata map |
 //! | `records` | group · first offset (u64 BE) | one applied batch: [`batch`] encoding |
 //!
-//! Appends are written to RocksDB (memtable + WAL, no sync) inside `append`, so they are readable
-//! when it returns, and their `IOFlushed` callback goes to the syncer thread. The syncer takes
-//! every callback waiting, fsyncs the WAL once, and only then tells openraft the entries are
-//! durable: group commit across all groups of the node.
+//! `append` encodes the entries, keeps them in the group's [`RecentEntries`] (where readers find
+//! them at once) and hands them to the syncer thread. The syncer takes every append waiting, of
+//! every group, writes them as one RocksDB write batch, fsyncs the WAL once, and only then
+//! tells openraft the entries are durable: group commit across all groups of the node, with
+//! one write and one fsync per round instead of a write per append on the Raft cores' tasks.
+//!
+//! Entries handed over but not yet written are "pending". Three rules keep that invisible:
+//! - [`RecentEntries`] never drops a pending entry, so a read finds it there;
+//! - `truncate_after`, `purge` and `get_log_state` first wait for every earlier append to be
+//!   written ([`SyncJob::Barrier`]), so their direct writes and reads are in order with them;
+//! - the state machine writes no applied state for an entry until that entry is written
+//!   ([`Written`]), so a flushed `sm` never runs ahead of the local log (decision 0007).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -74,14 +82,44 @@ pub struct SyncStats {
 }
 
 enum SyncJob {
-    Flushed(IOFlushed<TypeConfig>),
+    /// Entries of one group to write, then fsync; `callback` once durable.
+    Append {
+        puts: Vec<([u8; 12], Vec<u8>)>,
+        last: u64,
+        written: Arc<Written>,
+        callback: IOFlushed<TypeConfig>,
+    },
+    /// Answered once every job sent before it is written.
+    Barrier(tokio::sync::oneshot::Sender<()>),
     Stop,
+}
+
+/// Which entries of a group are pending: `(appended_upto, written_upto)`; the indexes in
+/// `written_upto + 1 ..= appended_upto` are handed to the syncer and not yet written.
+#[derive(Debug)]
+pub(crate) struct Written(watch::Sender<(u64, u64)>);
+
+impl Written {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(watch::channel((0, 0)).0))
+    }
+
+    fn written_upto(&self) -> u64 {
+        self.0.borrow().1
+    }
+
+    /// Every entry at or below `index` is written (or was never appended here).
+    async fn wait_written(&self, index: u64) {
+        let mut rx = self.0.subscribe();
+        let _ = rx.wait_for(|(a, w)| *w >= index.min(*a)).await;
+    }
 }
 
 /// One node's RocksDB and its fsync thread.
 pub struct Store {
     db: Arc<DB>,
     sync_tx: mpsc::Sender<SyncJob>,
+    written: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<Written>>>,
     sync_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     pub sync_stats: Arc<SyncStats>,
 }
@@ -171,15 +209,37 @@ impl Store {
         Ok(Arc::new(Store {
             db,
             sync_tx,
+            written: Default::default(),
             sync_thread: std::sync::Mutex::new(Some(thread)),
             sync_stats,
         }))
+    }
+
+    /// What is pending of `group`'s log, shared by its log store and state machine.
+    fn written(&self, group: GroupId) -> Arc<Written> {
+        self.written
+            .lock()
+            .expect("written lock")
+            .entry(group)
+            .or_insert_with(Written::new)
+            .clone()
+    }
+
+    /// Waits until every job sent to the syncer before this call is written.
+    async fn barrier(&self) -> io::Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.sync_tx
+            .send(SyncJob::Barrier(tx))
+            .map_err(|_| io::Error::other("the fsync thread has stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the fsync thread has stopped"))
     }
 
     /// The Raft log storage of `group`.
     pub fn log_store(self: &Arc<Self>, group: GroupId) -> LogStore {
         LogStore {
             group,
+            written: self.written(group),
             store: self.clone(),
             recent: Default::default(),
         }
@@ -249,38 +309,63 @@ impl Drop for Store {
 }
 
 fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
-    let mut waiting = Vec::new();
+    let cf = db.cf_handle(CF_RAFT_LOG).expect("column family created at open");
+    let mut appends = Vec::new();
+    let mut barriers = Vec::new();
     loop {
         let mut stop = false;
+        let mut take = |job| match job {
+            SyncJob::Append {
+                puts,
+                last,
+                written,
+                callback,
+            } => appends.push((puts, last, written, callback)),
+            SyncJob::Barrier(tx) => barriers.push(tx),
+            SyncJob::Stop => stop = true,
+        };
         match rx.recv() {
-            Ok(SyncJob::Flushed(cb)) => waiting.push(cb),
-            Ok(SyncJob::Stop) | Err(_) => stop = true,
+            Ok(job) => take(job),
+            Err(_) => take(SyncJob::Stop),
         }
         while let Ok(job) = rx.try_recv() {
-            match job {
-                SyncJob::Flushed(cb) => waiting.push(cb),
-                SyncJob::Stop => stop = true,
-            }
+            take(job);
         }
-        if !waiting.is_empty() {
-            // Every callback here belongs to a write that completed before it was queued, so one
-            // WAL fsync makes all of them durable.
-            let t0 = std::time::Instant::now();
-            let res = db.flush_wal(true);
-            stats
-                .fsync_us_total
-                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+        if !appends.is_empty() {
+            // One write for every append taken, in the order they were handed over (so each
+            // group's entries in log order), then one fsync makes all of them durable.
+            let mut b = WriteBatch::default();
+            for (puts, ..) in &appends {
+                for (k, v) in puts {
+                    b.put_cf(cf, k, v);
+                }
+            }
+            let res = db.write_opt(b, &WriteOptions::default()).and_then(|()| {
+                // Written: readable from RocksDB, so no longer pending.
+                for (_, last, written, _) in &appends {
+                    written.0.send_modify(|(_, w)| *w = *last);
+                }
+                let t0 = std::time::Instant::now();
+                let r = db.flush_wal(true);
+                stats
+                    .fsync_us_total
+                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+                r
+            });
             stats
                 .flushed_appends
-                .fetch_add(waiting.len() as u64, Ordering::Relaxed);
-            for cb in waiting.drain(..) {
+                .fetch_add(appends.len() as u64, Ordering::Relaxed);
+            for (_, _, _, cb) in appends.drain(..) {
                 let r = match &res {
                     Ok(()) => Ok(()),
                     Err(e) => Err(std::io::Error::other(e.to_string())),
                 };
                 cb.io_completed(r);
             }
+        }
+        for tx in barriers.drain(..) {
+            let _ = tx.send(());
         }
         if stop {
             return;
@@ -295,12 +380,14 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
 #[derive(Debug, Clone)]
 pub struct LogStore {
     group: GroupId,
+    written: Arc<Written>,
     store: Arc<Store>,
     recent: Arc<std::sync::Mutex<RecentEntries>>,
 }
 
 /// The newest entries of a group's log, so that replication and apply (which read back what
-/// was just appended) do not go to RocksDB. Bounded by count and bytes.
+/// was just appended) do not go to RocksDB. Bounded by count and bytes, except that an entry
+/// not yet written to RocksDB stays.
 #[derive(Debug, Default)]
 struct RecentEntries {
     entries: std::collections::VecDeque<(Entry, usize)>,
@@ -311,7 +398,7 @@ impl RecentEntries {
     const ENTRIES_MAX: usize = 1024;
     const BYTES_MAX: usize = 16 << 20;
 
-    fn push(&mut self, entry: Entry, bytes: usize) {
+    fn push(&mut self, entry: Entry, bytes: usize, written_upto: u64) {
         if self
             .entries
             .back()
@@ -321,7 +408,12 @@ impl RecentEntries {
         }
         self.bytes += bytes;
         self.entries.push_back((entry, bytes));
-        while self.entries.len() > Self::ENTRIES_MAX || self.bytes > Self::BYTES_MAX {
+        while (self.entries.len() > Self::ENTRIES_MAX || self.bytes > Self::BYTES_MAX)
+            && self
+                .entries
+                .front()
+                .is_some_and(|(e, _)| e.log_id.index <= written_upto)
+        {
             self.pop_front();
         }
     }
@@ -405,6 +497,16 @@ impl RaftLogReader<TypeConfig> for LogStore {
             debug_assert_eq!(key_index(&k), entry.log_id.index);
             out.push(entry);
         }
+        // The rest of the range may still be pending, and so only in the cache.
+        let next = out.last().map_or(start, |e| e.log_id.index + 1);
+        if next < end {
+            let recent = self.recent.lock().expect("recent entries lock");
+            if let Some(last) = recent.entries.back().map(|(e, _)| e.log_id.index)
+                && let Some(rest) = recent.get(next, end.min(last + 1))
+            {
+                out.extend(rest);
+            }
+        }
         Ok(out)
     }
 
@@ -417,6 +519,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
+        self.store.barrier().await?;
         let last_purged: Option<LogId> = self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_PURGED))?;
         let upper = key(self.group, u64::MAX);
         let mut it = self.store.db.iterator_cf(
@@ -453,32 +556,49 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let cf = self.store.cf(CF_RAFT_LOG);
-        let mut b = WriteBatch::default();
+        let mut puts = Vec::new();
         let mut recent = Vec::new();
         for entry in entries {
             let v = postcard::to_stdvec(&entry).map_err(write_err)?;
-            b.put_cf(cf, key(self.group, entry.log_id.index), &v);
-            recent.push((entry, v.len()));
+            puts.push((key(self.group, entry.log_id.index), v.clone()));
+            let bytes = v.len();
+            recent.push((entry, bytes));
         }
-        // Readable now (memtable); durable once the syncer has fsynced the WAL.
-        self.store.write(b, false)?;
+        let Some(last) = recent.last().map(|(e, _)| e.log_id.index) else {
+            callback.io_completed(Ok(()));
+            return Ok(());
+        };
+        // Readable now (from the cache); written and durable once the syncer has done both.
+        self.written.0.send_modify(|(a, _)| *a = last);
         {
+            let written_upto = self.written.written_upto();
             let mut r = self.recent.lock().expect("recent entries lock");
             for (entry, bytes) in recent {
-                r.push(entry, bytes);
+                r.push(entry, bytes, written_upto);
             }
         }
         self.store
             .sync_tx
-            .send(SyncJob::Flushed(callback))
+            .send(SyncJob::Append {
+                puts,
+                last,
+                written: self.written.clone(),
+                callback,
+            })
             .map_err(|_| io::Error::other("the fsync thread has stopped"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         // Keeps `last_log_id` itself; `None` deletes every entry.
         let from = last_log_id.map_or(0, |l| l.index + 1);
+        // Earlier appends are written first, so that none lands after this delete.
+        self.store.barrier().await?;
         self.recent.lock().expect("recent entries lock").truncate(from);
+        let keep = from.saturating_sub(1);
+        self.written.0.send_modify(|(a, w)| {
+            *a = keep;
+            *w = keep;
+        });
         let mut b = WriteBatch::default();
         b.delete_range_cf(
             self.store.cf(CF_RAFT_LOG),
@@ -490,6 +610,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
+        self.store.barrier().await?;
         self.recent
             .lock()
             .expect("recent entries lock")
@@ -757,6 +878,7 @@ fn check_txn(
 pub struct StateMachine {
     reader: SmReader,
     retention: Retention,
+    written: Arc<Written>,
 }
 
 impl StateMachine {
@@ -782,6 +904,7 @@ impl StateMachine {
             recent: std::sync::Mutex::new(RecentBatches::default()),
         });
         Ok(Self {
+            written: store.written(group),
             reader: SmReader { group, store, shared },
             retention,
         })
@@ -1002,6 +1125,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let v = postcard::to_stdvec(&st).map_err(write_err)?;
         b.put_cf(store.cf(CF_SM), sm_key(group, TAG_APPLIED), v);
+        // An entry committed by the other replicas may be applied before this one's syncer
+        // has written it; its applied state waits for that write.
+        if let Some(l) = st.last_applied {
+            self.written.wait_written(l.index).await;
+        }
         // The batch is atomic and in one column family, so records and state never disagree.
         store.write_applied(b)?;
         let next = st.next_offset;
@@ -1138,6 +1266,35 @@ mod tests {
             }
         }
         Some(out.into_iter().map(|s| (s.offset, s.value)).collect())
+    }
+
+    fn blank(index: u64) -> Entry {
+        Entry {
+            log_id: LogId {
+                leader_id: openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 },
+                index,
+            },
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    #[test]
+    fn recent_entries_keep_every_entry_not_yet_written() {
+        let mut r = RecentEntries::default();
+        let n = RecentEntries::ENTRIES_MAX as u64 + 10;
+        // Nothing written yet: the cache grows past its bound rather than drop any of them.
+        for i in 1..=n {
+            r.push(blank(i), 10, 0);
+        }
+        assert_eq!(r.entries.len() as u64, n);
+        assert!(r.get(1, n + 1).is_some());
+        // Once written up to 5, only entries 1..=5 may go, and they do, oldest first.
+        r.push(blank(n + 1), 10, 5);
+        assert_eq!(r.entries.front().map(|(e, _)| e.log_id.index), Some(6));
+        // Once everything is written, the bound holds again.
+        r.push(blank(n + 2), 10, n + 2);
+        assert_eq!(r.entries.len(), RecentEntries::ENTRIES_MAX);
+        assert_eq!(r.entries.back().map(|(e, _)| e.log_id.index), Some(n + 2));
     }
 
     #[test]

@@ -147,6 +147,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
                 .context("CoAP DTLS certificate")?,
         )),
     };
+    thingraft_log::probe::start();
     let node = LogNode::start(cfg.log.clone(), listener).await?;
     let handle = node.handle();
     let hub = thingraft_transport_common::Hub::new(cfg.transport.clone(), handle.clone());

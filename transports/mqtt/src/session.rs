@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use thingraft_log::probe::{self, Stage};
 use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
@@ -235,6 +236,8 @@ type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> +
 
 /// A message waiting for its append, and the PUBACK it owes.
 struct Queued {
+    /// When the message was read (for the latency probe).
+    at: std::time::Instant,
     record: Record,
     /// The partition of the record's device (a gateway's children are on many).
     partition: u32,
@@ -417,6 +420,7 @@ impl Session {
         let record = self.s.record(msg);
         let partition = self.s.partition;
         self.queue.push(Queued {
+            at: std::time::Instant::now(),
             record,
             partition,
             pkid,
@@ -945,6 +949,7 @@ impl Session {
                 // acknowledged like any message.
                 if let Some(child) = gw.remove(&name) {
                     queued.push(Queued {
+                        at: std::time::Instant::now(),
                         record: child.record(IngestMsg::Disconnect),
                         partition: child.partition,
                         pkid: None,
@@ -971,6 +976,7 @@ impl Session {
             };
             let mut push = |msg: IngestMsg| {
                 queued.push(Queued {
+                    at: std::time::Instant::now(),
                     record: child.record(msg),
                     partition: child.partition,
                     pkid: None,
@@ -1168,6 +1174,10 @@ fn session_limits_reply(payload: &[u8], config: &crate::MqttConfig, gateway: boo
 async fn append_all(log: &thingraft_log::LogHandle, batch: Vec<Queued>) -> AppendDone {
     let mut by_partition: Vec<(u32, Vec<Record>)> = Vec::new();
     let mut pkids = Vec::with_capacity(batch.len());
+    let started = std::time::Instant::now();
+    if let Some(q) = batch.first() {
+        probe::rec(Stage::SessionQueue, started - q.at);
+    }
     for q in batch {
         pkids.push(q.pkid);
         match by_partition.iter_mut().find(|(p, _)| *p == q.partition) {
@@ -1183,6 +1193,7 @@ async fn append_all(log: &thingraft_log::LogHandle, batch: Vec<Queued>) -> Appen
         .into_iter()
         .collect::<Result<Vec<()>, _>>()
         .map(|_| ());
+    probe::rec(Stage::SessionAppend, started.elapsed());
     (r, pkids)
 }
 
