@@ -94,24 +94,40 @@ enum SyncJob {
     Stop,
 }
 
-/// Which entries of a group are pending: `(appended_upto, written_upto)`; the indexes in
-/// `written_upto + 1 ..= appended_upto` are handed to the syncer and not yet written.
+/// Which entries of a group are pending: the indexes in `written_upto + 1 ..= appended_upto`
+/// are handed to the syncer and not yet written. `failed` is set when a write of the syncer
+/// failed: what it held will never be written.
+#[derive(Debug, Clone, Copy, Default)]
+struct Pending {
+    appended_upto: u64,
+    written_upto: u64,
+    failed: bool,
+}
+
 #[derive(Debug)]
-pub(crate) struct Written(watch::Sender<(u64, u64)>);
+pub(crate) struct Written(watch::Sender<Pending>);
 
 impl Written {
     fn new() -> Arc<Self> {
-        Arc::new(Self(watch::channel((0, 0)).0))
+        Arc::new(Self(watch::channel(Pending::default()).0))
     }
 
     fn written_upto(&self) -> u64 {
-        self.0.borrow().1
+        self.0.borrow().written_upto
     }
 
-    /// Every entry at or below `index` is written (or was never appended here).
-    async fn wait_written(&self, index: u64) {
+    /// Waits until every entry at or below `index` is written (or was never appended here);
+    /// fails if the syncer's write failed.
+    async fn wait_written(&self, index: u64) -> io::Result<()> {
         let mut rx = self.0.subscribe();
-        let _ = rx.wait_for(|(a, w)| *w >= index.min(*a)).await;
+        let p = *rx
+            .wait_for(|p| p.failed || p.written_upto >= index.min(p.appended_upto))
+            .await
+            .map_err(|_| io::Error::other("the log store is closed"))?;
+        if p.failed {
+            return Err(io::Error::other("writing the Raft log failed"));
+        }
+        Ok(())
     }
 }
 
@@ -343,7 +359,7 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
             let res = db.write_opt(b, &WriteOptions::default()).and_then(|()| {
                 // Written: readable from RocksDB, so no longer pending.
                 for (_, last, written, _) in &appends {
-                    written.0.send_modify(|(_, w)| *w = *last);
+                    written.0.send_modify(|p| p.written_upto = *last);
                 }
                 let t0 = std::time::Instant::now();
                 let r = db.flush_wal(true);
@@ -356,6 +372,11 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
             stats
                 .flushed_appends
                 .fetch_add(appends.len() as u64, Ordering::Relaxed);
+            if res.is_err() {
+                for (_, _, written, _) in &appends {
+                    written.0.send_modify(|p| p.failed = true);
+                }
+            }
             for (_, _, _, cb) in appends.drain(..) {
                 let r = match &res {
                     Ok(()) => Ok(()),
@@ -569,7 +590,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             return Ok(());
         };
         // Readable now (from the cache); written and durable once the syncer has done both.
-        self.written.0.send_modify(|(a, _)| *a = last);
+        self.written.0.send_modify(|p| p.appended_upto = last);
         {
             let written_upto = self.written.written_upto();
             let mut r = self.recent.lock().expect("recent entries lock");
@@ -595,9 +616,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store.barrier().await?;
         self.recent.lock().expect("recent entries lock").truncate(from);
         let keep = from.saturating_sub(1);
-        self.written.0.send_modify(|(a, w)| {
-            *a = keep;
-            *w = keep;
+        self.written.0.send_modify(|p| {
+            p.appended_upto = keep;
+            p.written_upto = keep;
         });
         let mut b = WriteBatch::default();
         b.delete_range_cf(
@@ -1128,7 +1149,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // An entry committed by the other replicas may be applied before this one's syncer
         // has written it; its applied state waits for that write.
         if let Some(l) = st.last_applied {
-            self.written.wait_written(l.index).await;
+            self.written.wait_written(l.index).await?;
         }
         // The batch is atomic and in one column family, so records and state never disagree.
         store.write_applied(b)?;
