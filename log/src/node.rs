@@ -745,7 +745,9 @@ impl LogHandle {
     /// The Raft term in which this node leads `partition`, if it does.
     pub fn leader_term(&self, partition: u32) -> Option<u64> {
         let g = self.group(partition_group(partition))?;
-        let m = g.raft.metrics().borrow_watched().clone();
+        // Read in place: the metrics hold the membership, too costly to clone per call.
+        let metrics = g.raft.metrics();
+        let m = metrics.borrow_watched();
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
     }
 

@@ -581,9 +581,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mut recent = Vec::new();
         for entry in entries {
             let v = postcard::to_stdvec(&entry).map_err(write_err)?;
-            puts.push((key(self.group, entry.log_id.index), v.clone()));
-            let bytes = v.len();
-            recent.push((entry, bytes));
+            let k = key(self.group, entry.log_id.index);
+            recent.push((entry, v.len()));
+            puts.push((k, v));
         }
         let Some(last) = recent.last().map(|(e, _)| e.log_id.index) else {
             callback.io_completed(Ok(()));
