@@ -138,10 +138,16 @@ impl Batcher {
             let partition = self.partition;
             let metrics = self.metrics.clone();
             let proposed = std::time::Instant::now();
+            // Taken by whichever answers the appends: the responder, or the refusal below.
+            let replies = Arc::new(std::sync::Mutex::new(Some(replies)));
+            let in_responder = replies.clone();
             // Called by the state machine right after the entry is applied (or by openraft when
             // the proposal fails): the appends are answered there, with no task in between.
             let responder = FnResponder::new(move |outcome: ClientWriteResult<TypeConfig>| {
                 drop(permit);
+                let Some(replies) = in_responder.lock().expect("replies lock").take() else {
+                    return;
+                };
                 probe::rec(Stage::ProposalToApplied, proposed.elapsed());
                 metrics.observe_commit(proposed.elapsed().as_micros() as u64);
                 let result = match outcome {
@@ -168,10 +174,13 @@ impl Batcher {
                 batch: crate::batch::encode(now_ms(), &records).into(),
             };
             if let Err(fatal) = self.raft.client_write_ff(command, Some(responder)).await {
-                // openraft drops the responder with the proposal: its appends see their reply
-                // channel closed, which `LogHandle` reports as ambiguous (it cannot tell this
-                // from a proposal dropped after it was appended).
+                // Refused before it was proposed: nothing of it can commit.
                 tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");
+                if let Some(replies) = replies.lock().expect("replies lock").take() {
+                    for (reply, _) in replies {
+                        let _ = reply.send(Err(LogError::ShuttingDown));
+                    }
+                }
             }
         }
     }
