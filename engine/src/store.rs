@@ -56,7 +56,15 @@ pub struct RpcState {
 
 pub struct Store {
     db: DB,
+    /// The latest telemetry of the devices written lately, as stored: a batch takes a device's
+    /// map from here instead of reading and decoding it from RocksDB (which cost about as much
+    /// as the rest of the batch), and gives it back once written. At most
+    /// [`LATEST_CACHED_MAX`] devices; a device not here is read from RocksDB.
+    latest_cache: std::sync::Mutex<std::collections::HashMap<EntityId, LatestMap>>,
 }
+
+/// Most devices whose latest telemetry [`Store`] keeps in memory.
+const LATEST_CACHED_MAX: usize = 100_000;
 
 fn rpc_key(uuid: &EntityId) -> Vec<u8> {
     let mut k = vec![b'r'];
@@ -132,6 +140,7 @@ impl Store {
         o.set_max_background_jobs(2);
         Ok(Arc::new(Store {
             db: DB::open(&o, path)?,
+            latest_cache: Default::default(),
         }))
     }
 
@@ -149,7 +158,9 @@ impl Store {
         b.finish();
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
-        self.db.write_opt(b.wb, &wo)?;
+        let Batch { wb, latest, .. } = b;
+        self.db.write_opt(wb, &wo)?;
+        self.keep_latest(latest);
         Ok(())
     }
 
@@ -160,20 +171,42 @@ impl Store {
     /// `block_in_place`, so that other tasks move off this worker while it waits.
     pub fn write_in_task(&self, mut b: Batch) -> anyhow::Result<()> {
         b.finish();
-        let data = b.wb.data().to_vec();
+        let Batch { wb, latest, .. } = b;
+        let data = wb.data().to_vec();
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
         wo.set_no_slowdown(true);
-        match self.db.write_opt(b.wb, &wo) {
-            Ok(()) => Ok(()),
+        match self.db.write_opt(wb, &wo) {
+            Ok(()) => {}
             Err(e) if e.kind() == rocksdb::ErrorKind::Incomplete => {
                 tracing::debug!("store write stalled; waiting off the async worker");
                 let mut wo = WriteOptions::default();
                 wo.disable_wal(true);
                 tokio::task::block_in_place(|| self.db.write_opt(WriteBatch::from_data(&data), &wo))?;
-                Ok(())
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        }
+        self.keep_latest(latest);
+        Ok(())
+    }
+
+    /// A device's latest telemetry for a batch to change: taken from the cache, else read.
+    fn take_latest(&self, device: &EntityId) -> LatestMap {
+        let cached = self
+            .latest_cache
+            .lock()
+            .expect("latest cache lock")
+            .remove(device);
+        cached.unwrap_or_else(|| self.latest_map(device).unwrap_or_default())
+    }
+
+    /// Gives the latest telemetry a batch wrote back to the cache.
+    fn keep_latest(&self, written: std::collections::HashMap<EntityId, LatestMap>) {
+        let mut cache = self.latest_cache.lock().expect("latest cache lock");
+        for (d, m) in written {
+            if cache.len() < LATEST_CACHED_MAX {
+                cache.insert(d, m);
+            }
         }
     }
 
@@ -424,7 +457,7 @@ impl Batch {
         let latest = self
             .latest
             .entry(*device)
-            .or_insert_with(|| store.latest_map(device).unwrap_or_default());
+            .or_insert_with(|| store.take_latest(device));
         for (k, v) in values {
             if latest.get(k).is_none_or(|cur| ts_ms >= cur.ts_ms) {
                 latest.insert(
@@ -474,7 +507,7 @@ impl Batch {
             let latest = self
                 .latest
                 .entry(*device)
-                .or_insert_with(|| store.latest_map(device).unwrap_or_default());
+                .or_insert_with(|| store.take_latest(device));
             for k in keys {
                 latest.remove(k);
             }
@@ -488,8 +521,8 @@ impl Batch {
 
     /// Adds the latest-telemetry rows; call once before writing.
     pub fn finish(&mut self) {
-        for (d, m) in self.latest.drain() {
-            self.wb.put(latest_key(&d), encode(&m));
+        for (d, m) in &self.latest {
+            self.wb.put(latest_key(d), encode(m));
         }
     }
 

@@ -7,7 +7,7 @@
 //! throughput). Proposals are made in queue order, so appends keep their order in the log.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::errors::ClientWriteError;
 use openraft::raft::ClientWriteResult;
@@ -39,7 +39,6 @@ pub(crate) struct AppendJob {
 pub(crate) struct BatchLimits {
     pub records_max: usize,
     pub bytes_max: usize,
-    pub linger: Duration,
     pub inflight_max: usize,
 }
 
@@ -105,18 +104,14 @@ impl Batcher {
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 return;
             };
-            // Adaptive linger: with other entries of this partition in flight the batch cannot
-            // commit before them anyway, so wait a little for more records to join it (fewer,
-            // larger entries); with none in flight, propose at once so that an idle partition
-            // keeps its latency.
-            // The wait also ends as soon as nothing else is in flight.
-            let others = self.limits.inflight_max - 1 - slots.available_permits();
-            if others > 0 && !self.limits.linger.is_zero() {
-                let all_others = (self.limits.inflight_max - 1) as u32;
-                tokio::select! {
-                    () = tokio::time::sleep(self.limits.linger) => {}
-                    p = slots.clone().acquire_many_owned(all_others) => drop(p),
-                }
+            // With other entries of this partition in flight the batch cannot commit before
+            // them anyway: let the tasks that are ready run once (sessions reading their
+            // sockets), so that what they append joins this entry. A timed wait did worse: tokio's
+            // timers tick in whole milliseconds, and every entry waited one or two (BENCHMARKS.md,
+            // 2026-11-27). With none in flight, propose at once so that an idle partition keeps
+            // its latency.
+            if slots.available_permits() + 1 < self.limits.inflight_max {
+                tokio::task::yield_now().await;
             }
             let mut records = first.records;
             let mut bytes = first.bytes;

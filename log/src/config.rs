@@ -35,10 +35,6 @@ pub struct LogConfig {
     pub batch_records_max: usize,
     /// Group commit: at most this many bytes in one Raft entry.
     pub batch_bytes_max: usize,
-    /// Group commit: while other entries of the partition are in flight, how long the batcher
-    /// waits for more appends to join the next entry (0: never; with nothing in flight it never
-    /// waits).
-    pub batch_linger_us: u64,
     /// How long a leader holds a message to a follower that carries only a new commit index,
     /// in case the next entries can carry it instead (0: send at once). Followers learn a
     /// commit up to this much later; acknowledgements do not wait for it.
@@ -77,7 +73,6 @@ impl Default for LogConfig {
             election_timeout_max_ms: 600,
             batch_records_max: 8192,
             batch_bytes_max: 1 << 20,
-            batch_linger_us: 500,
             commit_hold_us: 1000,
             inflight_entries_max: 8,
             append_queue_max: 16_384,

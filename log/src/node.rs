@@ -198,7 +198,6 @@ impl LogNode {
         let limits = BatchLimits {
             records_max: config.batch_records_max,
             bytes_max: config.batch_bytes_max,
-            linger: Duration::from_micros(config.batch_linger_us),
             inflight_max: config.inflight_entries_max,
         };
 
@@ -691,15 +690,67 @@ impl LogHandle {
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
-        match tokio::time::timeout_at(deadline, rx).await {
-            Err(_) => Err(LogError::Ambiguous {
-                reason: "timed out waiting for commit".into(),
-            }),
-            Ok(Err(_)) => Err(LogError::Ambiguous {
-                reason: "batcher dropped the append".into(),
-            }),
-            Ok(Ok(r)) => r,
+        committed(rx, deadline).await
+    }
+
+    /// Hands `records` to `partition`'s batcher at once, without waiting for the commit, when
+    /// this node leads the partition and its queue has room; the returned future then ends like
+    /// [`LogHandle::append`]. Appends enqueued one after another by one caller reach the log in
+    /// that order, so a caller may keep several in flight (an MQTT session does): proposals
+    /// follow the queue, and one refused at a leader change (retried like `append`) is followed
+    /// by the refusal of every later one, because a node that lost a partition's leadership
+    /// cannot win it back before the ones queued behind it have been proposed.
+    /// `Err` gives the records back (not led here, queue full, invalid): append them with
+    /// [`LogHandle::append`], after the appends in flight, to keep the order.
+    pub fn enqueue(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+    ) -> Result<impl std::future::Future<Output = Result<Appended, LogError>> + Send + 'static, Vec<Record>>
+    {
+        let Ok(bytes) = self.validate(partition, &records) else {
+            return Err(records);
+        };
+        let Some(g) = self.group(partition_group(partition)) else {
+            return Err(records);
+        };
+        let Some(batcher) = &g.batcher else {
+            return Err(records);
+        };
+        {
+            let metrics = g.raft.metrics();
+            let m = metrics.borrow_watched();
+            if m.state != ServerState::Leader || m.current_leader != Some(self.node_id()) {
+                return Err(records);
+            }
         }
+        let (reply, rx) = oneshot::channel();
+        // Kept for a retry: `Bytes` clones share the data.
+        let again = records.clone();
+        if let Err(e) = batcher.try_send(AppendJob {
+            at: std::time::Instant::now(),
+            records,
+            bytes,
+            reply,
+        }) {
+            let job = match e {
+                mpsc::error::TrySendError::Full(j) | mpsc::error::TrySendError::Closed(j) => j,
+            };
+            return Err(job.records);
+        }
+        let this = self.clone();
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+        Ok(async move {
+            let mut stop = this.inner.shutdown.subscribe();
+            let r = tokio::select! {
+                r = committed(rx, deadline) => r,
+                _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
+            };
+            match r {
+                Err(e) if e.retriable() => this.append_inner(partition, again, true).await,
+                r => r,
+            }
+        })
     }
 
     async fn forward(
@@ -1086,5 +1137,21 @@ impl Tail {
                 }
             }
         }
+    }
+}
+
+/// The batcher's answer to one append, or `Ambiguous` when it does not come by `deadline`.
+async fn committed(
+    rx: oneshot::Receiver<Result<Appended, LogError>>,
+    deadline: Instant,
+) -> Result<Appended, LogError> {
+    match tokio::time::timeout_at(deadline, rx).await {
+        Err(_) => Err(LogError::Ambiguous {
+            reason: "timed out waiting for commit".into(),
+        }),
+        Ok(Err(_)) => Err(LogError::Ambiguous {
+            reason: "batcher dropped the append".into(),
+        }),
+        Ok(Ok(r)) => r,
     }
 }

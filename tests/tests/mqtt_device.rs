@@ -911,3 +911,92 @@ async fn v2_short_topics_carry_the_same_exchanges_and_answers_use_the_family_ask
     assert_eq!(req["method"], "blink");
     Ok(())
 }
+
+/// A PUBLISH QoS 1 packet (MQTT 3.1.1) with packet id `pkid`.
+fn publish_packet(topic: &str, pkid: u16, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&pkid.to_be_bytes());
+    body.extend_from_slice(payload);
+    let mut pkt = vec![0x32];
+    let mut len = body.len();
+    loop {
+        let b = (len % 128) as u8;
+        len /= 128;
+        pkt.push(if len > 0 { b | 0x80 } else { b });
+        if len == 0 {
+            break;
+        }
+    }
+    pkt.extend_from_slice(&body);
+    pkt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_of_publishes_is_acknowledged_in_order_and_stored_in_order() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (c, rest) = single_node().await?;
+    let id = rest.create_device("Streamer", "TOKEN_STREAM")?;
+    let (mut rd, mut wr) = raw_connect(&c.mqtt[&1], "TOKEN_STREAM").await?.into_split();
+    const N: u16 = 400;
+    // Written in small bursts without waiting for PUBACKs, so that the session reads them as
+    // many batches and keeps several appends in flight at once. Each burst sets the client
+    // attribute `seq` and adds a telemetry row.
+    let writer = tokio::spawn(async move {
+        for burst in (1..=N).collect::<Vec<_>>().chunks(7) {
+            let mut buf = Vec::new();
+            for &i in burst {
+                let attrs = format!("{{\"seq\":{i}}}");
+                buf.extend(publish_packet(
+                    "v1/devices/me/attributes",
+                    2 * i - 1,
+                    attrs.as_bytes(),
+                ));
+                let tel = format!("{{\"ts\":{},\"values\":{{\"n\":{i}}}}}", 1_000_000 + u64::from(i));
+                buf.extend(publish_packet("v1/devices/me/telemetry", 2 * i, tel.as_bytes()));
+            }
+            wr.write_all(&buf).await?;
+            tokio::time::sleep(Duration::from_micros(300)).await;
+        }
+        anyhow::Ok(wr)
+    });
+    // Every PUBACK, in the order of the PUBLISHes (MQTT 3.1.1 §4.6).
+    let mut acks = vec![0u8; 4 * 2 * usize::from(N)];
+    tokio::time::timeout(Duration::from_secs(20), rd.read_exact(&mut acks)).await??;
+    for (k, ack) in acks.chunks(4).enumerate() {
+        let pkid = k as u16 + 1;
+        assert_eq!(ack, [0x40, 2, (pkid >> 8) as u8, pkid as u8], "PUBACK #{k}");
+    }
+    let _wr = writer.await??;
+    // Every telemetry message is in the history...
+    let history = |rest: &Rest| -> anyhow::Result<usize> {
+        let (code, v) = rest.call(
+            "GET",
+            &format!(
+                "/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys=n&startTs=0&endTs=9999999999999&limit=1000"
+            ),
+            None,
+        )?;
+        anyhow::ensure!(code == 200, "history: {code} {v}");
+        Ok(v["n"].as_array().map_or(0, |a| a.len()))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while history(&rest)? < usize::from(N) {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "history has {} rows of {N}",
+            history(&rest)?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // ...and the attribute writes were applied in the order they were sent: the last one won.
+    let (code, v) = rest.call(
+        "GET",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/CLIENT_SCOPE?keys=seq"),
+        None,
+    )?;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v[0]["value"], Value::from(N), "{v}");
+    Ok(())
+}

@@ -230,9 +230,26 @@ impl std::fmt::Display for End {
 /// An append's outcome and the PUBACKs it owes.
 type AppendDone = (Result<(), LogError>, Vec<Option<u16>>);
 
-/// The session's append in flight. Polled by the session itself rather than spawned: a task
-/// per append costs a spawn and a cross-thread wake-up per message at low rates.
-type InFlight = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + Send>>;
+/// An append of the session's in flight. Polled by the session itself rather than spawned: a
+/// task per append costs a spawn and a cross-thread wake-up per message at low rates.
+type Append = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + Send>>;
+
+/// Most appends a session keeps in flight.
+const APPENDS_IN_FLIGHT_MAX: usize = 8;
+
+/// The session's appends in flight, oldest first; PUBACKs go out in this order (MQTT 3.1.1
+/// §4.6). Several are in flight only while each was enqueued at the local leader of one
+/// partition ([`LogHandle::enqueue`](thingraft_log::LogHandle::enqueue)), which keeps their
+/// order in the log; any other append (a forward to another node, a gateway's records for many
+/// partitions, a full queue) goes alone.
+#[derive(Default)]
+struct InFlight {
+    appends: std::collections::VecDeque<Append>,
+    /// The partition of the enqueued appends, `None` when the one in flight is not enqueued.
+    enqueued: Option<u32>,
+    /// Messages in the appends.
+    messages: usize,
+}
 
 /// A message waiting for its append, and the PUBACK it owes.
 struct Queued {
@@ -428,12 +445,12 @@ impl Session {
     }
 
     async fn serve(&mut self, downlinks: mpsc::Receiver<Downlink>, keep_alive_s: u16) -> End {
-        let mut in_flight: Option<InFlight> = None;
+        let mut in_flight = InFlight::default();
         let end = self.serve_loop(downlinks, keep_alive_s, &mut in_flight).await;
         if matches!(end, End::ClientDisconnect | End::ClientClosed) {
             // What the device sent before it left is still its data (QoS 0 messages have no
             // other chance): append it; nobody is left to acknowledge to.
-            if let Some(h) = in_flight.take() {
+            for h in in_flight.appends.drain(..) {
                 let _ = h.await;
             }
             let queued = std::mem::take(&mut self.queue);
@@ -442,9 +459,11 @@ impl Session {
             {
                 tracing::info!(error = %e, "messages sent before disconnect not appended");
             }
-        } else if let Some(h) = in_flight.take() {
-            // An append already under way finishes on its own, as it would have as a task.
-            tokio::spawn(h);
+        } else {
+            // Appends already under way finish on their own, as they would have as tasks.
+            for h in in_flight.appends.drain(..) {
+                tokio::spawn(h);
+            }
         }
         end
     }
@@ -453,7 +472,7 @@ impl Session {
         &mut self,
         mut downlinks: mpsc::Receiver<Downlink>,
         keep_alive_s: u16,
-        in_flight: &mut Option<InFlight>,
+        in_flight: &mut InFlight,
     ) -> End {
         let mut stop = self.transport.shutdown.subscribe();
         // MQTT: the server may close a connection silent for 1.5 × keep-alive.
@@ -476,19 +495,25 @@ impl Session {
             if !self.queue.is_empty() {
                 unreported = false;
             }
-            if in_flight.is_none() && !self.queue.is_empty() {
-                let batch = std::mem::take(&mut self.queue);
-                let log = self.transport.hub.log.clone();
-                let mut append: InFlight = Box::pin(async move { append_all(&log, batch).await });
-                // One poll now hands the records to the log before a socket write below can
-                // block on a client that does not read.
-                match futures::poll!(append.as_mut()) {
-                    std::task::Poll::Ready(done) => {
-                        if let Some(end) = self.appended(done).await {
-                            return end;
+            if !self.queue.is_empty()
+                && let Some(mut append) = self.start_append(in_flight)
+            {
+                if !in_flight.appends.is_empty() {
+                    // Enqueued behind the others: its PUBACKs wait for theirs.
+                    in_flight.appends.push_back(append);
+                } else {
+                    // One poll now hands the records to the log before a socket write below
+                    // can block on a client that does not read.
+                    match futures::poll!(append.as_mut()) {
+                        std::task::Poll::Ready(done) => {
+                            in_flight.messages -= done.1.len();
+                            in_flight.enqueued = None;
+                            if let Some(end) = self.appended(done).await {
+                                return end;
+                            }
                         }
+                        std::task::Poll::Pending => in_flight.appends.push_back(append),
                     }
-                    std::task::Poll::Pending => *in_flight = Some(append),
                 }
             }
             if !self.wbuf.is_empty() {
@@ -498,7 +523,7 @@ impl Session {
                 self.wbuf.clear();
             }
             tokio::select! {
-                r = self.stream.read_buf(&mut self.rbuf), if self.queue.len() < queue_max => {
+                r = self.stream.read_buf(&mut self.rbuf), if self.queue.len() + in_flight.messages < queue_max => {
                     match r {
                         Ok(0) => return End::ClientClosed,
                         Err(e) => return End::Protocol(format!("read: {e}")),
@@ -510,10 +535,23 @@ impl Session {
                         return end;
                     }
                 }
-                done = async { in_flight.as_mut().expect("guarded").await }, if in_flight.is_some() => {
-                    *in_flight = None;
-                    if let Some(end) = self.appended(done).await {
-                        return end;
+                done = async { in_flight.appends.front_mut().expect("guarded").await }, if !in_flight.appends.is_empty() => {
+                    let mut done = Some(done);
+                    // Appends answered together (one Raft entry) write their PUBACKs together.
+                    while let Some(d) = done.take() {
+                        in_flight.appends.pop_front();
+                        in_flight.messages -= d.1.len();
+                        if let Some(end) = self.appended(d).await {
+                            return end;
+                        }
+                        if let Some(next) = in_flight.appends.front_mut()
+                            && let std::task::Poll::Ready(d) = futures::poll!(next.as_mut())
+                        {
+                            done = Some(d);
+                        }
+                    }
+                    if in_flight.appends.is_empty() {
+                        in_flight.enqueued = None;
                     }
                 }
                 d = downlinks.recv() => {
@@ -592,6 +630,48 @@ impl Session {
                 () = crate::stopped(&mut stop) => return End::Shutdown,
             }
         }
+    }
+
+    /// Takes the queued messages into a new append if the ones in flight allow it (see
+    /// [`InFlight`]); counts them in.
+    fn start_append(&mut self, in_flight: &mut InFlight) -> Option<Append> {
+        let log = &self.transport.hub.log;
+        let partition = self.queue[0].partition;
+        let one_partition = self.queue.iter().all(|q| q.partition == partition);
+        let enqueued_before = in_flight.enqueued;
+        if !in_flight.appends.is_empty()
+            && (enqueued_before != Some(partition) || in_flight.appends.len() >= APPENDS_IN_FLIGHT_MAX)
+        {
+            return None;
+        }
+        let batch = std::mem::take(&mut self.queue);
+        if one_partition {
+            let records = batch.iter().map(|q| q.record.clone()).collect();
+            match log.enqueue(partition, records) {
+                Ok(commit) => {
+                    let started = std::time::Instant::now();
+                    probe::rec(Stage::SessionQueue, started - batch[0].at);
+                    in_flight.enqueued = Some(partition);
+                    in_flight.messages += batch.len();
+                    let pkids = batch.into_iter().map(|q| q.pkid).collect();
+                    return Some(Box::pin(async move {
+                        let r = commit.await.map(|_| ());
+                        probe::rec(Stage::SessionAppend, started.elapsed());
+                        (r, pkids)
+                    }));
+                }
+                Err(_) if enqueued_before.is_some() => {
+                    // It cannot go behind the enqueued ones: wait until they are done.
+                    self.queue = batch;
+                    return None;
+                }
+                Err(_) => {}
+            }
+        }
+        in_flight.enqueued = None;
+        in_flight.messages += batch.len();
+        let log = log.clone();
+        Some(Box::pin(async move { append_all(&log, batch).await }))
     }
 
     /// An append's outcome: the PUBACKs it owes, or the end of the session if it failed.
