@@ -717,12 +717,8 @@ impl LogHandle {
         let Some(batcher) = &g.batcher else {
             return Err(records);
         };
-        {
-            let metrics = g.raft.metrics();
-            let m = metrics.borrow_watched();
-            if m.state != ServerState::Leader || m.current_leader != Some(self.node_id()) {
-                return Err(records);
-            }
+        if self.leader_term(partition).is_none() {
+            return Err(records);
         }
         let (reply, rx) = oneshot::channel();
         // Kept for a retry: `Bytes` clones share the data.
