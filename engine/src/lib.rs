@@ -47,6 +47,10 @@ pub struct EngineConfig {
     pub inactivity_timeout_ms: u64,
     /// How often a partition's leader looks for devices that went inactive.
     pub state_check_interval_ms: u64,
+    /// Worker threads of the engine's own runtime, where every shard runs: apart from the
+    /// transports and the log, so that a device's acknowledgement never waits in a queue behind
+    /// the engine's work (decision 0012).
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -54,6 +58,7 @@ impl Default for EngineConfig {
         Self {
             inactivity_timeout_ms: 600_000,
             state_check_interval_ms: 60_000,
+            threads: 1,
         }
     }
 }
@@ -68,6 +73,7 @@ impl EngineConfig {
             self.state_check_interval_ms >= 100,
             "engine.state_check_interval_ms must be >= 100"
         );
+        anyhow::ensure!((1..=64).contains(&self.threads), "engine.threads must be 1..=64");
         Ok(())
     }
 }
@@ -80,6 +86,8 @@ pub struct Engine {
     applied: Vec<watch::Receiver<u64>>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The engine's own runtime (its shards' tasks); `None` once shut down.
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 /// The engine's API; cheap to clone.
@@ -92,7 +100,9 @@ pub struct EngineHandle {
 }
 
 impl Engine {
-    /// Opens the local store under `dir` and starts a shard for every partition replica here.
+    /// Opens the local store under `dir` and starts a shard for every partition replica here,
+    /// on a runtime of the engine's own (`config.threads` workers). Callable from within the
+    /// node's runtime.
     pub fn start(
         log: LogHandle,
         dir: &Path,
@@ -102,6 +112,11 @@ impl Engine {
         config.validate()?;
         std::fs::create_dir_all(dir)?;
         let store = Store::open(dir)?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads)
+            .thread_name("engine")
+            .enable_all()
+            .build()?;
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut applied = Vec::new();
@@ -119,7 +134,7 @@ impl Engine {
                 downlinks: downlinks.clone(),
                 config: config.clone(),
             };
-            tasks.push(tokio::spawn(shard.run(shutdown.subscribe())));
+            tasks.push(runtime.spawn(shard.run(shutdown.subscribe())));
         }
         Ok(Engine {
             registry: Registry::new(log.clone()),
@@ -128,6 +143,7 @@ impl Engine {
             applied,
             shutdown,
             tasks,
+            runtime: Some(runtime),
         })
     }
 
@@ -140,10 +156,19 @@ impl Engine {
         }
     }
 
-    pub async fn shutdown(self) {
+    pub async fn shutdown(mut self) {
         self.shutdown.send_replace(true);
-        for t in self.tasks {
+        for t in std::mem::take(&mut self.tasks) {
             let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Not `drop(runtime)`: that blocks until its tasks end, which an async caller may not.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }

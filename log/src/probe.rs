@@ -1,5 +1,6 @@
 //! A latency probe for finding where a message's time goes: log2 histograms of a few stages of
-//! the append path, and of the tokio scheduler's queueing delay, printed to the log every 3 s.
+//! the append path, and of the tokio scheduler's queueing delay, printed to the log every 3 s
+//! (or every `THINGRAFT_PROBE_MS` ms).
 //! Off unless the node runs with `THINGRAFT_PROBE=1` ([`start`]); when off, [`rec`] is one
 //! relaxed load.
 
@@ -19,14 +20,17 @@ pub enum Stage {
     ProposalToApplied,
     /// A task's `yield_now` until it runs again: how long ready tasks wait for a worker.
     SchedulerDelay,
+    /// The log's write and fsync of one round of appends (the syncer thread).
+    Fsync,
 }
 
-const STAGES: [(Stage, &str); 5] = [
+const STAGES: [(Stage, &str); 6] = [
     (Stage::SessionQueue, "mqtt session queue"),
     (Stage::SessionAppend, "mqtt session append"),
     (Stage::BatcherWait, "batcher wait"),
     (Stage::ProposalToApplied, "proposal to applied"),
     (Stage::SchedulerDelay, "scheduler delay"),
+    (Stage::Fsync, "log write and fsync"),
 ];
 
 const BUCKETS: usize = 40;
@@ -58,9 +62,15 @@ pub fn start() {
             rec(Stage::SchedulerDelay, t.elapsed());
         }
     });
-    std::thread::spawn(|| {
+    // Every 3 s, or every `THINGRAFT_PROBE_MS` ms (short windows line up with background work
+    // such as RocksDB's memtable flushes, which last a few hundred ms).
+    let every = std::env::var("THINGRAFT_PROBE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(3), Duration::from_millis);
+    std::thread::spawn(move || {
         loop {
-            std::thread::sleep(Duration::from_secs(3));
+            std::thread::sleep(every);
             for (stage, name) in STAGES {
                 let counts: Vec<u64> = HIST[stage as usize]
                     .iter()

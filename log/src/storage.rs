@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
 use crate::batch;
+use crate::probe::{self, Stage};
 use crate::types::{
     Command, Entry, GroupId, LogId, MetaCheck, MetaOp, MetaTxn, Response, Snapshot, SnapshotData,
     SnapshotMeta, StoredMembership, TypeConfig, Vote,
@@ -350,6 +351,7 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
         if !appends.is_empty() {
             // One write for every append taken, in the order they were handed over (so each
             // group's entries in log order), then one fsync makes all of them durable.
+            let started = std::time::Instant::now();
             let mut b = WriteBatch::default();
             for (puts, ..) in &appends {
                 for (k, v) in puts {
@@ -369,6 +371,7 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
                 stats.fsyncs.fetch_add(1, Ordering::Relaxed);
                 r
             });
+            probe::rec(Stage::Fsync, started.elapsed());
             stats
                 .flushed_appends
                 .fetch_add(appends.len() as u64, Ordering::Relaxed);

@@ -99,15 +99,35 @@ pub struct Meter {
     stop: AtomicBool,
     answered: AtomicU64,
     hist: Mutex<Histogram<u64>>,
+    timeline: Option<Timeline>,
+}
+
+/// Latency per window of the measured interval (`--timeline-ms`), to line up with what the
+/// node does meanwhile (its log, RocksDB's LOG, the latency probe).
+struct Timeline {
+    step: Duration,
+    /// When the measured interval began: as an `Instant`, and in ms since the Unix epoch.
+    start: std::sync::OnceLock<(Instant, u128)>,
+    windows: Mutex<Vec<Histogram<u64>>>,
 }
 
 impl Meter {
     pub fn new() -> Arc<Meter> {
+        Self::with_timeline(None)
+    }
+
+    /// A meter that also keeps a latency histogram per `step` of the measured interval.
+    pub fn with_timeline(step: Option<Duration>) -> Arc<Meter> {
         Arc::new(Meter {
             measuring: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             answered: AtomicU64::new(0),
             hist: Mutex::new(histogram()),
+            timeline: step.map(|step| Timeline {
+                step,
+                start: Default::default(),
+                windows: Default::default(),
+            }),
         })
     }
 
@@ -124,12 +144,29 @@ impl Meter {
     pub fn answered(&self, sent: impl IntoIterator<Item = Instant>, now: Instant) {
         let mut n = 0;
         let mut h = self.measuring().then(|| self.hist.lock().expect("hist"));
+        let mut tl = match (&h, &self.timeline) {
+            (Some(_), Some(tl)) => tl.start.get().map(|(start, _)| {
+                let i =
+                    (now.saturating_duration_since(*start).as_micros() / tl.step.as_micros().max(1)) as usize;
+                let mut w = tl.windows.lock().expect("timeline");
+                if w.len() <= i {
+                    w.resize_with(i + 1, histogram);
+                }
+                (w, i)
+            }),
+            _ => None,
+        };
         for t in sent {
             n += 1;
             if let Some(h) = h.as_mut() {
-                let _ = h.record(now.duration_since(t).as_micros() as u64);
+                let us = now.duration_since(t).as_micros() as u64;
+                let _ = h.record(us);
+                if let Some((w, i)) = tl.as_mut() {
+                    let _ = w[*i].record(us);
+                }
             }
         }
+        drop(tl);
         drop(h);
         self.answered.fetch_add(n, Ordering::Relaxed);
     }
@@ -139,14 +176,39 @@ impl Meter {
     pub async fn window(&self, warmup: u64, seconds: u64) -> (u64, f64, Histogram<u64>) {
         tokio::time::sleep(Duration::from_secs(warmup)).await;
         let start = self.answered.load(Ordering::Relaxed);
-        self.measuring.store(true, Ordering::Relaxed);
         let t0 = Instant::now();
+        if let Some(tl) = &self.timeline {
+            let unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis());
+            let _ = tl.start.set((t0, unix_ms));
+        }
+        self.measuring.store(true, Ordering::Relaxed);
         tokio::time::sleep(Duration::from_secs(seconds)).await;
         let answered = self.answered.load(Ordering::Relaxed) - start;
         let secs = t0.elapsed().as_secs_f64();
         self.measuring.store(false, Ordering::Relaxed);
         self.stop.store(true, Ordering::Relaxed);
         (answered, secs, self.hist.lock().expect("hist").clone())
+    }
+
+    /// Prints the timeline, if one was kept: a line per window with its start (ms since the
+    /// Unix epoch), the answers in it and their latency.
+    pub fn print_timeline(&self) {
+        let Some(tl) = &self.timeline else { return };
+        let Some((_, start_ms)) = tl.start.get() else {
+            return;
+        };
+        for (i, h) in tl.windows.lock().expect("timeline").iter().enumerate() {
+            println!(
+                "timeline: at_unix_ms {} n {} p50 {} p99 {} max {}",
+                start_ms + i as u128 * tl.step.as_millis(),
+                h.len(),
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max()
+            );
+        }
     }
 }
 

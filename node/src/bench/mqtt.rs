@@ -37,6 +37,9 @@ pub struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 2)]
     warmup: u64,
+    /// Also print the ack latency of every window of this many ms of the measured interval.
+    #[arg(long)]
+    timeline_ms: Option<u64>,
 }
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
@@ -47,7 +50,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.inflight < 60_000, "inflight must be < 60000");
     let token = a.rest.login().await?;
     super::create_devices(&a.rest.http, &token, a.connections + 1).await?;
-    let shared = Meter::new();
+    let shared = Meter::with_timeline(a.timeline_ms.map(Duration::from_millis));
     eprintln!("connecting {} devices", a.connections);
     let mut conns = Vec::with_capacity(a.connections);
     for i in 0..a.connections {
@@ -99,6 +102,7 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
         lag.max()
     );
     super::report("thingraft MQTT QoS 1 telemetry", acked, secs, &h, &extra);
+    shared.print_timeline();
     Ok(())
 }
 
