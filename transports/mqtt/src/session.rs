@@ -639,8 +639,12 @@ impl Session {
         let partition = self.queue[0].partition;
         let one_partition = self.queue.iter().all(|q| q.partition == partition);
         let enqueued_before = in_flight.enqueued;
+        // Only an append of the same partition can be enqueued behind the ones in flight; any
+        // other (another partition, a gateway's records for several) waits until they are done.
         if !in_flight.appends.is_empty()
-            && (enqueued_before != Some(partition) || in_flight.appends.len() >= APPENDS_IN_FLIGHT_MAX)
+            && (!one_partition
+                || enqueued_before != Some(partition)
+                || in_flight.appends.len() >= APPENDS_IN_FLIGHT_MAX)
         {
             return None;
         }
