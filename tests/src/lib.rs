@@ -67,15 +67,18 @@ pub fn thingraft_bin() -> PathBuf {
     .clone()
 }
 
-/// `n` free loopback ports.
+/// `n` loopback ports free for both TCP and UDP (a node's CoAP listener is UDP, and a port the
+/// kernel hands out as free for TCP may be some UDP client's ephemeral port).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("addr").port())
-        .collect()
+    let mut held = Vec::with_capacity(n);
+    while held.len() < n {
+        let tcp = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = tcp.local_addr().expect("addr").port();
+        if let Ok(udp) = std::net::UdpSocket::bind(("127.0.0.1", port)) {
+            held.push((port, tcp, udp));
+        }
+    }
+    held.into_iter().map(|(port, ..)| port).collect()
 }
 
 /// A cluster of `thingraft serve` processes on loopback.

@@ -340,6 +340,33 @@ async fn next_publish(
     .await
 }
 
+/// The answer to a QoS 1 request (the next PUBLISH whose topic starts with `prefix`) and the
+/// request's PUBACK. MQTT does not order the two: the PUBACK waits for the request's commit
+/// in its session, the answer comes from the engine once the request is applied.
+async fn answer_and_puback(
+    ev: &mut rumqttc::v5::EventLoop,
+    prefix: &'static str,
+) -> anyhow::Result<((String, Vec<u8>), PubAckReason)> {
+    let (mut answer, mut ack) = (None, None);
+    while answer.is_none() || ack.is_none() {
+        let (a, r) = thingraft_tests::next_packet(ev, |p| match p {
+            Packet::Publish(p) if p.topic.starts_with(prefix.as_bytes()) => Some((
+                Some((String::from_utf8_lossy(&p.topic).into_owned(), p.payload.to_vec())),
+                None,
+            )),
+            Packet::PubAck(a) => Some((None, Some(a.reason))),
+            _ => None,
+        })
+        .await?;
+        answer = answer.or(a);
+        ack = ack.or(r);
+    }
+    Ok((
+        answer.expect("loop ends with it"),
+        ack.expect("loop ends with it"),
+    ))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protobuf_devices_get_attributes_and_rpc_in_protobuf() -> anyhow::Result<()> {
     let c = ProcCluster::start(1, 4).await?;
@@ -407,7 +434,8 @@ async fn protobuf_devices_get_attributes_and_rpc_in_protobuf() -> anyhow::Result
     client
         .publish("v2/a/req/p/4", QoS::AtLeastOnce, false, request.encode_to_vec())
         .await?;
-    let (topic, bytes) = next_publish(&mut ev, "v2/a/res/").await?;
+    let ((topic, bytes), ack) = answer_and_puback(&mut ev, "v2/a/res/").await?;
+    assert_eq!(ack, PubAckReason::Success);
     assert_eq!(topic, "v2/a/res/p/4");
     let answer = tb::GetAttributeResponseMsg::decode(bytes.as_slice())?;
     assert_eq!(answer.request_id, 4);
@@ -711,7 +739,8 @@ async fn a_protobuf_gateway_reports_for_its_children_in_thingsboards_gateway_mes
             ask.encode_to_vec(),
         )
         .await?;
-    let (_, bytes) = next_publish(&mut ev, "v1/gateway/attributes/response").await?;
+    let ((_, bytes), ack) = answer_and_puback(&mut ev, "v1/gateway/attributes/response").await?;
+    assert_eq!(ack, PubAckReason::Success);
     let answer = tb::GatewayAttributeResponseMsg::decode(bytes.as_slice())?;
     assert_eq!(answer.device_name, "PG child 1");
     let inner = answer.response_msg.expect("response");
