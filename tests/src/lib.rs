@@ -656,6 +656,34 @@ pub async fn next_puback(
     .await
 }
 
+/// The answer to a QoS 1 request (the next PUBLISH whose topic starts with `prefix`: its topic
+/// and payload) and the request's PUBACK. MQTT does not order the two: the PUBACK waits for the
+/// request's commit in its session, the answer comes from the engine once the request is applied.
+pub async fn answer_and_puback(
+    ev: &mut rumqttc::v5::EventLoop,
+    prefix: &str,
+) -> anyhow::Result<((String, Vec<u8>), rumqttc::v5::mqttbytes::v5::PubAckReason)> {
+    use rumqttc::v5::mqttbytes::v5::Packet;
+    let (mut answer, mut ack) = (None, None);
+    while answer.is_none() || ack.is_none() {
+        let (a, r) = next_packet(ev, |p| match p {
+            Packet::Publish(p) if p.topic.starts_with(prefix.as_bytes()) => Some((
+                Some((String::from_utf8_lossy(&p.topic).into_owned(), p.payload.to_vec())),
+                None,
+            )),
+            Packet::PubAck(a) => Some((None, Some(a.reason))),
+            _ => None,
+        })
+        .await?;
+        answer = answer.or(a);
+        ack = ack.or(r);
+    }
+    Ok((
+        answer.expect("loop ends with it"),
+        ack.expect("loop ends with it"),
+    ))
+}
+
 /// Publishes `payload` on `topic` with QoS 1 and returns the reason code of the PUBACK.
 pub async fn publish_qos1(
     client: &rumqttc::v5::AsyncClient,

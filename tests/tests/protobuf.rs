@@ -13,7 +13,7 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use serde_json::{Value, json};
 use thingraft_proto::tb;
-use thingraft_tests::{ProcCluster, Rest, coap_client, next_puback, v5_client};
+use thingraft_tests::{ProcCluster, Rest, answer_and_puback, coap_client, next_puback, v5_client};
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
 
@@ -338,33 +338,6 @@ async fn next_publish(
         _ => None,
     })
     .await
-}
-
-/// The answer to a QoS 1 request (the next PUBLISH whose topic starts with `prefix`) and the
-/// request's PUBACK. MQTT does not order the two: the PUBACK waits for the request's commit
-/// in its session, the answer comes from the engine once the request is applied.
-async fn answer_and_puback(
-    ev: &mut rumqttc::v5::EventLoop,
-    prefix: &'static str,
-) -> anyhow::Result<((String, Vec<u8>), PubAckReason)> {
-    let (mut answer, mut ack) = (None, None);
-    while answer.is_none() || ack.is_none() {
-        let (a, r) = thingraft_tests::next_packet(ev, |p| match p {
-            Packet::Publish(p) if p.topic.starts_with(prefix.as_bytes()) => Some((
-                Some((String::from_utf8_lossy(&p.topic).into_owned(), p.payload.to_vec())),
-                None,
-            )),
-            Packet::PubAck(a) => Some((None, Some(a.reason))),
-            _ => None,
-        })
-        .await?;
-        answer = answer.or(a);
-        ack = ack.or(r);
-    }
-    Ok((
-        answer.expect("loop ends with it"),
-        ack.expect("loop ends with it"),
-    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
