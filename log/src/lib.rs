@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod network;
 pub mod node;
 pub mod placement;
+mod segments;
 pub mod server;
 pub mod storage;
 pub mod types;

@@ -1,25 +1,29 @@
-//! RocksDB storage for every Raft group of a node: one database, four column families, one
-//! fsync thread shared by all groups.
+//! Storage for every Raft group of a node: the Raft log of all groups in one journal of segment
+//! files (`segments`, decision 0013), everything else in one RocksDB database; one fsync thread
+//! shared by all groups.
 //!
-//! | column family | key | value |
+//! | where | key | value |
 //! |---|---|---|
-//! | `raft_log` | group (u32 BE) · index (u64 BE) | postcard [`Entry`] |
-//! | `raft_state` | group · tag | vote, committed, last purged log id |
+//! | `raft-segments/` | group · index, in the journal's index | postcard [`Entry`] |
+//! | `raft_state` | group (u32 BE) · tag | vote, last purged log id |
 //! | `sm` | group · tag (· meta key) | applied state, snapshot record, metadata map |
-//! | `records` | group · first offset (u64 BE) | one applied batch: [`batch`] encoding |
+//! | `sm` | group · first offset (u64 BE) | one applied batch: [`batch`] encoding |
+//!
+//! (The `raft_log` column family held the log before decision 0013; `Store::open` moves what
+//! it finds there into the journal.)
 //!
 //! `append` encodes the entries, keeps them in the group's [`RecentEntries`] (where readers find
 //! them at once) and hands them to the syncer thread. The syncer takes every append waiting, of
-//! every group, writes them as one RocksDB write batch, fsyncs the WAL once, and only then
-//! tells openraft the entries are durable: group commit across all groups of the node, with
-//! one write and one fsync per round instead of a write per append on the Raft cores' tasks.
+//! every group, writes them to the journal in one write, fsyncs once, and only then tells
+//! openraft the entries are durable: group commit across all groups of the node, with one write
+//! and one fsync per round instead of a write per append on the Raft cores' tasks.
 //!
-//! Entries handed over but not yet written are "pending". Three rules keep that invisible:
+//! Entries handed over but not yet durable are "pending". Three rules keep that invisible:
 //! - [`RecentEntries`] never drops a pending entry, so a read finds it there;
-//! - `truncate_after`, `purge` and `get_log_state` first wait for every earlier append to be
-//!   written ([`SyncJob::Barrier`]), so their direct writes and reads are in order with them;
-//! - the state machine writes no applied state for an entry until that entry is written
-//!   ([`Written`]), so a flushed `sm` never runs ahead of the local log (decision 0007).
+//! - `truncate_after` goes through the syncer, and `purge` and `get_log_state` first wait for
+//!   every earlier append ([`SyncJob::Barrier`]), so they are in order with them;
+//! - the state machine writes no applied state for an entry until that entry is durable here
+//!   ([`Written`]), so a flushed `sm` never runs ahead of the local log (decision 0013).
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -39,6 +43,7 @@ use tokio::sync::{broadcast, watch};
 
 use crate::batch;
 use crate::probe::{self, Stage};
+use crate::segments::{Journal, Kind, Rec, SEGMENT_BYTES, Writer};
 use crate::types::{
     Command, Entry, GroupId, LogId, MetaCheck, MetaOp, MetaTxn, Response, Snapshot, SnapshotData,
     SnapshotMeta, StoredMembership, TypeConfig, Vote,
@@ -83,12 +88,20 @@ pub struct SyncStats {
 }
 
 enum SyncJob {
-    /// Entries of one group to write, then fsync; `callback` once durable.
+    /// Entries of one group (index, postcard bytes) to write, then fsync; `callback` once
+    /// durable.
     Append {
-        puts: Vec<([u8; 12], Vec<u8>)>,
+        group: GroupId,
+        entries: Vec<(u64, Vec<u8>)>,
         last: u64,
         written: Arc<Written>,
         callback: IOFlushed<TypeConfig>,
+    },
+    /// Truncates a group's log from `from` on; answered once durable.
+    Truncate {
+        group: GroupId,
+        from: u64,
+        done: tokio::sync::oneshot::Sender<io::Result<()>>,
     },
     /// Answered once every job sent before it is written.
     Barrier(tokio::sync::oneshot::Sender<()>),
@@ -96,8 +109,8 @@ enum SyncJob {
 }
 
 /// Which entries of a group are pending: the indexes in `written_upto + 1 ..= appended_upto`
-/// are handed to the syncer and not yet written. `failed` is set when a write of the syncer
-/// failed: what it held will never be written.
+/// are handed to the syncer and not yet written and fsynced. `failed` is set when a write of
+/// the syncer failed: what it held will never be written.
 #[derive(Debug, Clone, Copy, Default)]
 struct Pending {
     appended_upto: u64,
@@ -132,12 +145,13 @@ impl Written {
     }
 }
 
-/// One node's RocksDB and its fsync thread.
+/// One node's RocksDB, its Raft log journal, the journal's fsync thread and its preparer.
 pub struct Store {
     db: Arc<DB>,
+    journal: Arc<Journal>,
     sync_tx: mpsc::Sender<SyncJob>,
     written: std::sync::Mutex<std::collections::HashMap<GroupId, Arc<Written>>>,
-    sync_thread: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    threads: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub sync_stats: Arc<SyncStats>,
 }
 
@@ -174,6 +188,12 @@ fn key_index(k: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&k[4..12]);
     u64::from_be_bytes(b)
+}
+
+fn key_group(k: &[u8]) -> GroupId {
+    let mut b = [0u8; 4];
+    b.copy_from_slice(&k[..4]);
+    GroupId::from_be_bytes(b)
 }
 
 // openraft adds what failed (log, vote, state machine) and how; these keep the cause.
@@ -214,20 +234,41 @@ impl Store {
             ColumnFamilyDescriptor::new(CF_SM, sm_opts),
         ];
         let db = Arc::new(DB::open_cf_descriptors(&opts, path, cfs)?);
+        // Every group's purged index: replay drops what is at or below it.
+        let mut purged = std::collections::HashMap::new();
+        let state = db
+            .cf_handle(CF_RAFT_STATE)
+            .expect("column family created at open");
+        for kv in db.iterator_cf(state, IteratorMode::Start) {
+            let (k, v) = kv?;
+            if k.len() == 5 && k[4] == TAG_PURGED {
+                let id: LogId = postcard::from_bytes(&v)?;
+                purged.insert(key_group(&k), id.index);
+            }
+        }
+        let opened = Journal::open(&path.join("raft-segments"), &purged, SEGMENT_BYTES)?;
+        let (journal, mut writer) = (opened.journal, opened.writer);
+        migrate_raft_log_cf(&db, &mut writer)?;
         let (sync_tx, sync_rx) = mpsc::channel();
         let sync_stats = Arc::new(SyncStats::default());
-        let thread = {
-            let db = db.clone();
+        let syncer = {
             let stats = sync_stats.clone();
             std::thread::Builder::new()
                 .name("log-fsync".into())
-                .spawn(move || run_syncer(&db, &sync_rx, &stats))?
+                .spawn(move || run_syncer(writer, &sync_rx, &stats))?
+        };
+        let preparer = {
+            let journal = journal.clone();
+            std::thread::Builder::new()
+                .name("log-segments".into())
+                .spawn(move || journal.run_preparer())?
         };
         Ok(Arc::new(Store {
             db,
+            journal,
             sync_tx,
             written: Default::default(),
-            sync_thread: std::sync::Mutex::new(Some(thread)),
+            threads: std::sync::Mutex::new(vec![syncer, preparer]),
             sync_stats,
         }))
     }
@@ -273,10 +314,11 @@ impl Store {
             tracing::warn!(error = %e, "flushing applied state at close");
         }
         let _ = self.sync_tx.send(SyncJob::Stop);
-        if let Ok(mut t) = self.sync_thread.lock()
-            && let Some(t) = t.take()
-        {
-            let _ = t.join();
+        self.journal.stop();
+        if let Ok(mut threads) = self.threads.lock() {
+            for t in threads.drain(..) {
+                let _ = t.join();
+            }
         }
     }
 
@@ -296,10 +338,8 @@ impl Store {
     /// entries are purged only behind a snapshot, and building one flushes `sm` first).
     ///
     /// openraft 0.10 may apply an entry before this node's own fsync of it (it is durable on a
-    /// quorum). A flushed `sm` still never runs ahead of the local log: with more than one
-    /// column family, RocksDB syncs every closed WAL before it flushes a memtable
-    /// (`FlushMemTableToOutputFile`, `needs_to_sync_closed_wals`), and the log entries of every
-    /// apply in that memtable were written to the WAL before the apply. Decision 0007.
+    /// quorum). A flushed `sm` still never runs ahead of the local log: `apply` writes nothing
+    /// for an entry until the local fsync of it is done ([`Written`]). Decision 0013.
     fn write_applied(&self, batch: WriteBatch) -> io::Result<()> {
         let mut wo = WriteOptions::default();
         wo.disable_wal(true);
@@ -325,21 +365,49 @@ impl Drop for Store {
     }
 }
 
-fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
+/// Moves the entries a node stored in the `raft_log` column family (before decision 0013) into
+/// the journal, then deletes them there. Run again after a crash in between, it writes the same
+/// entries again, which replay reads as the same log.
+fn migrate_raft_log_cf(db: &DB, writer: &mut Writer) -> anyhow::Result<()> {
     let cf = db.cf_handle(CF_RAFT_LOG).expect("column family created at open");
-    let mut appends = Vec::new();
+    let mut recs = Vec::new();
+    for kv in db.iterator_cf(cf, IteratorMode::Start) {
+        let (k, v) = kv?;
+        if k.len() != 12 {
+            continue;
+        }
+        recs.push(Rec {
+            kind: Kind::Entry,
+            group: key_group(&k),
+            index: key_index(&k),
+            payload: v.to_vec(),
+        });
+        if recs.len() >= 4096 {
+            writer.write(&std::mem::take(&mut recs))?;
+        }
+    }
+    let moved = !recs.is_empty();
+    writer.write(&recs)?;
+    if moved || db.iterator_cf(cf, IteratorMode::Start).next().is_some() {
+        let mut b = WriteBatch::default();
+        b.delete_range_cf(cf, &[0u8; 12][..], &[0xffu8; 13][..]);
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        db.write_opt(b, &wo)?;
+        tracing::info!("moved the raft log from RocksDB into the segment journal");
+    }
+    Ok(())
+}
+
+fn run_syncer(mut writer: Writer, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
+    let mut jobs = Vec::new();
     let mut barriers = Vec::new();
     loop {
         let mut stop = false;
         let mut take = |job| match job {
-            SyncJob::Append {
-                puts,
-                last,
-                written,
-                callback,
-            } => appends.push((puts, last, written, callback)),
             SyncJob::Barrier(tx) => barriers.push(tx),
             SyncJob::Stop => stop = true,
+            job => jobs.push(job),
         };
         match rx.recv() {
             Ok(job) => take(job),
@@ -348,44 +416,61 @@ fn run_syncer(db: &DB, rx: &mpsc::Receiver<SyncJob>, stats: &SyncStats) {
         while let Ok(job) = rx.try_recv() {
             take(job);
         }
-        if !appends.is_empty() {
-            // One write for every append taken, in the order they were handed over (so each
+        if !jobs.is_empty() {
+            // One write for every job taken, in the order they were handed over (so each
             // group's entries in log order), then one fsync makes all of them durable.
             let started = std::time::Instant::now();
-            let mut b = WriteBatch::default();
-            for (puts, ..) in &appends {
-                for (k, v) in puts {
-                    b.put_cf(cf, k, v);
+            let mut recs = Vec::new();
+            for job in &mut jobs {
+                match job {
+                    SyncJob::Append { group, entries, .. } => {
+                        recs.extend(std::mem::take(entries).into_iter().map(|(index, payload)| Rec {
+                            kind: Kind::Entry,
+                            group: *group,
+                            index,
+                            payload,
+                        }))
+                    }
+                    SyncJob::Truncate { group, from, .. } => recs.push(Rec {
+                        kind: Kind::Truncate,
+                        group: *group,
+                        index: *from,
+                        payload: Vec::new(),
+                    }),
+                    SyncJob::Barrier(_) | SyncJob::Stop => {}
                 }
             }
-            let res = db.write_opt(b, &WriteOptions::default()).and_then(|()| {
-                // Written: readable from RocksDB, so no longer pending.
-                for (_, last, written, _) in &appends {
-                    written.0.send_modify(|p| p.written_upto = *last);
-                }
-                let t0 = std::time::Instant::now();
-                let r = db.flush_wal(true);
-                stats
-                    .fsync_us_total
-                    .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
-                stats.fsyncs.fetch_add(1, Ordering::Relaxed);
-                r
-            });
-            probe::rec(Stage::Fsync, started.elapsed());
+            let t0 = std::time::Instant::now();
+            let res = writer.write(&recs);
             stats
-                .flushed_appends
-                .fetch_add(appends.len() as u64, Ordering::Relaxed);
-            if res.is_err() {
-                for (_, _, written, _) in &appends {
-                    written.0.send_modify(|p| p.failed = true);
-                }
-            }
-            for (_, _, _, cb) in appends.drain(..) {
+                .fsync_us_total
+                .fetch_add(t0.elapsed().as_micros() as u64, Ordering::Relaxed);
+            stats.fsyncs.fetch_add(1, Ordering::Relaxed);
+            probe::rec(Stage::Fsync, started.elapsed());
+            for job in jobs.drain(..) {
                 let r = match &res {
                     Ok(()) => Ok(()),
-                    Err(e) => Err(std::io::Error::other(e.to_string())),
+                    Err(e) => Err(io::Error::other(e.to_string())),
                 };
-                cb.io_completed(r);
+                match job {
+                    SyncJob::Append {
+                        last,
+                        written,
+                        callback,
+                        ..
+                    } => {
+                        stats.flushed_appends.fetch_add(1, Ordering::Relaxed);
+                        written.0.send_modify(|p| match r {
+                            Ok(()) => p.written_upto = last,
+                            Err(_) => p.failed = true,
+                        });
+                        callback.io_completed(r);
+                    }
+                    SyncJob::Truncate { done, .. } => {
+                        let _ = done.send(r);
+                    }
+                    SyncJob::Barrier(_) | SyncJob::Stop => {}
+                }
             }
         }
         for tx in barriers.drain(..) {
@@ -471,6 +556,9 @@ impl RecentEntries {
 
     /// Entries `start..end` if all of them are here.
     fn get(&self, start: u64, end: u64) -> Option<Vec<Entry>> {
+        if start >= end {
+            return Some(Vec::new());
+        }
         let first = self.entries.front()?.0.log_id.index;
         let last = self.entries.back()?.0.log_id.index;
         if start < first || end > last + 1 {
@@ -497,36 +585,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(x) => *x,
             Bound::Unbounded => u64::MAX,
         };
-        let mut out = Vec::new();
+        let mut out;
         if start >= end {
-            return Ok(out);
+            return Ok(Vec::new());
         }
         if end != u64::MAX
             && let Some(hit) = self.recent.lock().expect("recent entries lock").get(start, end)
         {
             return Ok(hit);
         }
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(key(self.group, end).to_vec());
-        let from = key(self.group, start);
-        let it = self.store.db.iterator_cf_opt(
-            self.store.cf(CF_RAFT_LOG),
-            ro,
-            IteratorMode::From(&from, Direction::Forward),
-        );
-        for kv in it {
-            let (k, v) = kv.map_err(read_err)?;
-            let entry: Entry = postcard::from_bytes(&v).map_err(read_err)?;
-            // Check data after reading it back: the key names the entry it holds.
-            debug_assert_eq!(key_index(&k), entry.log_id.index);
-            out.push(entry);
-        }
+        out = self.store.journal.entries(self.group, start, end)?;
         // The rest of the range may still be pending, and so only in the cache.
+        // The journal and the cache together hold every entry: what the cache dropped is in the
+        // journal, so below the cache's first entry the journal has all there is.
         let next = out.last().map_or(start, |e| e.log_id.index + 1);
         if next < end {
             let recent = self.recent.lock().expect("recent entries lock");
-            if let Some(last) = recent.entries.back().map(|(e, _)| e.log_id.index)
-                && let Some(rest) = recent.get(next, end.min(last + 1))
+            if let (Some(first), Some(last)) = (
+                recent.entries.front().map(|(e, _)| e.log_id.index),
+                recent.entries.back().map(|(e, _)| e.log_id.index),
+            ) && (out.is_empty() || next >= first)
+                && let Some(rest) = recent.get(next.max(first), end.min(last + 1))
             {
                 out.extend(rest);
             }
@@ -545,19 +624,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> io::Result<LogState<TypeConfig>> {
         self.store.barrier().await?;
         let last_purged: Option<LogId> = self.store.get(CF_RAFT_STATE, &tag_key(self.group, TAG_PURGED))?;
-        let upper = key(self.group, u64::MAX);
-        let mut it = self.store.db.iterator_cf(
-            self.store.cf(CF_RAFT_LOG),
-            IteratorMode::From(&upper, Direction::Reverse),
-        );
-        let mut last = None;
-        if let Some(kv) = it.next() {
-            let (k, v) = kv.map_err(read_err)?;
-            if k[..4] == self.group.to_be_bytes() {
-                let entry: Entry = postcard::from_bytes(&v).map_err(read_err)?;
-                last = Some(entry.log_id);
-            }
-        }
+        let last = match self.store.journal.last_index(self.group) {
+            Some(i) => self.store.journal.entry(self.group, i)?.map(|e| e.log_id),
+            None => None,
+        };
         Ok(LogState {
             last_purged_log_id: last_purged,
             last_log_id: last.or(last_purged),
@@ -580,13 +650,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut puts = Vec::new();
+        let mut encoded = Vec::new();
         let mut recent = Vec::new();
         for entry in entries {
             let v = postcard::to_stdvec(&entry).map_err(write_err)?;
-            let k = key(self.group, entry.log_id.index);
-            recent.push((entry, v.len()));
-            puts.push((k, v));
+            encoded.push((entry.log_id.index, v));
+            recent.push((entry, encoded.last().map_or(0, |(_, v)| v.len())));
         }
         let Some(last) = recent.last().map(|(e, _)| e.log_id.index) else {
             callback.io_completed(Ok(()));
@@ -604,7 +673,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.store
             .sync_tx
             .send(SyncJob::Append {
-                puts,
+                group: self.group,
+                entries: encoded,
                 last,
                 written: self.written.clone(),
                 callback,
@@ -615,22 +685,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> io::Result<()> {
         // Keeps `last_log_id` itself; `None` deletes every entry.
         let from = last_log_id.map_or(0, |l| l.index + 1);
-        // Earlier appends are written first, so that none lands after this delete.
-        self.store.barrier().await?;
+        // Through the syncer, after every earlier append: none lands after the truncation.
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.store
+            .sync_tx
+            .send(SyncJob::Truncate {
+                group: self.group,
+                from,
+                done,
+            })
+            .map_err(|_| io::Error::other("the fsync thread has stopped"))?;
+        rx.await
+            .map_err(|_| io::Error::other("the fsync thread has stopped"))??;
         self.recent.lock().expect("recent entries lock").truncate(from);
         let keep = from.saturating_sub(1);
         self.written.0.send_modify(|p| {
             p.appended_upto = keep;
             p.written_upto = keep;
         });
-        let mut b = WriteBatch::default();
-        b.delete_range_cf(
-            self.store.cf(CF_RAFT_LOG),
-            key(self.group, from),
-            key(self.group, u64::MAX),
-        );
-        b.delete_cf(self.store.cf(CF_RAFT_LOG), key(self.group, u64::MAX));
-        self.store.write(b, true)
+        Ok(())
     }
 
     async fn purge(&mut self, log_id: LogId) -> io::Result<()> {
@@ -639,15 +712,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .lock()
             .expect("recent entries lock")
             .purge(log_id.index);
+        // Synced before the journal may recycle what held the purged entries: replay must know
+        // they are gone.
         let mut b = WriteBatch::default();
         let v = postcard::to_stdvec(&log_id).map_err(write_err)?;
         b.put_cf(self.store.cf(CF_RAFT_STATE), tag_key(self.group, TAG_PURGED), v);
-        b.delete_range_cf(
-            self.store.cf(CF_RAFT_LOG),
-            key(self.group, 0),
-            key(self.group, log_id.index + 1),
-        );
-        self.store.write(b, false)
+        self.store.write(b, true)?;
+        self.store.journal.purge(self.group, log_id.index);
+        Ok(())
     }
 }
 
