@@ -47,15 +47,17 @@ const FRAME: usize = 8;
 const BODY_HEAD: usize = 13;
 /// Spare segments kept ready; more recycled ones are deleted.
 const SPARES_MAX: usize = 2;
-/// A node's first spare is this small, so that even a node that writes little (a test, an idle
-/// cluster) writes into pre-written blocks from its first seconds without writing 64 MiB of
-/// zeros; a full-size spare is prepared once this much has been written since the last one.
-const FIRST_SPARE_BYTES: u64 = 4 << 20;
-const PREPARE_AFTER_BYTES: u64 = 1 << 20;
-/// More segments than this (besides the head) and groups that pin the oldest are copied forward
-/// if they are small; more than `COPY_ALL_SEGMENTS` and they are copied whatever their size.
-const COPY_SMALL_SEGMENTS: usize = 4;
-const COPY_ALL_SEGMENTS: usize = 16;
+/// A spare written with zeros is this small, and at most one is written per
+/// `ZERO_SPARE_EVERY`: a node that writes little (1 in flight, an idle cluster) then always
+/// writes into pre-written blocks, for a few ms of disk time per spare, while a node that
+/// writes fast does not double its disk writes with zeros. It fills new files instead (the
+/// slower fsync) until purges let it recycle full segments.
+const ZERO_SPARE_BYTES: u64 = 4 << 20;
+const ZERO_SPARE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+/// With more segments than this besides the head, the groups that pin the oldest are copied
+/// forward if all of their live entries together take at most a quarter of a segment: copying
+/// frees a whole segment for at most a quarter of its bytes, and never re-copies a busy log.
+const COPY_SEGMENTS: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -288,10 +290,8 @@ pub(crate) struct Journal {
     index: Mutex<Index>,
     spares: Mutex<Vec<(PathBuf, File)>>,
     next_file: AtomicU64,
-    /// Bytes written since the last spare was prepared; the preparer's cue.
-    written_since_spare: AtomicU64,
-    /// Whether this process has prepared a spare yet.
-    prepared_any: AtomicBool,
+    /// When the last spare of zeros was written.
+    zeroed_at: Mutex<Option<std::time::Instant>>,
     head_seq: AtomicU64,
     wake: Condvar,
     wake_lock: Mutex<()>,
@@ -385,8 +385,7 @@ impl Journal {
             index: Mutex::new(index),
             spares: Mutex::new(spares),
             next_file: AtomicU64::new(next_file),
-            written_since_spare: AtomicU64::new(0),
-            prepared_any: AtomicBool::new(false),
+            zeroed_at: Mutex::new(None),
             wake: Condvar::new(),
             wake_lock: Mutex::new(()),
             stop: AtomicBool::new(false),
@@ -530,21 +529,19 @@ impl Journal {
         }
     }
 
-    /// Writes a segment of zeros when there is no spare and the head has taken enough (or this
-    /// process has prepared none yet: then a small one).
+    /// Writes a small spare of zeros when there is none (at most one per `ZERO_SPARE_EVERY`).
     fn prepare(&self) -> io::Result<()> {
-        let first = !self.prepared_any.load(Ordering::Relaxed);
         if !self.spares.lock().expect("spares").is_empty()
-            || (!first && self.written_since_spare.load(Ordering::Relaxed) < PREPARE_AFTER_BYTES)
+            || self
+                .zeroed_at
+                .lock()
+                .expect("zeroed at")
+                .is_some_and(|t| t.elapsed() < ZERO_SPARE_EVERY)
         {
             return Ok(());
         }
-        self.prepared_any.store(true, Ordering::Relaxed);
-        let size = if first {
-            FIRST_SPARE_BYTES.min(self.segment_bytes)
-        } else {
-            self.segment_bytes
-        };
+        *self.zeroed_at.lock().expect("zeroed at") = Some(std::time::Instant::now());
+        let size = ZERO_SPARE_BYTES.min(self.segment_bytes);
         let (path, file) = self.new_file()?;
         // In steps of 1 MiB, each synced, with a pause between: the fsync thread's small writes
         // never queue behind tens of MiB of zeros.
@@ -563,7 +560,6 @@ impl Journal {
         }
         file.sync_all()?;
         sync_dir(&self.dir)?;
-        self.written_since_spare.store(0, Ordering::Relaxed);
         self.spares.lock().expect("spares").push((path, file));
         Ok(())
     }
@@ -654,9 +650,6 @@ impl Writer {
             // A round larger than a segment grew the file: its fsyncs are of the slow kind.
             head.prewritten = false;
         }
-        self.journal
-            .written_since_spare
-            .fetch_add(buf.len() as u64, Ordering::Relaxed);
         let mut idx = self.journal.index.lock().expect("journal index");
         for (r, loc) in copies.iter().chain(recs).zip(locs) {
             idx.put(r.kind, r.group, r.index, loc);
@@ -706,28 +699,31 @@ impl Writer {
     }
 
     /// Copies of the live entries of groups that keep the oldest segment alive, when there are
-    /// many segments: an idle group's few entries would otherwise keep every later segment.
+    /// many segments and those groups' logs are small: an idle group's few entries would
+    /// otherwise keep every later segment.
     fn copies_forward(&self) -> io::Result<Vec<Rec>> {
         let plan: Vec<(GroupId, u64, u64, u64)> = {
             let idx = self.journal.index.lock().expect("journal index");
-            let old = idx.segs.len().saturating_sub(1);
-            if old <= COPY_SMALL_SEGMENTS {
+            if idx.segs.len().saturating_sub(1) <= COPY_SEGMENTS {
                 return Ok(Vec::new());
             }
             let Some((_, oldest)) = idx.segs.first_key_value() else {
                 return Ok(Vec::new());
             };
-            oldest
+            let plan: Vec<_> = oldest
                 .live
                 .keys()
                 .filter_map(|g| {
                     let log = idx.groups.get(g)?;
                     let last = log.last()?;
                     let bytes: u64 = log.locs.iter().map(|l| u64::from(l.len)).sum();
-                    (old > COPY_ALL_SEGMENTS || bytes <= self.journal.segment_bytes / 4)
-                        .then_some((*g, log.first, last, bytes))
+                    Some((*g, log.first, last, bytes))
                 })
-                .collect()
+                .collect();
+            if plan.iter().map(|p| p.3).sum::<u64>() > self.journal.segment_bytes / 4 {
+                return Ok(Vec::new());
+            }
+            plan
         };
         let mut out = Vec::new();
         for (group, first, last, bytes) in plan {
@@ -888,7 +884,7 @@ mod tests {
             o.journal.recycle().unwrap();
         }
         let segs = o.journal.index.lock().unwrap().segs.len();
-        assert!(segs <= COPY_SMALL_SEGMENTS + 2, "{segs} segments live");
+        assert!(segs <= COPY_SEGMENTS + 2, "{segs} segments live");
         drop(o);
         let o = Journal::open(dir.path(), &HashMap::from([(1, 38)]), small).unwrap();
         assert_eq!(terms(&o.journal, 2), vec![(1, 1)]);
