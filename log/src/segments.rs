@@ -48,12 +48,12 @@ const BODY_HEAD: usize = 13;
 /// Spare segments kept ready; more recycled ones are deleted.
 const SPARES_MAX: usize = 2;
 /// A spare written with zeros is this small, and at most one is written per
-/// `ZERO_SPARE_EVERY`: a node that writes little (1 in flight, an idle cluster) then always
-/// writes into pre-written blocks, for a few ms of disk time per spare, while a node that
-/// writes fast does not double its disk writes with zeros. It fills new files instead (the
-/// slower fsync) until purges let it recycle full segments.
+/// `ZERO_SPARE_EVERY` (at most 16 MB/s of zeros): a node that writes little (1 in flight, tens
+/// of thousands of messages a second) then always writes into pre-written blocks, while a node
+/// that writes faster does not double its disk writes with zeros. It appends to empty spares
+/// (the slower fsync) in between, until purges let it recycle full segments.
 const ZERO_SPARE_BYTES: u64 = 4 << 20;
-const ZERO_SPARE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const ZERO_SPARE_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// With more segments than this besides the head, the groups that pin the oldest are copied
 /// forward if all of their live entries together take at most a quarter of a segment: copying
 /// frees a whole segment for at most a quarter of its bytes, and never re-copies a busy log.
@@ -282,13 +282,22 @@ impl Index {
 // ---------------------------------------------------------------------------------------------
 // Journal
 
+/// A file ready to become the head: pre-written (zeros, or an older segment), or empty (its
+/// directory entry already synced, so that the writer never creates a file itself).
+#[derive(Debug)]
+struct Spare {
+    path: PathBuf,
+    file: File,
+    prewritten: bool,
+}
+
 /// The shared part of the journal: the index, read by every group's log store, and the spares.
 #[derive(Debug)]
 pub(crate) struct Journal {
     dir: PathBuf,
     segment_bytes: u64,
     index: Mutex<Index>,
-    spares: Mutex<Vec<(PathBuf, File)>>,
+    spares: Mutex<Vec<Spare>>,
     next_file: AtomicU64,
     /// When the last spare of zeros was written.
     zeroed_at: Mutex<Option<std::time::Instant>>,
@@ -326,7 +335,14 @@ impl Journal {
             let file = OpenOptions::new().read(true).write(true).open(&path)?;
             match read_header(&file)? {
                 Some(seq) => live.push((seq, path, file)),
-                None => spares.push((path, file)),
+                None => {
+                    let prewritten = file.metadata()?.len() > HEADER;
+                    spares.push(Spare {
+                        path,
+                        file,
+                        prewritten,
+                    })
+                }
             }
         }
         live.sort_by_key(|(seq, ..)| *seq);
@@ -521,7 +537,11 @@ impl Journal {
             let file = Arc::try_unwrap(seg.file).or_else(|f| f.try_clone());
             let mut spares = self.spares.lock().expect("spares");
             if spares.len() < SPARES_MAX {
-                spares.push((seg.path, file?));
+                spares.push(Spare {
+                    path: seg.path,
+                    file: file?,
+                    prewritten: true,
+                });
             } else {
                 drop(spares);
                 fs::remove_file(&seg.path)?;
@@ -529,9 +549,23 @@ impl Journal {
         }
     }
 
-    /// Writes a small spare of zeros when there is none (at most one per `ZERO_SPARE_EVERY`).
+    /// Keeps a spare ready: an empty file whenever there is no spare at all, and a small one of
+    /// zeros when there is no pre-written one (at most one per `ZERO_SPARE_EVERY`).
     fn prepare(&self) -> io::Result<()> {
-        if !self.spares.lock().expect("spares").is_empty()
+        let (any, prewritten) = {
+            let spares = self.spares.lock().expect("spares");
+            (!spares.is_empty(), spares.iter().any(|s| s.prewritten))
+        };
+        if !any {
+            let (path, file) = self.new_file()?;
+            sync_dir(&self.dir)?;
+            self.spares.lock().expect("spares").push(Spare {
+                path,
+                file,
+                prewritten: false,
+            });
+        }
+        if prewritten
             || self
                 .zeroed_at
                 .lock()
@@ -560,7 +594,11 @@ impl Journal {
         }
         file.sync_all()?;
         sync_dir(&self.dir)?;
-        self.spares.lock().expect("spares").push((path, file));
+        self.spares.lock().expect("spares").push(Spare {
+            path,
+            file,
+            prewritten: true,
+        });
         Ok(())
     }
 }
@@ -611,7 +649,14 @@ impl Writer {
             None => true,
             Some(h) => {
                 let full = h.off > HEADER && h.off + need > h.cap;
-                full || (!h.prewritten && !self.journal.spares.lock().expect("spares").is_empty())
+                full || (!h.prewritten
+                    && self
+                        .journal
+                        .spares
+                        .lock()
+                        .expect("spares")
+                        .iter()
+                        .any(|s| s.prewritten))
             }
         };
         let mut copies = Vec::new();
@@ -655,7 +700,15 @@ impl Writer {
             idx.put(r.kind, r.group, r.index, loc);
         }
         drop(idx);
-        if !copies.is_empty() || self.journal.spares.lock().expect("spares").is_empty() {
+        if !copies.is_empty()
+            || !self
+                .journal
+                .spares
+                .lock()
+                .expect("spares")
+                .iter()
+                .any(|s| s.prewritten)
+        {
             self.journal.wake();
         }
         Ok(())
@@ -664,11 +717,21 @@ impl Writer {
     /// Starts a new head: a spare if one is ready, else a new file. Returns whether the file is
     /// new (its directory entry still to be synced).
     fn roll(&mut self) -> io::Result<bool> {
-        let spare = self.journal.spares.lock().expect("spares").pop();
+        // A pre-written spare if there is one, else an empty one, else a file made here.
+        let spare = {
+            let mut spares = self.journal.spares.lock().expect("spares");
+            let i = spares
+                .iter()
+                .position(|s| s.prewritten)
+                .or(spares.len().checked_sub(1));
+            i.map(|i| spares.swap_remove(i))
+        };
+        let mut made_here = false;
         let (path, file, prewritten) = match spare {
-            Some((p, f)) => (p, f, true),
+            Some(s) => (s.path, s.file, s.prewritten),
             None => {
                 let (p, f) = self.journal.new_file()?;
+                made_here = true;
                 (p, f, false)
             }
         };
@@ -695,7 +758,7 @@ impl Writer {
             cap,
             prewritten,
         });
-        Ok(!prewritten)
+        Ok(made_here)
     }
 
     /// Copies of the live entries of groups that keep the oldest segment alive, when there are
