@@ -1374,6 +1374,39 @@ mod tests {
         }
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_raft_log_left_in_rocksdb_moves_into_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            // A database as nodes before decision 0013 left it: group 5's entries in `raft_log`.
+            let mut o = db_options();
+            o.create_if_missing(true);
+            o.create_missing_column_families(true);
+            let db = DB::open_cf(&o, dir.path(), [CF_RAFT_LOG, CF_RAFT_STATE, CF_SM]).unwrap();
+            let cf = db.cf_handle(CF_RAFT_LOG).unwrap();
+            for i in 1..=3 {
+                db.put_cf(cf, key(5, i), postcard::to_stdvec(&blank(i)).unwrap())
+                    .unwrap();
+            }
+        }
+        // Moved at the first open; the second finds them in the journal alone.
+        for _ in 0..2 {
+            let store = Store::open(dir.path()).unwrap();
+            let mut log = store.log_store(5);
+            let state = log.get_log_state().await.unwrap();
+            assert_eq!(state.last_log_id.map(|l| l.index), Some(3));
+            let got = log.try_get_log_entries(1..4).await.unwrap();
+            assert_eq!(
+                got.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+                vec![1, 2, 3]
+            );
+            let cf = store.db.cf_handle(CF_RAFT_LOG).unwrap();
+            assert!(store.db.iterator_cf(cf, IteratorMode::Start).next().is_none());
+            drop(log);
+            store.close();
+        }
+    }
+
     #[test]
     fn recent_entries_keep_every_entry_not_yet_written() {
         let mut r = RecentEntries::default();
