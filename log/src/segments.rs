@@ -822,6 +822,11 @@ mod tests {
         postcard::to_stdvec(&e).unwrap()
     }
 
+    /// Opens the journal in `dir` with segments of `size` bytes and these purged indexes.
+    fn open(dir: &tempfile::TempDir, purged: &[(GroupId, u64)], size: u64) -> Opened {
+        Journal::open(dir.path(), &purged.iter().copied().collect(), size).unwrap()
+    }
+
     fn rec(kind: Kind, group: GroupId, index: u64, term: u64) -> Rec {
         let payload = if kind == Kind::Truncate {
             Vec::new()
@@ -854,9 +859,9 @@ mod tests {
     #[test]
     fn replay_gives_the_logs_that_were_written() {
         let dir = tempfile::tempdir().unwrap();
-        let purged = HashMap::from([(2, 1)]);
+        let purged = [(2, 1)];
         {
-            let mut o = Journal::open(dir.path(), &HashMap::new(), SEGMENT_BYTES).unwrap();
+            let mut o = open(&dir, &[], SEGMENT_BYTES);
             let w = &mut o.writer;
             w.write(&[rec(Kind::Entry, 1, 1, 1), rec(Kind::Entry, 2, 1, 1)])
                 .unwrap();
@@ -877,7 +882,7 @@ mod tests {
                 .unwrap();
             assert_eq!(terms(&o.journal, 1), vec![(1, 1), (2, 2), (3, 3)]);
         }
-        let o = Journal::open(dir.path(), &purged, SEGMENT_BYTES).unwrap();
+        let o = open(&dir, &purged, SEGMENT_BYTES);
         assert_eq!(terms(&o.journal, 1), vec![(1, 1), (2, 2), (3, 3)]);
         assert_eq!(terms(&o.journal, 2), vec![(2, 1)]);
     }
@@ -886,7 +891,7 @@ mod tests {
     fn a_torn_tail_ends_the_log_and_writing_goes_on_after_the_last_whole_record() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let mut o = Journal::open(dir.path(), &HashMap::new(), SEGMENT_BYTES).unwrap();
+            let mut o = open(&dir, &[], SEGMENT_BYTES);
             o.writer
                 .write(&[rec(Kind::Entry, 1, 1, 1), rec(Kind::Entry, 1, 2, 1)])
                 .unwrap();
@@ -900,19 +905,18 @@ mod tests {
             .unwrap()
             .set_len(len - 1)
             .unwrap();
-        let mut o = Journal::open(dir.path(), &HashMap::new(), SEGMENT_BYTES).unwrap();
+        let mut o = open(&dir, &[], SEGMENT_BYTES);
         assert_eq!(terms(&o.journal, 1), vec![(1, 1)]);
         o.writer.write(&[rec(Kind::Entry, 1, 2, 2)]).unwrap();
         drop(o);
-        let o = Journal::open(dir.path(), &HashMap::new(), SEGMENT_BYTES).unwrap();
+        let o = open(&dir, &[], SEGMENT_BYTES);
         assert_eq!(terms(&o.journal, 1), vec![(1, 1), (2, 2)]);
     }
 
     #[test]
     fn records_of_a_recycled_segments_earlier_life_are_not_replayed() {
-        let dir = tempfile::tempdir().unwrap();
-        let small = HEADER + 60;
-        let mut o = Journal::open(dir.path(), &HashMap::new(), small).unwrap();
+        let (dir, small) = (tempfile::tempdir().unwrap(), HEADER + 60);
+        let mut o = open(&dir, &[], small);
         o.writer
             .write(&[rec(Kind::Entry, 1, 1, 1), rec(Kind::Entry, 1, 2, 1)])
             .unwrap();
@@ -928,15 +932,14 @@ mod tests {
         assert!(o.journal.spares.lock().unwrap().is_empty());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 2);
         drop(o);
-        let o = Journal::open(dir.path(), &HashMap::from([(1, 2)]), small).unwrap();
+        let o = open(&dir, &[(1, 2)], small);
         assert_eq!(terms(&o.journal, 1), vec![(3, 1), (4, 2)]);
     }
 
     #[test]
     fn an_idle_group_is_copied_forward_and_old_segments_are_recycled() {
-        let dir = tempfile::tempdir().unwrap();
-        let small = HEADER + 60;
-        let mut o = Journal::open(dir.path(), &HashMap::new(), small).unwrap();
+        let (dir, small) = (tempfile::tempdir().unwrap(), HEADER + 60);
+        let mut o = open(&dir, &[], small);
         // Group 2 writes once and then stays idle; group 1 writes on and purges behind itself.
         o.writer.write(&[rec(Kind::Entry, 2, 1, 1)]).unwrap();
         for i in 1..40 {
@@ -949,7 +952,7 @@ mod tests {
         let segs = o.journal.index.lock().unwrap().segs.len();
         assert!(segs <= COPY_SEGMENTS + 2, "{segs} segments live");
         drop(o);
-        let o = Journal::open(dir.path(), &HashMap::from([(1, 38)]), small).unwrap();
+        let o = open(&dir, &[(1, 38)], small);
         assert_eq!(terms(&o.journal, 2), vec![(1, 1)]);
         assert_eq!(o.journal.last_index(1), Some(39));
     }
