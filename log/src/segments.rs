@@ -663,7 +663,7 @@ impl Writer {
         let mut new_file = false;
         if roll {
             new_file = self.roll()?;
-            copies = self.copies_forward()?;
+            copies = self.copies_forward();
         }
         let head = self.head.as_mut().expect("a head after roll");
         let mut buf = Vec::with_capacity((need + HEADER) as usize);
@@ -764,14 +764,17 @@ impl Writer {
     /// Copies of the live entries of groups that keep the oldest segment alive, when there are
     /// many segments and those groups' logs are small: an idle group's few entries would
     /// otherwise keep every later segment.
-    fn copies_forward(&self) -> io::Result<Vec<Rec>> {
+    ///
+    /// Copies only save disk, so a read that fails (a purge freed and recycled the segment since
+    /// the plan) skips that group instead of failing the write.
+    fn copies_forward(&self) -> Vec<Rec> {
         let plan: Vec<(GroupId, u64, u64, u64)> = {
             let idx = self.journal.index.lock().expect("journal index");
             if idx.segs.len().saturating_sub(1) <= COPY_SEGMENTS {
-                return Ok(Vec::new());
+                return Vec::new();
             }
             let Some((_, oldest)) = idx.segs.first_key_value() else {
-                return Ok(Vec::new());
+                return Vec::new();
             };
             let plan: Vec<_> = oldest
                 .live
@@ -784,24 +787,33 @@ impl Writer {
                 })
                 .collect();
             if plan.iter().map(|p| p.3).sum::<u64>() > self.journal.segment_bytes / 4 {
-                return Ok(Vec::new());
+                return Vec::new();
             }
             plan
         };
         let mut out = Vec::new();
         for (group, first, last, bytes) in plan {
             tracing::debug!(group, first, last, bytes, "copying a group's raft log forward");
+            let entries = match self.journal.entries(group, first, last + 1) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::debug!(group, error = %e, "not copied forward");
+                    continue;
+                }
+            };
             // A purge since the plan may have dropped the first few: each copy names its own.
-            for e in self.journal.entries(group, first, last + 1)? {
-                out.push(Rec {
-                    kind: Kind::Copy,
-                    group,
-                    index: e.log_id.index,
-                    payload: postcard::to_stdvec(&e).map_err(io::Error::other)?,
-                });
+            for e in entries {
+                if let Ok(payload) = postcard::to_stdvec(&e) {
+                    out.push(Rec {
+                        kind: Kind::Copy,
+                        group,
+                        index: e.log_id.index,
+                        payload,
+                    });
+                }
             }
         }
-        Ok(out)
+        out
     }
 }
 
