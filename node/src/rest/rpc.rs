@@ -115,7 +115,7 @@ async fn rpc(
             expiration_ms,
         },
     };
-    state.engine.submit(&ingest).await.map_err(|e| {
+    let appended = state.engine.submit(&ingest).await.map_err(|e| {
         tracing::warn!(error = %e, "RPC request not committed");
         ApiError::status(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -124,6 +124,19 @@ async fn rpc(
         )
     })?;
     if persistent {
+        // Answered once this replica has recorded it, so that its status reads back at once
+        // (ThingsBoard answers after saving it).
+        if !state
+            .engine
+            .wait_applied(
+                device.id.as_bytes(),
+                appended.first_offset,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+        {
+            tracing::warn!(device = %device.id, "persistent RPC committed but not applied here within 5 s");
+        }
         return Ok(Json(json!({"rpcId": uuid.to_string()})).into_response());
     }
     let deadline =
