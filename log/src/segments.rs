@@ -498,8 +498,9 @@ impl Journal {
         Ok((path, file))
     }
 
-    /// Runs on its own thread: recycles segments nothing lives in any more, and writes a spare
-    /// segment full of zeros when the head is filling.
+    /// Runs on its own thread, every `ZERO_SPARE_EVERY` or when the writer has taken a spare
+    /// (or a purge freed entries): recycles segments nothing lives in any more, and keeps a
+    /// spare ready (`prepare`).
     pub fn run_preparer(&self) {
         while !self.stop.load(Ordering::Relaxed) {
             if let Err(e) = self.recycle().and_then(|()| self.prepare()) {
@@ -509,10 +510,7 @@ impl Journal {
             if self.stop.load(Ordering::Relaxed) {
                 return;
             }
-            let _ = self
-                .wake
-                .wait_timeout(g, std::time::Duration::from_millis(500))
-                .expect("wake lock");
+            let _ = self.wake.wait_timeout(g, ZERO_SPARE_EVERY).expect("wake lock");
         }
     }
 
@@ -700,15 +698,10 @@ impl Writer {
             idx.put(r.kind, r.group, r.index, loc);
         }
         drop(idx);
-        if !copies.is_empty()
-            || !self
-                .journal
-                .spares
-                .lock()
-                .expect("spares")
-                .iter()
-                .any(|s| s.prewritten)
-        {
+        if roll {
+            // A spare was taken, and copies may have freed the oldest segment. Otherwise the
+            // preparer runs on its own clock: a wake-up per round would cost a context switch
+            // per fsync at high rates.
             self.journal.wake();
         }
         Ok(())
