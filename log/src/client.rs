@@ -1,6 +1,7 @@
 //! A gRPC client of the log, for tools, benchmarks and tests: sends each append to the
 //! partition's leader when it knows it (learned from `Status` and from `NotLeader` hints) and
-//! retries only errors that certainly did not commit.
+//! retries only errors that certainly did not commit. Appends go on one `AppendStream` per node
+//! (unary `Append` calls when [`LogClient::streamed`] is off).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -13,6 +14,7 @@ use tonic::transport::Channel;
 use crate::batcher::Appended;
 use crate::error::LogError;
 use crate::network::{GRPC_MESSAGE_BYTES_MAX, endpoint};
+use crate::pipe::Pipes;
 use crate::types::{NodeId, Record};
 
 /// A client of a thingraft cluster's log.
@@ -24,6 +26,9 @@ pub struct LogClient {
     default_node: NodeId,
     /// How long an append may keep retrying retriable errors.
     pub retry_for: Duration,
+    /// Appends go on a node's `AppendStream` (true, the default) or as unary `Append` calls.
+    pub streamed: bool,
+    pipes: Pipes,
 }
 
 fn grpc(ch: Channel) -> GrpcLogClient<Channel> {
@@ -47,6 +52,8 @@ impl LogClient {
             partitions: status.partitions,
             default_node: status.node_id,
             retry_for: Duration::from_secs(10),
+            streamed: true,
+            pipes: Pipes::new(false),
         };
         c.learn_leaders(&status);
         Ok(c)
@@ -114,16 +121,34 @@ impl LogClient {
                 .get(&partition)
                 .copied()
                 .unwrap_or(self.default_node);
-            let res = self.client(target)?.append(req.clone()).await;
-            let err = match res {
-                Ok(r) => {
-                    let r = r.into_inner();
-                    return Ok(Appended {
-                        first_offset: r.first_offset,
-                        count: r.count,
-                    });
+            let err = if self.streamed {
+                let reply = self
+                    .pipes
+                    .append(target, "", || self.client(target), req.clone())
+                    .await;
+                match reply {
+                    Ok(r) => match LogError::from_stream_reply(partition, &r) {
+                        None => {
+                            return Ok(Appended {
+                                first_offset: r.first_offset,
+                                count: r.count,
+                            });
+                        }
+                        Some(e) => e,
+                    },
+                    Err(s) => LogError::from_status(partition, &s),
                 }
-                Err(s) => LogError::from_status(partition, &s),
+            } else {
+                match self.client(target)?.append(req.clone()).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        return Ok(Appended {
+                            first_offset: r.first_offset,
+                            count: r.count,
+                        });
+                    }
+                    Err(s) => LogError::from_status(partition, &s),
+                }
             };
             if !err.retriable() || tokio::time::Instant::now() >= deadline {
                 return Err(err);

@@ -124,6 +124,22 @@ impl LogError {
     }
 }
 
+impl LogError {
+    /// The error of one append answered on an `AppendStream`, if it failed.
+    pub fn from_stream_reply(partition: u32, r: &thingraft_proto::v1::AppendStreamReply) -> Option<Self> {
+        if r.error_code == 0 {
+            return None;
+        }
+        let mut s = tonic::Status::new(tonic::Code::from(r.error_code), r.error_message.clone());
+        if !r.leader_hint.is_empty()
+            && let Ok(v) = r.leader_hint.parse()
+        {
+            s.metadata_mut().insert(LEADER_HINT, v);
+        }
+        Some(Self::from_status(partition, &s))
+    }
+}
+
 /// Whether a transport error happened while connecting (the request was never sent).
 fn is_connect_failure(message: &str) -> bool {
     let m = message.to_ascii_lowercase();

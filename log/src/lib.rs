@@ -20,6 +20,7 @@ pub mod error;
 pub mod metrics;
 pub mod network;
 pub mod node;
+mod pipe;
 pub mod placement;
 mod segments;
 pub mod server;

@@ -21,6 +21,7 @@ use crate::config::LogConfig;
 use crate::error::LogError;
 use crate::metrics::PartitionMetrics;
 use crate::network::{GRPC_MESSAGE_BYTES_MAX, NetworkFactory, Peers};
+use crate::pipe::Pipes;
 use crate::placement;
 use crate::storage::{SmReader, Store, StoredRecord};
 use crate::types::{
@@ -114,6 +115,8 @@ pub(crate) struct Inner {
     pub config: LogConfig,
     pub store: Arc<Store>,
     pub peers: Peers,
+    /// Streams of appends forwarded to the partitions' leaders, one per peer.
+    forwards: Pipes,
     pub members: BTreeMap<NodeId, String>,
     /// Indexed by group id; `None` where this node holds no replica.
     pub groups: Vec<Option<Arc<Group>>>,
@@ -256,6 +259,7 @@ impl LogNode {
         let handle = LogHandle {
             inner: Arc::new(Inner {
                 app_handler: std::sync::OnceLock::new(),
+                forwards: Pipes::new(true),
                 config,
                 store,
                 peers,
@@ -708,6 +712,34 @@ impl LogHandle {
         records: Vec<Record>,
     ) -> Result<impl std::future::Future<Output = Result<Appended, LogError>> + Send + 'static, Vec<Record>>
     {
+        self.enqueue_inner(partition, records, true)
+    }
+
+    /// [`LogHandle::append_inner`] as a future that has already handed the records to the
+    /// partition's batcher when this node leads it (so appends started one after another keep
+    /// that order, as with [`LogHandle::enqueue`]); otherwise it routes them when first polled.
+    pub(crate) fn append_pipelined(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        may_forward: bool,
+    ) -> futures::future::BoxFuture<'static, Result<Appended, LogError>> {
+        match self.enqueue_inner(partition, records, may_forward) {
+            Ok(f) => Box::pin(f),
+            Err(records) => {
+                let this = self.clone();
+                Box::pin(async move { this.append_inner(partition, records, may_forward).await })
+            }
+        }
+    }
+
+    fn enqueue_inner(
+        &self,
+        partition: u32,
+        records: Vec<Record>,
+        may_forward: bool,
+    ) -> Result<impl std::future::Future<Output = Result<Appended, LogError>> + Send + 'static, Vec<Record>>
+    {
         let Ok(bytes) = self.validate(partition, &records) else {
             return Err(records);
         };
@@ -743,7 +775,7 @@ impl LogHandle {
                 _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
             };
             match r {
-                Err(e) if e.retriable() => this.append_inner(partition, again, true).await,
+                Err(e) if e.retriable() => this.append_inner(partition, again, may_forward).await,
                 r => r,
             }
         })
@@ -757,8 +789,7 @@ impl LogHandle {
         records: Vec<Record>,
         deadline: Instant,
     ) -> Result<Appended, LogError> {
-        let mut client = self.peer_client(id, addr)?;
-        let mut req = tonic::Request::new(pb::AppendRequest {
+        let req = pb::AppendRequest {
             partition,
             records: records
                 .into_iter()
@@ -767,19 +798,23 @@ impl LogHandle {
                     value: r.value,
                 })
                 .collect(),
-        });
-        req.metadata_mut()
-            .insert(FORWARDED, tonic::metadata::MetadataValue::from_static("1"));
-        req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-        match client.append(req).await {
-            Ok(r) => {
-                let r = r.into_inner();
-                Ok(Appended {
+        };
+        let reply = self
+            .inner
+            .forwards
+            .append(id, addr, || self.peer_client(id, addr), req);
+        match tokio::time::timeout_at(deadline, reply).await {
+            Err(_) => Err(LogError::Ambiguous {
+                reason: format!("forwarded append to node {id} not answered in time"),
+            }),
+            Ok(Err(s)) => Err(LogError::from_status(partition, &s)),
+            Ok(Ok(r)) => match LogError::from_stream_reply(partition, &r) {
+                Some(e) => Err(e),
+                None => Ok(Appended {
                     first_offset: r.first_offset,
                     count: r.count,
-                })
-            }
-            Err(s) => Err(LogError::from_status(partition, &s)),
+                }),
+            },
         }
     }
 

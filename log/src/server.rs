@@ -349,14 +349,7 @@ impl Log for LogService {
     async fn append(&self, req: Request<pb::AppendRequest>) -> Result<Response<pb::AppendReply>, Status> {
         let forwarded = req.metadata().contains_key(FORWARDED);
         let r = req.into_inner();
-        let records: Vec<Record> = r
-            .records
-            .into_iter()
-            .map(|x| Record {
-                key: x.key,
-                value: x.value,
-            })
-            .collect();
+        let records = records_of(r.records);
         match self
             .node
             .handle()?
@@ -374,6 +367,35 @@ impl Log for LogService {
                 Err(e.into())
             }
         }
+    }
+
+    type AppendStreamStream = Pin<Box<dyn Stream<Item = Result<pb::AppendStreamReply, Status>> + Send>>;
+
+    async fn append_stream(
+        &self,
+        req: Request<tonic::Streaming<pb::AppendRequest>>,
+    ) -> Result<Response<Self::AppendStreamStream>, Status> {
+        let forwarded = req.metadata().contains_key(FORWARDED);
+        let node = self.node.clone();
+        // Each append is handed to its partition's batcher as it is read (in stream order), and
+        // answered in that order; `buffered` bounds how many wait. The task serving the stream
+        // drives all of it: no task per append.
+        let replies = req
+            .into_inner()
+            .map(
+                move |m| -> futures::future::BoxFuture<'static, Result<pb::AppendStreamReply, Status>> {
+                    let (r, handle) = match m.and_then(|r| Ok((r, node.handle()?))) {
+                        Ok(x) => x,
+                        // Ends the stream with this status, after the replies before it.
+                        Err(s) => return Box::pin(std::future::ready(Err(s))),
+                    };
+                    let partition = r.partition;
+                    let appended = handle.append_pipelined(partition, records_of(r.records), !forwarded);
+                    Box::pin(async move { Ok(stream_reply(partition, appended.await)) })
+                },
+            )
+            .buffered(APPEND_STREAM_INFLIGHT_MAX);
+        Ok(Response::new(Box::pin(replies)))
     }
 
     async fn app(&self, req: Request<pb::AppRequest>) -> Result<Response<pb::AppReply>, Status> {
@@ -453,6 +475,47 @@ impl Log for LogService {
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusReply>, Status> {
         Ok(Response::new(self.node.handle()?.status()))
+    }
+}
+
+/// Appends of one `AppendStream` waiting for their commit at most (the proto says so).
+const APPEND_STREAM_INFLIGHT_MAX: usize = 4096;
+
+fn records_of(records: Vec<pb::Record>) -> Vec<Record> {
+    records
+        .into_iter()
+        .map(|x| Record {
+            key: x.key,
+            value: x.value,
+        })
+        .collect()
+}
+
+/// One append's answer on an `AppendStream`: what a unary `Append` would have answered.
+fn stream_reply(partition: u32, r: Result<crate::Appended, crate::LogError>) -> pb::AppendStreamReply {
+    match r {
+        Ok(a) => pb::AppendStreamReply {
+            first_offset: a.first_offset,
+            count: a.count,
+            ..Default::default()
+        },
+        Err(e) => {
+            if !e.retriable() {
+                tracing::info!(partition, error = %e, "append rejected");
+            }
+            let s = Status::from(e);
+            pb::AppendStreamReply {
+                error_code: s.code() as i32,
+                error_message: s.message().to_string(),
+                leader_hint: s
+                    .metadata()
+                    .get(crate::error::LEADER_HINT)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                ..Default::default()
+            }
+        }
     }
 }
 

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use openraft::testing::log_id;
 use thingraft_log::network::SnapshotChunk;
 use thingraft_log::types::{SnapshotMeta, TypeConfig, Vote};
@@ -62,7 +63,7 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         records: good.records.clone(),
     };
     assert_eq!(
-        log.append(unknown).await.unwrap_err().code(),
+        log.append(unknown.clone()).await.unwrap_err().code(),
         Code::InvalidArgument
     );
 
@@ -73,13 +74,36 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
             value: vec![0u8; 2000].into(),
         }],
     };
-    assert_eq!(log.append(big).await.unwrap_err().code(), Code::OutOfRange);
+    assert_eq!(
+        log.append(big.clone()).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
 
     let empty = AppendRequest {
         partition: 0,
         records: vec![],
     };
-    assert_eq!(log.append(empty).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(
+        log.append(empty.clone()).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    // The same on an `AppendStream`: each bad append is answered in order with the code a unary
+    // call gets, and the stream goes on.
+    let replies: Vec<_> = log
+        .append_stream(futures::stream::iter(vec![unknown.clone(), big.clone(), empty]))
+        .await
+        .expect("stream opens")
+        .into_inner()
+        .collect()
+        .await;
+    let codes: Vec<_> = replies
+        .into_iter()
+        .map(|r| Code::from(r.expect("answered in the stream").error_code))
+        .collect();
+    assert_eq!(
+        codes,
+        vec![Code::InvalidArgument, Code::OutOfRange, Code::InvalidArgument]
+    );
 
     let garbage = RaftRequest {
         group: 1,
@@ -142,9 +166,18 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(offsets(&mut log).await, before, "bad input changed stored state");
 
-    // Still up and serving.
-    let r = log.append(good).await.unwrap().into_inner();
+    // Still up and serving, on both paths.
+    let r = log.append(good.clone()).await.unwrap().into_inner();
     assert_eq!(r.first_offset, 1);
+    let streamed: Vec<_> = log
+        .append_stream(futures::stream::iter(vec![good.clone(), good]))
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|r| r.unwrap().first_offset)
+        .collect()
+        .await;
+    assert_eq!(streamed, vec![2, 3]);
     node.shutdown().await;
 }
 

@@ -42,6 +42,9 @@ pub struct Args {
     /// Use only the first N partitions (0: all).
     #[arg(long, default_value_t = 0)]
     partitions: u32,
+    /// Send each append as a unary `Append` call instead of on the node's `AppendStream`.
+    #[arg(long)]
+    unary: bool,
 }
 
 /// What one partition's loop needs.
@@ -110,7 +113,9 @@ async fn partition_load(l: Load) -> Histogram<u64> {
 
 pub async fn run(a: Args) -> anyhow::Result<()> {
     anyhow::ensure!(a.inflight > 0 && a.size > 0, "--inflight and --size must be > 0");
-    let client = Arc::new(LogClient::connect(&a.addr).await?);
+    let mut client = LogClient::connect(&a.addr).await?;
+    client.streamed = !a.unary;
+    let client = Arc::new(client);
     client.refresh_leaders().await;
     let partitions = if a.partitions == 0 {
         client.partitions()
