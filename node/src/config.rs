@@ -116,12 +116,15 @@ impl SeedSection {
 pub struct NodeSection {
     /// Where the gRPC server (Raft between nodes, the log API) listens.
     pub grpc_listen: String,
+    /// Worker threads of the log's own runtime (0: it shares the node's runtime).
+    pub log_threads: usize,
 }
 
 impl Default for NodeSection {
     fn default() -> Self {
         Self {
             grpc_listen: "127.0.0.1:7400".into(),
+            log_threads: 1,
         }
     }
 }
@@ -222,6 +225,7 @@ impl NodeConfig {
         c.log.validate()?;
         c.mqtt.validate()?;
         c.engine.validate()?;
+        anyhow::ensure!(c.node.log_threads <= 64, "node.log_threads must be 0..=64");
         Ok(c)
     }
 }

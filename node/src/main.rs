@@ -148,7 +148,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
         )),
     };
     thingraft_log::probe::start();
-    let node = LogNode::start(cfg.log.clone(), listener).await?;
+    let (node, log_runtime) = start_log(&cfg, listener).await?;
     let handle = node.handle();
     let hub = thingraft_transport_common::Hub::new(cfg.transport.clone(), handle.clone());
     let mqtt = thingraft_transport_mqtt::Transport::new(cfg.mqtt.clone(), hub.clone());
@@ -250,7 +250,35 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     }
     engine.shutdown().await;
     node.shutdown().await;
+    if let Some(rt) = log_runtime {
+        rt.shutdown_background();
+    }
     Ok(())
+}
+
+/// Starts the log node: on a runtime of its own with `[node] log_threads` workers (returned, to
+/// be shut down after the node), or on the caller's runtime when that is 0 (decision 0015).
+async fn start_log(
+    cfg: &NodeConfig,
+    listener: tokio::net::TcpListener,
+) -> anyhow::Result<(LogNode, Option<tokio::runtime::Runtime>)> {
+    if cfg.node.log_threads == 0 {
+        return Ok((LogNode::start(cfg.log.clone(), listener).await?, None));
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cfg.node.log_threads)
+        .thread_name("log")
+        .enable_all()
+        .build()?;
+    // A listener belongs to the runtime it was made in: move it to the log's.
+    let listener = listener.into_std()?;
+    let log = cfg.log.clone();
+    // Spawned there, the node's tasks (Raft groups, batchers, state machines, gRPC server) run
+    // there, and so do the tasks they spawn.
+    let node = rt
+        .spawn(async move { LogNode::start(log, tokio::net::TcpListener::from_std(listener)?).await })
+        .await??;
+    Ok((node, Some(rt)))
 }
 
 async fn shutdown_signal() {
