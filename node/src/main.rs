@@ -265,20 +265,31 @@ async fn start_log(
     if cfg.node.log_threads == 0 {
         return Ok((LogNode::start(cfg.log.clone(), listener).await?, None));
     }
+    // A listener belongs to the runtime it was made in: move it to the log's.
+    let listener = listener.into_std()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(cfg.node.log_threads)
         .thread_name("log")
         .enable_all()
         .build()?;
-    // A listener belongs to the runtime it was made in: move it to the log's.
-    let listener = listener.into_std()?;
     let log = cfg.log.clone();
     // Spawned there, the node's tasks (Raft groups, batchers, state machines, gRPC server) run
     // there, and so do the tasks they spawn.
-    let node = rt
+    let started = rt
         .spawn(async move { LogNode::start(log, tokio::net::TcpListener::from_std(listener)?).await })
-        .await??;
-    Ok((node, Some(rt)))
+        .await;
+    match started {
+        Ok(Ok(node)) => Ok((node, Some(rt))),
+        // A runtime must not be dropped inside another one.
+        Ok(Err(e)) => {
+            rt.shutdown_background();
+            Err(e)
+        }
+        Err(e) => {
+            rt.shutdown_background();
+            Err(e.into())
+        }
+    }
 }
 
 async fn shutdown_signal() {
