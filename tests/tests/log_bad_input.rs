@@ -56,7 +56,10 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         }],
     };
     log.append(good.clone()).await.unwrap();
-    let before = offsets(&mut log).await;
+    // The node's own start-up entries (each group's first blank entry, the metadata it
+    // publishes) may still be applying: wait until nothing moves, so that what is compared below
+    // can only have been changed by the bad input.
+    let before = settled(&mut log).await;
 
     let unknown = AppendRequest {
         partition: 7,
@@ -179,6 +182,20 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
         .await;
     assert_eq!(streamed, vec![2, 3]);
     node.shutdown().await;
+}
+
+/// The groups' offsets once two reads 300 ms apart agree.
+async fn settled(c: &mut LogClient<tonic::transport::Channel>) -> Vec<(u32, u64, u64)> {
+    let mut last = offsets(c).await;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = offsets(c).await;
+        if now == last {
+            return now;
+        }
+        last = now;
+    }
+    panic!("the node's applied state kept moving with no writes: {last:?}");
 }
 
 /// Opens a replication stream carrying `first` and returns the error it ends with.
