@@ -4,7 +4,7 @@
 //! [`crate::LogClient`] and by nodes forwarding appends to a partition's leader.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 
 use thingraft_proto::v1::log_client::LogClient as GrpcLogClient;
 use thingraft_proto::v1::{self as pb};
@@ -18,21 +18,27 @@ use crate::node::FORWARDED;
 use crate::types::NodeId;
 
 type Reply = Result<pb::AppendStreamReply, Status>;
-/// Open streams by node id and address.
-type Open = HashMap<(NodeId, String), Arc<Mutex<Pipe>>>;
 
 /// One open `AppendStream`: requests go out through `tx`; replies come back in order and go to
-/// `waiting` in order.
+/// `waiting` in order. Dropping it ends the request side; the replies still due are delivered.
 struct Pipe {
+    /// The address it was opened to.
+    addr: String,
     tx: mpsc::UnboundedSender<pb::AppendRequest>,
-    waiting: VecDeque<oneshot::Sender<Reply>>,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+/// The appends on a stream waiting for their replies, held by the stream's task.
+#[derive(Default)]
+struct Waiting {
+    queue: VecDeque<oneshot::Sender<Reply>>,
     closed: bool,
 }
 
 /// The `AppendStream`s of one client (or node) to the nodes it appends to; a stream is opened at
 /// the first append to a node and again after it ended.
 pub(crate) struct Pipes {
-    open: Mutex<Open>,
+    open: Mutex<HashMap<NodeId, Pipe>>,
     /// Marks the streams as carrying appends forwarded by a node (the peer must not forward
     /// them again).
     forwarded: bool,
@@ -60,46 +66,38 @@ impl Pipes {
         let (tx, rx) = oneshot::channel();
         {
             let mut open = self.open.lock().expect("pipes lock");
-            let key = (id, addr.to_string());
+            // A node's stream is replaced when it ended or the node moved to another address.
             let live = open
-                .get(&key)
-                .filter(|p| !p.lock().expect("pipe lock").closed)
-                .cloned();
-            let pipe = match live {
-                Some(p) => p,
-                None => {
-                    let p = open_pipe(client().map_err(Status::from)?, self.forwarded);
-                    open.insert(key, p.clone());
-                    p
-                }
-            };
+                .get(&id)
+                .is_some_and(|p| p.addr == addr && !p.waiting.lock().expect("pipe lock").closed);
+            if !live {
+                let client = client().map_err(Status::from)?;
+                open.insert(id, open_pipe(client, addr, self.forwarded));
+            }
+            let pipe = open.get(&id).expect("just checked or inserted");
             // Under the lock the stream's end takes too: either the request is queued before the
             // end fails every waiting one, or the pipe is seen closed here.
-            let mut p = pipe.lock().expect("pipe lock");
-            if p.closed {
+            let mut w = pipe.waiting.lock().expect("pipe lock");
+            if w.closed {
                 // Its connection failed at once (a broken one is replaced above): nothing was sent.
                 return Err(Status::unavailable(
                     "append stream closed before the append was sent (error trying to connect)",
                 ));
             }
-            p.waiting.push_back(tx);
-            let _ = p.tx.send(req);
+            w.queue.push_back(tx);
+            let _ = pipe.tx.send(req);
         }
         rx.await
             .unwrap_or_else(|_| Err(Status::unavailable("append stream closed")))
     }
 }
 
-fn open_pipe(mut client: GrpcLogClient<Channel>, forwarded: bool) -> Arc<Mutex<Pipe>> {
+fn open_pipe(mut client: GrpcLogClient<Channel>, addr: &str, forwarded: bool) -> Pipe {
     let (tx, rx) = mpsc::unbounded_channel();
-    let pipe = Arc::new(Mutex::new(Pipe {
-        tx,
-        waiting: VecDeque::new(),
-        closed: false,
-    }));
-    // The task holds the pipe weakly: once its owner is gone, the request stream ends, and with
-    // it the reply stream and the task.
-    let weak: Weak<Mutex<Pipe>> = Arc::downgrade(&pipe);
+    let waiting = Arc::new(Mutex::new(Waiting::default()));
+    // The task holds what waits, not the sender: once the pipe is dropped, the request stream
+    // ends, the peer answers what it has, and then the reply stream and the task end.
+    let w = waiting.clone();
     tokio::spawn(async move {
         let mut req = tonic::Request::new(UnboundedReceiverStream::new(rx));
         if forwarded {
@@ -113,11 +111,10 @@ fn open_pipe(mut client: GrpcLogClient<Channel>, forwarded: bool) -> Arc<Mutex<P
                 loop {
                     match replies.message().await {
                         Ok(Some(r)) => {
-                            let Some(pipe) = weak.upgrade() else { return };
-                            let w = pipe.lock().expect("pipe lock").waiting.pop_front();
-                            match w {
-                                Some(w) => {
-                                    let _ = w.send(Ok(r));
+                            let next = w.lock().expect("pipe lock").queue.pop_front();
+                            match next {
+                                Some(n) => {
+                                    let _ = n.send(Ok(r));
                                 }
                                 None => break Status::internal("an append stream reply to no append"),
                             }
@@ -128,15 +125,18 @@ fn open_pipe(mut client: GrpcLogClient<Channel>, forwarded: bool) -> Arc<Mutex<P
                 }
             }
         };
-        let Some(pipe) = weak.upgrade() else { return };
         let waiting = {
-            let mut p = pipe.lock().expect("pipe lock");
-            p.closed = true;
-            std::mem::take(&mut p.waiting)
+            let mut w = w.lock().expect("pipe lock");
+            w.closed = true;
+            std::mem::take(&mut w.queue)
         };
-        for w in waiting {
-            let _ = w.send(Err(end.clone()));
+        for n in waiting {
+            let _ = n.send(Err(end.clone()));
         }
     });
-    pipe
+    Pipe {
+        addr: addr.to_string(),
+        tx,
+        waiting,
+    }
 }
