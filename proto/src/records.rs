@@ -87,6 +87,14 @@ pub fn basic_key(hash: &str) -> String {
     format!("reg/basic/{hash}")
 }
 
+/// Whether a metadata-map key holds device credentials (an access token, MQTT basic or X.509
+/// credentials), which transports look up and cache.
+pub fn is_credentials_key(key: &str) -> bool {
+    ["reg/token/", "reg/basic/", "reg/x509/"]
+        .iter()
+        .any(|p| key.starts_with(p))
+}
+
 /// ThingsBoard's lookup hash of MQTT basic credentials: the SHA3-256 hex of the non-empty
 /// parts joined by `|` (client id, then user name).
 pub fn mqtt_basic_hash(client_id: &str, user_name: &str) -> String {
@@ -406,5 +414,14 @@ mod tests {
             PartitionRecord::decode(&[FORMAT_V1, 0xff]),
             Err(RecordError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn every_kind_of_credentials_key_is_recognised() {
+        assert!(is_credentials_key(&token_key("T")));
+        assert!(is_credentials_key(&basic_key("abc")));
+        assert!(is_credentials_key(&x509_key(b"der")));
+        assert!(!is_credentials_key("reg/device/T"));
+        assert!(!is_credentials_key("reg/tokens"));
     }
 }

@@ -247,8 +247,24 @@ impl Drop for ProcCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The test harness shows a test's output only when it fails: then the end of each
+        // node's log says what the nodes were doing (the temporary directory is gone after).
+        let mut ids: Vec<NodeId> = self.addrs.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let log = self.log_of(id);
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(LOG_TAIL_LINES)..];
+            eprintln!("--- node {id}: last {} lines of its log ---", tail.len());
+            for line in tail {
+                eprintln!("{line}");
+            }
+        }
     }
 }
+
+/// How many lines of each node's log a dropped [`ProcCluster`] prints.
+const LOG_TAIL_LINES: usize = 60;
 
 /// What an append load was told.
 #[derive(Debug, Default)]

@@ -84,6 +84,25 @@ async fn devices_connect_over_tls_with_a_token_or_their_certificate() -> anyhow:
         .await?;
     assert_eq!(v["x509"][0]["value"], "2");
 
+    // Its credentials changed to an access token: the certificate stops authenticating (the
+    // node's cached lookup of it is dropped with the change).
+    let body = json!({"deviceId": {"entityType": "DEVICE", "id": by_cert}, "credentialsType": "ACCESS_TOKEN", "credentialsId": "TLS_CERT_TOKEN"});
+    let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{creds}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while publish_as("device", r#"{"x509":5}"#)? == 0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "a certificate whose credentials were replaced still authenticates"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Put back for what follows.
+    let body = json!({"deviceId": {"entityType": "DEVICE", "id": by_cert}, "credentialsType": "X509_CERTIFICATE", "credentialsValue": pem});
+    let (code, creds) = rest.call("POST", "/api/device/credentials", Some(&body.to_string()))?;
+    assert_eq!(code, 200, "{creds}");
+    assert_eq!(publish_as("device", r#"{"x509":2}"#)?, 0);
+
     // A certificate nobody registered: refused (CONNACK 5, not authorized), nothing stored.
     let rc = publish_as("stranger", r#"{"x509":3}"#)?;
     assert_ne!(rc, 0);

@@ -11,13 +11,14 @@ use coap_lite::{
 use thingraft_log::LogError;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
-use thingraft_proto::records::{DeviceRef, DownlinkMsg, IngestMsg};
+use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
 };
 use thingraft_transport_common::{
-    ClaimError, Downlink, OtaKind, PowerMode, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+    ClaimError, Credentials, Downlink, OtaKind, PowerMode, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms,
+    ota_chunk,
 };
 use tokio::sync::mpsc;
 
@@ -289,11 +290,11 @@ fn render(m: &DownlinkMsg, proto: Option<&ProtoSchemas>) -> Option<Reply> {
 /// The resources under `/api/v1/{token}/`.
 const DEVICE_RESOURCES: &[&str] = &["telemetry", "attributes", "rpc", "claim"];
 
-/// The device a path's token names, with its credentials key: a credentials key itself (a
-/// DTLS client certificate's, put there by `route`), or an access token.
-fn device_of(t: &Transport, token: &str) -> Option<(DeviceRef, String)> {
+/// The credentials a path's token names: a credentials key itself (a DTLS client
+/// certificate's, put there by `route`), or an access token.
+fn device_of(t: &Transport, token: &str) -> Option<Credentials> {
     if token.contains('/') {
-        t.hub.lookup(token).map(|d| ((*d).clone(), token.to_string()))
+        t.hub.lookup(token)
     } else {
         t.hub.by_token(token)
     }
@@ -305,9 +306,10 @@ fn session(
     subscriptions: u8,
 ) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
     match device_of(t, token) {
-        Some((device, key)) => {
+        Some(credentials) => {
+            let device = (*credentials.device).clone();
             t.uplink(&device.device);
-            Ok(t.hub.open_session(device, key, subscriptions, 16))
+            Ok(t.hub.open_session(device, credentials, subscriptions, 16))
         }
         None => Err(refuse(
             ErrorClass::Unauthorized,
@@ -487,7 +489,7 @@ fn spawn_observation(
 /// `GET /fw/{token}?title=&version=&size=&chunk=` (and `/sw/..`): a chunk of the package
 /// assigned to the device (all of it without `size`); long answers go block-wise.
 fn ota_download(t: &Transport, token: &str, kind: OtaKind, q: &[(String, String)]) -> Result<Reply, Reply> {
-    let (device, _) =
+    let Credentials { device, .. } =
         device_of(t, token).ok_or_else(|| refuse(ErrorClass::Unauthorized, "unknown access token"))?;
     let dir = t
         .hub

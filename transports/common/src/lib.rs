@@ -22,7 +22,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use serde::{Deserialize, Serialize};
 use thingraft_log::{LogError, LogHandle, Record};
 use thingraft_proto::records::{
-    Deliver, DeviceRef, DownlinkMsg, EntityId, Ingest, IngestMsg, PartitionRecord, SessionRef, token_key,
+    Deliver, DeviceRef, DownlinkMsg, EntityId, Ingest, IngestMsg, PartitionRecord, SessionRef,
+    is_credentials_key, token_key,
 };
 use tokio::sync::mpsc;
 
@@ -61,10 +62,18 @@ pub const SUB_ATTRIBUTES: u8 = 1;
 /// The session wants server-side RPC requests.
 pub const SUB_RPC: u8 = 2;
 
+/// Credentials a device authenticated with: the metadata-map key they are stored under
+/// (`reg/token/..`, `reg/basic/..`, a certificate's key) and the device they named then.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub key: Arc<str>,
+    pub device: Arc<DeviceRef>,
+}
+
 struct SessionEntry {
     tx: mpsc::Sender<Downlink>,
-    /// The metadata-map key of the credentials it authenticated with.
-    credentials_key: Arc<str>,
+    /// The credentials it authenticated with (a gateway's child: the gateway's).
+    credentials: Credentials,
     /// `SUB_*` bits.
     subscriptions: Arc<AtomicU8>,
 }
@@ -318,20 +327,38 @@ impl Hub {
         hub
     }
 
-    /// The device whose credentials are stored under the metadata-map `key`.
-    pub fn lookup(&self, key: &str) -> Option<Arc<DeviceRef>> {
-        self.credentials.get_with_by_ref(key, || {
-            self.log
-                .meta_get(key)
-                .and_then(|b| DeviceRef::decode(&b).ok())
-                .map(Arc::new)
+    /// The credentials stored under the metadata-map `key`.
+    pub fn lookup(&self, key: &str) -> Option<Credentials> {
+        let mut read = None;
+        let device = self.credentials.get_with_by_ref(key, || {
+            let d = self.stored(key);
+            read = Some(d.clone());
+            d
+        });
+        // A value read here just before a change was applied may go into the cache just after
+        // the change invalidated the key. The store shows the change by then: read it again.
+        if let Some(read) = read
+            && read != self.stored(key)
+        {
+            self.credentials.invalidate(key);
+        }
+        Some(Credentials {
+            key: key.into(),
+            device: device?,
         })
     }
 
-    /// The device with this access token, and its credentials key.
-    pub fn by_token(&self, token: &str) -> Option<(DeviceRef, String)> {
-        let key = token_key(token);
-        self.lookup(&key).map(|d| ((*d).clone(), key))
+    /// The device the metadata map names under the credentials key `key`, read now.
+    fn stored(&self, key: &str) -> Option<Arc<DeviceRef>> {
+        self.log
+            .meta_get(key)
+            .and_then(|b| DeviceRef::decode(&b).ok())
+            .map(Arc::new)
+    }
+
+    /// The credentials with this access token.
+    pub fn by_token(&self, token: &str) -> Option<Credentials> {
+        self.lookup(&token_key(token))
     }
 
     /// Installs the registry port (once, by the node).
@@ -349,15 +376,12 @@ impl Hub {
     pub fn open_session(
         self: &Arc<Self>,
         device: DeviceRef,
-        credentials_key: String,
+        credentials: Credentials,
         subscriptions: u8,
         queue: usize,
     ) -> (Session, mpsc::Receiver<Downlink>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        (
-            self.open_session_on(device, credentials_key, subscriptions, tx),
-            rx,
-        )
+        (self.open_session_on(device, credentials, subscriptions, tx), rx)
     }
 
     /// Like [`Hub::open_session`], with downlinks sent to `tx`: a gateway's children share the
@@ -365,7 +389,7 @@ impl Hub {
     pub fn open_session_on(
         self: &Arc<Self>,
         device: DeviceRef,
-        credentials_key: String,
+        credentials: Credentials,
         subscriptions: u8,
         tx: mpsc::Sender<Downlink>,
     ) -> Session {
@@ -383,7 +407,7 @@ impl Hub {
                 id.session,
                 SessionEntry {
                     tx,
-                    credentials_key: credentials_key.into(),
+                    credentials,
                     subscriptions: subs.clone(),
                 },
             );
@@ -435,12 +459,20 @@ impl Hub {
             .sum()
     }
 
-    /// Closes every session that authenticated with the credentials under `key`.
-    fn close_by_credentials(&self, key: &str) -> usize {
+    /// Closes every session that authenticated with credentials under `key` (every key, if
+    /// `None`) that the metadata map no longer holds as they were: changed or deleted. A
+    /// session that authenticated after the change stays open.
+    fn close_changed_credentials(&self, key: Option<&str>) -> usize {
         let m = self.sessions.lock().expect("sessions lock");
+        let mut now: HashMap<&str, Option<Arc<DeviceRef>>> = HashMap::new();
         let mut n = 0;
         for s in m.values().flat_map(|s| s.values()) {
-            if &*s.credentials_key == key {
+            let k = &*s.credentials.key;
+            if key.is_some_and(|key| key != k) {
+                continue;
+            }
+            let stored = now.entry(k).or_insert_with(|| self.stored(k));
+            if stored.as_ref() != Some(&s.credentials.device) {
                 let _ = s.tx.try_send(Downlink::Close);
                 n += 1;
             }
@@ -526,9 +558,9 @@ async fn invalidate_on_changes(
         match changed {
             Ok(keys) if !keys.is_empty() => {
                 for k in keys.iter() {
-                    if k.starts_with("reg/token/") || k.starts_with("reg/basic/") {
+                    if is_credentials_key(k) {
                         hub.credentials.invalidate(k);
-                        let closed = hub.close_by_credentials(k);
+                        let closed = hub.close_changed_credentials(Some(k));
                         if closed > 0 {
                             tracing::info!(sessions = closed, "sessions closed: their credentials changed");
                         }
@@ -536,7 +568,11 @@ async fn invalidate_on_changes(
                 }
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                hub.credentials.invalidate_all()
+                hub.credentials.invalidate_all();
+                let closed = hub.close_changed_credentials(None);
+                if closed > 0 {
+                    tracing::info!(sessions = closed, "sessions closed: their credentials changed");
+                }
             }
             Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
         }
@@ -546,6 +582,94 @@ async fn invalidate_on_changes(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use thingraft_log::{LogConfig, LogNode, MetaOp, MetaTxn};
+
+    /// A single-node log in `dir` (RocksDB on disk, gRPC on loopback).
+    async fn log_node(dir: &std::path::Path) -> LogNode {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let config = LogConfig {
+            advertise_addr: listener.local_addr().unwrap().to_string(),
+            data_dir: dir.to_path_buf(),
+            partitions: 1,
+            ..LogConfig::default()
+        };
+        let node = LogNode::start(config, listener).await.unwrap();
+        node.handle()
+            .wait_for_leaders(std::time::Duration::from_secs(10))
+            .await
+            .unwrap();
+        node
+    }
+
+    fn device(id: u8, password: &str) -> DeviceRef {
+        DeviceRef {
+            device: [id; 16],
+            tenant: [9; 16],
+            name: format!("device {id}"),
+            device_type: "default".into(),
+            password: password.into(),
+        }
+    }
+
+    async fn write(log: &LogHandle, op: MetaOp) {
+        log.meta_txn(MetaTxn {
+            checks: Vec::new(),
+            ops: vec![op],
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The value `f` gives once it gives one (within 5 s).
+    async fn wait_for<T>(f: impl Fn() -> Option<T>) -> T {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "not within 5 s");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_notice_closes_only_the_sessions_whose_credentials_it_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = log_node(dir.path()).await;
+        let log = node.handle();
+        let hub = Hub::new(TransportConfig::default(), log.clone());
+        let key = token_key("T1");
+        write(&log, MetaOp::Put(key.clone(), device(1, "").encode().into())).await;
+        let creds = hub.by_token("T1").expect("the new token authenticates");
+        assert_eq!(*creds.device, device(1, ""));
+        let (s1, mut rx1) = hub.open_session(device(1, ""), creds, 0, 4);
+
+        // The notice of the token's creation, or of anything, reaching the hub after the device
+        // authenticated with it changes nothing for its session.
+        assert_eq!(hub.close_changed_credentials(Some(&key)), 0);
+        assert_eq!(hub.close_changed_credentials(None), 0);
+        assert!(rx1.try_recv().is_err(), "the session was told to close");
+
+        // A changed password closes it.
+        write(&log, MetaOp::Put(key.clone(), device(1, "new").encode().into())).await;
+        assert_eq!(hub.close_changed_credentials(Some(&key)), 1);
+        assert_eq!(rx1.recv().await, Some(Downlink::Close));
+        drop(s1);
+
+        // A session with the new credentials (once the cache has them) stays open until they
+        // are deleted.
+        let creds = wait_for(|| hub.by_token("T1").filter(|c| c.device.password == "new")).await;
+        let (_s2, mut rx2) = hub.open_session(device(1, "new"), creds, 0, 4);
+        assert_eq!(hub.close_changed_credentials(Some(&key)), 0);
+        write(&log, MetaOp::Delete(key.clone())).await;
+        assert_eq!(hub.close_changed_credentials(None), 1);
+        assert_eq!(rx2.recv().await, Some(Downlink::Close));
+        // And the deleted token no longer authenticates.
+        wait_for(|| hub.by_token("T1").is_none().then_some(())).await;
+        drop(hub);
+        drop(log);
+        node.shutdown().await;
+    }
 
     #[test]
     fn topic_filters_match_as_mqtt_says() {

@@ -26,7 +26,7 @@ use thingraft_proto::error::{ErrorClass, tb_error_envelope};
 use thingraft_proto::records::{DownlinkMsg, IngestMsg};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::{
-    ClaimError, Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
+    ClaimError, Credentials, Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
 };
 use tokio::sync::mpsc;
 
@@ -146,11 +146,12 @@ impl Api {
         token: &str,
         subscriptions: u8,
     ) -> Result<(Session, mpsc::Receiver<Downlink>), DevError> {
-        let Some((device, key)) = self.hub.by_token(token) else {
+        let Some(credentials) = self.hub.by_token(token) else {
             tracing::info!("HTTP device request with an unknown access token");
             return Err(DevError::new(ErrorClass::Unauthorized, "Invalid access token"));
         };
-        Ok(self.hub.open_session(device, key, subscriptions, 16))
+        let device = (*credentials.device).clone();
+        Ok(self.hub.open_session(device, credentials, subscriptions, 16))
     }
 
     /// The wait of a long poll: `?timeout=` (0 or absent: the default), at most the maximum.
@@ -368,7 +369,7 @@ async fn software(
 /// of `size` bytes of the package assigned to the device (all of it without `size`); 404 when
 /// none is, 400 when `title`/`version` name another.
 fn ota(api: &Api, token: &str, q: &[(String, String)], kind: OtaKind) -> Result<Response, DevError> {
-    let Some((device, _)) = api.hub.by_token(token) else {
+    let Some(Credentials { device, .. }) = api.hub.by_token(token) else {
         return Err(DevError::new(ErrorClass::Unauthorized, "Invalid access token"));
     };
     let dir = api

@@ -11,7 +11,7 @@ use thingraft_proto::records::{DeviceRef, DownlinkMsg, EntityId, IngestMsg};
 use thingraft_proto::tb;
 use thingraft_transport_common::payload::rpc_request_with_id;
 use thingraft_transport_common::proto_payload;
-use thingraft_transport_common::{Downlink, Hub, SUB_ATTRIBUTES, SUB_RPC, Session};
+use thingraft_transport_common::{Credentials, Downlink, Hub, SUB_ATTRIBUTES, SUB_RPC, Session};
 use tokio::sync::mpsc;
 
 /// A gateway publish topic.
@@ -293,7 +293,8 @@ pub(crate) fn parse_proto(
 pub(crate) struct Gateway {
     /// The gateway session's downlink channel, shared by its children's sessions.
     tx: mpsc::Sender<Downlink>,
-    credentials_key: String,
+    /// The gateway's credentials, which its children's sessions go with.
+    credentials: Credentials,
     children: HashMap<String, Session>,
     names: HashMap<EntityId, String>,
     /// Attribute requests waiting for their answer: (child, id).
@@ -301,10 +302,10 @@ pub(crate) struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(tx: mpsc::Sender<Downlink>, credentials_key: String) -> Gateway {
+    pub fn new(tx: mpsc::Sender<Downlink>, credentials: Credentials) -> Gateway {
         Gateway {
             tx,
-            credentials_key,
+            credentials,
             children: HashMap::new(),
             names: HashMap::new(),
             requests: std::collections::HashSet::new(),
@@ -330,7 +331,7 @@ impl Gateway {
             self.names.insert(d.device, name.to_string());
             let s = hub.open_session_on(
                 d,
-                self.credentials_key.clone(),
+                self.credentials.clone(),
                 SUB_ATTRIBUTES | SUB_RPC,
                 self.tx.clone(),
             );

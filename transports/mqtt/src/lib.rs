@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use serde::{Deserialize, Serialize};
-use thingraft_proto::records::{DeviceRef, basic_key, mqtt_basic_hash};
-use thingraft_transport_common::Hub;
+use thingraft_proto::records::{basic_key, mqtt_basic_hash};
+use thingraft_transport_common::{Credentials, Hub};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -160,10 +160,9 @@ impl Transport {
 
     /// Authenticates a CONNECT as ThingsBoard does: MQTT basic credentials by the hash of
     /// client id and user name, of the client id, of the user name (the stored password, if
-    /// any, must match), then the user name as an access token. Returns the device and the
-    /// credentials key; a refusal carries the CONNACK code of ThingsBoard's
+    /// any, must match), then the user name as an access token. Returns the credentials; a refusal carries the CONNACK code of ThingsBoard's
     /// `ReturnCodeResolver`.
-    fn authenticate(&self, c: &Connect) -> Result<(DeviceRef, String), ConnackCode> {
+    fn authenticate(&self, c: &Connect) -> Result<Credentials, ConnackCode> {
         let username = c.username.as_deref().unwrap_or("");
         let mut hashes = Vec::new();
         if !c.client_id.is_empty() && !username.is_empty() {
@@ -177,9 +176,10 @@ impl Transport {
         }
         for h in hashes {
             let key = basic_key(&h);
-            if let Some(d) = self.hub.lookup(&key) {
-                if d.password.is_empty() || c.password.as_deref() == Some(d.password.as_str()) {
-                    return Ok(((*d).clone(), key));
+            if let Some(found) = self.hub.lookup(&key) {
+                let stored = &found.device.password;
+                if stored.is_empty() || c.password.as_deref() == Some(stored.as_str()) {
+                    return Ok(found);
                 }
                 return Err(ConnackCode::BadUserNamePassword);
             }

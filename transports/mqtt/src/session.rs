@@ -352,15 +352,11 @@ pub(crate) async fn run(
     }
     let authenticated = match &x509 {
         // A client certificate decides alone, as in ThingsBoard.
-        Some(key) => transport
-            .hub
-            .lookup(key)
-            .map(|d| ((*d).clone(), key.clone()))
-            .ok_or(ConnackCode::NotAuthorized),
+        Some(key) => transport.hub.lookup(key).ok_or(ConnackCode::NotAuthorized),
         None => transport.authenticate(&connect),
     };
-    let (device, credentials_key) = match authenticated {
-        Ok(d) => d,
+    let credentials = match authenticated {
+        Ok(c) => c,
         Err(code) => {
             tracing::info!(%peer, client_id = %connect.client_id, ?code, "MQTT CONNECT refused");
             codec::write_connack(&mut wbuf, version, code, false);
@@ -369,12 +365,13 @@ pub(crate) async fn run(
             return;
         }
     };
+    let device = (*credentials.device).clone();
     let (tx, rx) = mpsc::channel(64);
     let is_gateway = transport
         .hub
         .directory()
         .is_some_and(|d| d.is_gateway(&device.device));
-    let gateway = is_gateway.then(|| Gateway::new(tx.clone(), credentials_key.clone()));
+    let gateway = is_gateway.then(|| Gateway::new(tx.clone(), credentials.clone()));
     let proto = transport
         .hub
         .directory()
@@ -383,7 +380,7 @@ pub(crate) async fn run(
         .hub
         .directory()
         .and_then(|d| d.mqtt_topics(&device.device));
-    let session = transport.hub.open_session_on(device, credentials_key, 0, tx);
+    let session = transport.hub.open_session_on(device, credentials, 0, tx);
     codec::write_connack(&mut wbuf, version, ConnackCode::Accepted, !connect.clean_session);
     let mut s = Session {
         transport: transport.clone(),
