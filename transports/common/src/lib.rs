@@ -659,13 +659,15 @@ mod tests {
         // A session with the new credentials (once the cache has them) stays open until they
         // are deleted.
         let creds = wait_for(|| hub.by_token("T1").filter(|c| c.device.password == "new")).await;
-        let (_s2, mut rx2) = hub.open_session(device(1, "new"), creds, 0, 4);
+        let (s2, mut rx2) = hub.open_session(device(1, "new"), creds, 0, 4);
         assert_eq!(hub.close_changed_credentials(Some(&key)), 0);
         write(&log, MetaOp::Delete(key.clone())).await;
         assert_eq!(hub.close_changed_credentials(None), 1);
         assert_eq!(rx2.recv().await, Some(Downlink::Close));
         // And the deleted token no longer authenticates.
         wait_for(|| hub.by_token("T1").is_none().then_some(())).await;
+        // Sessions hold the hub, and the hub the log.
+        drop(s2);
         drop(hub);
         drop(log);
         node.shutdown().await;
