@@ -200,7 +200,8 @@ impl EngineHandle {
             .ok_or_else(|| anyhow::anyhow!("no replica of partition {p} here"))?;
         loop {
             rx.borrow_and_update();
-            let r = self.store.rpc(uuid)?;
+            // Only an RPC of this device: a UUID taken by another device's RPC is not this one.
+            let r = self.store.rpc(uuid)?.filter(|r| r.device == *device);
             if r.as_ref().is_some_and(&done) {
                 return Ok(r);
             }

@@ -454,8 +454,9 @@ fn apply_default(
                 }
             }
             IngestMsg::RpcStatus { uuid, status } => {
+                // A deletion ends any RPC, answered or not; other statuses only an open one.
                 if let Some(mut r) = batch.rpc(store, uuid)
-                    && !r.status.is_final()
+                    && (!r.status.is_final() || *status == RpcStatus::Deleted)
                     && r.status != *status
                 {
                     r.status = *status;
@@ -675,6 +676,16 @@ impl Leader {
         let now = now_ms();
         let queued = std::mem::take(&mut self.queued);
         for r in queued {
+            // Deleted (or otherwise ended) while it waited: not delivered any more.
+            let ended = self
+                .store
+                .rpc(&r.uuid)
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.status.is_final());
+            if ended {
+                continue;
+            }
             if now >= r.expiration_ms {
                 self.record_status(&r, RpcStatus::Expired).await;
             } else if !self.deliver_rpc(&r).await {

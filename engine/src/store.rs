@@ -379,6 +379,9 @@ pub struct Batch {
     wb: WriteBatch,
     /// Latest telemetry of the devices this batch touched, written once at the end.
     latest: std::collections::HashMap<EntityId, LatestMap>,
+    /// History rows written (`Some`) or deleted (`None`) by this batch, written at the end in
+    /// key order: a delete later in the batch must see the rows written before it.
+    history: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>>,
     /// RPC state written earlier in this batch, read before the store.
     rpcs: std::collections::HashMap<EntityId, RpcState>,
     rpc_ids: std::collections::HashMap<(EntityId, u32), EntityId>,
@@ -453,7 +456,7 @@ impl Batch {
         hk.extend_from_slice(device);
         hk.extend_from_slice(&ts_bytes(ts_ms));
         hk.extend_from_slice(&offset.to_be_bytes());
-        self.wb.put(hk, encode(&values));
+        self.history.insert(hk, Some(encode(&values)));
         let latest = self
             .latest
             .entry(*device)
@@ -487,21 +490,30 @@ impl Batch {
         let mut hi = lo.clone();
         lo.extend_from_slice(&ts_bytes(start_ts));
         hi.extend_from_slice(&ts_bytes(end_ts));
+        // The rows in the range as this batch leaves them: the stored ones, then this batch's
+        // own writes and deletes over them.
+        let mut rows: std::collections::BTreeMap<Vec<u8>, Vec<u8>> = std::collections::BTreeMap::new();
         let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_lower_bound(lo);
-        ro.set_iterate_upper_bound(hi);
+        ro.set_iterate_lower_bound(lo.clone());
+        ro.set_iterate_upper_bound(hi.clone());
         for kv in store.db.iterator_opt(IteratorMode::Start, ro) {
             let (k, v) = kv?;
+            rows.insert(k.to_vec(), v.to_vec());
+        }
+        for (k, v) in self.history.range(lo..hi) {
+            match v {
+                Some(v) => rows.insert(k.clone(), v.clone()),
+                None => rows.remove(k),
+            };
+        }
+        for (k, v) in rows {
             let row: Vec<(String, Value)> = decode(&v)?;
             if !row.iter().any(|(n, _)| keys.contains(n)) {
                 continue;
             }
             let kept: Vec<(String, Value)> = row.into_iter().filter(|(n, _)| !keys.contains(n)).collect();
-            if kept.is_empty() {
-                self.wb.delete(&k);
-            } else {
-                self.wb.put(&k, encode(&kept));
-            }
+            let row = (!kept.is_empty()).then(|| encode(&kept));
+            self.history.insert(k, row);
         }
         if delete_latest {
             let latest = self
@@ -521,6 +533,12 @@ impl Batch {
 
     /// Adds the latest-telemetry rows; call once before writing.
     pub fn finish(&mut self) {
+        for (k, v) in std::mem::take(&mut self.history) {
+            match v {
+                Some(v) => self.wb.put(k, v),
+                None => self.wb.delete(k),
+            }
+        }
         for (d, m) in &self.latest {
             self.wb.put(latest_key(d), encode(m));
         }
@@ -587,5 +605,40 @@ mod tests {
             1
         );
         assert!(s.latest(&[8u8; 16], &[]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_delete_sees_the_rows_written_before_it_in_the_same_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let d = [7u8; 16];
+        let row = |t: i64, u: i64| {
+            vec![
+                ("t".to_string(), Value::Long(t)),
+                ("u".to_string(), Value::Long(u)),
+            ]
+        };
+        // One row stored before, one written in the batch; then two deletes of different keys.
+        let mut b = Batch::default();
+        b.telemetry(&s, &d, 10, 1, &row(1, 1));
+        s.write(b).unwrap();
+        let mut b = Batch::default();
+        b.telemetry(&s, &d, 20, 2, &row(2, 2));
+        b.delete_telemetry(&s, &d, &["t".to_string()], 0, 100, false)
+            .unwrap();
+        b.delete_telemetry(&s, &d, &["u".to_string()], 15, 100, false)
+            .unwrap();
+        // Written after the deletes: stays.
+        b.telemetry(&s, &d, 30, 3, &row(3, 3));
+        s.write(b).unwrap();
+        let ts = |key: &str| -> Vec<i64> {
+            s.history(&d, key, i64::MIN, i64::MAX, false, 10)
+                .unwrap()
+                .into_iter()
+                .map(|x| x.ts_ms)
+                .collect()
+        };
+        assert_eq!(ts("t"), vec![30]);
+        assert_eq!(ts("u"), vec![10, 30]);
     }
 }

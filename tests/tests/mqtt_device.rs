@@ -298,6 +298,19 @@ async fn users_see_only_their_own_devices() -> anyhow::Result<()> {
     assert_eq!(body["errorCode"], 20);
     let (_, list) = customer.call("GET", "/api/tenant/devices?pageSize=10&page=0", None)?;
     assert_eq!(list["totalElements"], 0);
+    // A device profile (with its provisioning key and secret) is for the tenant administrator.
+    let (_, info) = rest.call("GET", "/api/deviceProfileInfo/default", None)?;
+    let profile = format!(
+        "/api/deviceProfile/{}",
+        info["id"]["id"].as_str().expect("profile id")
+    );
+    assert_eq!(rest.call("GET", &profile, None)?.0, 200);
+    let (code, body) = customer.call("GET", &profile, None)?;
+    assert_eq!(
+        (code, body["errorCode"].clone()),
+        (403, Value::from(20)),
+        "{body}"
+    );
     // The system administrator belongs to no tenant.
     let admin = Rest::login(&c.http[&1], "sysadmin@thingsboard.org", "sysadmin").await?;
     assert_eq!(admin.call("GET", &path, None)?.0, 403);
@@ -431,13 +444,47 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
     let (code, body) = rest.call(
         "POST",
         &format!("/api/rpc/oneway/{offline}"),
-        Some(r#"{"method":"later","params":{},"persistent":true,"timeout":5000}"#),
+        Some(r#"{"method":"later","params":{},"persistent":true,"timeout":60000}"#),
     )?;
     assert_eq!(code, 200);
     let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
     let (code, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;
     assert_eq!(code, 200);
     assert_eq!(status["status"], "QUEUED");
+    // Its UUID names that RPC alone: a request to another device under the same UUID is refused
+    // (400), and the queued one is untouched.
+    let steal = format!(r#"{{"method":"steal","params":{{}},"requestUUID":"{rpc_id}","timeout":1000}}"#);
+    let (code, body) = rest.call("POST", &format!("/api/plugins/rpc/twoway/{id}"), Some(&steal))?;
+    assert_eq!(code, 400, "{body}");
+    let (_, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;
+    assert_eq!(
+        (
+            status["status"].as_str(),
+            status["request"]["body"]["method"].as_str()
+        ),
+        (Some("QUEUED"), Some("later"))
+    );
+    // Deleted while queued: it is gone (404), and the device that connects later never gets it;
+    // the first request it gets is the one sent after it has been connected for a while.
+    let path = format!("/api/rpc/persistent/{rpc_id}");
+    assert_eq!(rest.call("DELETE", &path, None)?.0, 200);
+    assert_eq!(rest.call("GET", &path, None)?.0, 404);
+    let (_device, mut ev) = subscribed_device(&c.mqtt[&1], "TOKEN_OFF").await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // three retries of queued RPCs
+    let (code, _) = rest.call(
+        "POST",
+        &format!("/api/rpc/oneway/{offline}"),
+        Some(r#"{"method":"now","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200);
+    let first = next_packet(&mut ev, |p| match p {
+        Packet::Publish(p) if p.topic.starts_with(b"v1/devices/me/rpc/request/") => {
+            Some(String::from_utf8_lossy(&p.payload).into_owned())
+        }
+        _ => None,
+    })
+    .await?;
+    assert!(first.contains(r#""method":"now""#), "{first}");
     Ok(())
 }
 

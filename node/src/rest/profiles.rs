@@ -200,7 +200,9 @@ async fn get_profile(
     caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_tenant()?;
+    // ThingsBoard: TENANT_ADMIN only. The profile carries the provisioning key and secret, which
+    // let whoever holds them create devices (or take over pre-provisioned ones).
+    caller.require_tenant_admin()?;
     let not_found = || ApiError::not_found(format!("Device profile with id [{id}] is not found"));
     let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
     let p = state

@@ -101,6 +101,18 @@ async fn rpc(
         }
         None => Uuid::new_v4(),
     };
+    // A request UUID names one RPC: the shard ignores a second request under it, so one of
+    // another device (perhaps another tenant's) must not be answered here as if it were this one.
+    let taken = state
+        .engine
+        .store
+        .rpc(uuid.as_bytes())
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    if taken.is_some_and(|r| r.device != *device.id.as_bytes()) {
+        return Err(ApiError::bad_request(format!(
+            "requestUUID {uuid} is already used by another RPC"
+        )));
+    }
     let ingest = Ingest {
         tenant: *device.tenant_id.as_bytes(),
         device: *device.id.as_bytes(),
@@ -203,6 +215,8 @@ fn visible_rpc(state: &AppState, caller: &Caller, rpc_id: &str) -> Result<RpcSta
         .store
         .rpc(uuid.as_bytes())
         .map_err(|e| ApiError::internal(e.to_string()))?
+        // A deleted RPC is gone, as in ThingsBoard (the record stays, for the log's replicas).
+        .filter(|r| r.status != RpcStatus::Deleted)
         .ok_or_else(|| ApiError::not_found(format!("Rpc with id [{rpc_id}] is not found")))?;
     // Checks the caller may see the device the RPC was for.
     caller.device(state, Uuid::from_bytes(r.device))?;
@@ -222,6 +236,8 @@ async fn delete_persistent(
     caller: Caller,
     Path(rpc_id): Path<String>,
 ) -> Result<(), ApiError> {
+    // ThingsBoard: TENANT_ADMIN only.
+    caller.require_tenant_admin()?;
     let r = visible_rpc(&state, &caller, &rpc_id)?;
     let ingest = Ingest {
         tenant: r.tenant,
@@ -263,7 +279,7 @@ async fn list_persistent(
         .rpcs_of(d.id.as_bytes(), 100_000)
         .map_err(|e| ApiError::internal(e.to_string()))?
         .into_iter()
-        .filter(|r| r.persistent)
+        .filter(|r| r.persistent && r.status != RpcStatus::Deleted)
         .filter(|r| want.as_ref().is_none_or(|w| r.status.as_str() == w))
         .collect();
     let total = all.len();

@@ -330,17 +330,20 @@ impl Hub {
     /// The credentials stored under the metadata-map `key`.
     pub fn lookup(&self, key: &str) -> Option<Credentials> {
         let mut read = None;
-        let device = self.credentials.get_with_by_ref(key, || {
+        let mut device = self.credentials.get_with_by_ref(key, || {
             let d = self.stored(key);
             read = Some(d.clone());
             d
         });
         // A value read here just before a change was applied may go into the cache just after
-        // the change invalidated the key. The store shows the change by then: read it again.
-        if let Some(read) = read
-            && read != self.stored(key)
-        {
-            self.credentials.invalidate(key);
+        // the change invalidated the key. The store shows the change by then: read it again,
+        // and answer with what it holds now.
+        if let Some(read) = read {
+            let now = self.stored(key);
+            if read != now {
+                self.credentials.invalidate(key);
+                device = now;
+            }
         }
         Some(Credentials {
             key: key.into(),
@@ -398,6 +401,7 @@ impl Hub {
             session: self.session_seq.fetch_add(1, Ordering::Relaxed),
         };
         let subs = Arc::new(AtomicU8::new(subscriptions));
+        let check = (credentials.clone(), tx.clone());
         self.sessions
             .lock()
             .expect("sessions lock")
@@ -411,6 +415,13 @@ impl Hub {
                     subscriptions: subs.clone(),
                 },
             );
+        // Credentials deleted or changed after the lookup and before the entry above went in: the
+        // change notice may have scanned the table already. The map holds the change by the time
+        // its notice is sent, so either that scan saw this session or this check sees the change.
+        let (credentials, tx) = check;
+        if self.stored(&credentials.key).as_ref() != Some(&credentials.device) {
+            let _ = tx.try_send(Downlink::Close);
+        }
         let partition = self.log.partition_for_key(&device.device);
         Session {
             hub: self.clone(),
@@ -666,6 +677,16 @@ mod tests {
         assert_eq!(rx2.recv().await, Some(Downlink::Close));
         // And the deleted token no longer authenticates.
         wait_for(|| hub.by_token("T1").is_none().then_some(())).await;
+
+        // Credentials looked up just before they were deleted, whose session goes into the table
+        // after the deletion's notice looked through it: the session is closed as it opens.
+        let key2 = token_key("T2");
+        write(&log, MetaOp::Put(key2.clone(), device(2, "").encode().into())).await;
+        let stale = hub.by_token("T2").expect("the new token authenticates");
+        write(&log, MetaOp::Delete(key2)).await;
+        let (s3, mut rx3) = hub.open_session(device(2, ""), stale, 0, 4);
+        assert_eq!(rx3.try_recv(), Ok(Downlink::Close));
+        drop(s3);
         // Sessions hold the hub, and the hub the log.
         drop(s2);
         drop(hub);

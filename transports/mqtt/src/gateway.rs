@@ -328,6 +328,10 @@ impl Gateway {
             if d.tenant != gateway.tenant {
                 return Err(format!("device {name:?} belongs to another tenant"));
             }
+            // Its downlinks would come twice (as the gateway's and as a child's).
+            if d.device == gateway.device {
+                return Err(format!("device {name:?} is the gateway itself"));
+            }
             self.names.insert(d.device, name.to_string());
             let s = hub.open_session_on(
                 d,
