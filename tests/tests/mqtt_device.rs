@@ -1020,7 +1020,21 @@ async fn a_stream_of_publishes_is_acknowledged_in_order_and_stored_in_order() ->
         let pkid = k as u16 + 1;
         assert_eq!(ack, [0x40, 2, (pkid >> 8) as u8, pkid as u8], "PUBACK #{k}");
     }
-    let _wr = writer.await??;
+    let mut wr = writer.await??;
+    // A PUBLISH answered without an append (an unknown topic: dropped, acknowledged) between two
+    // that are appended: its PUBACK waits for the one owed before it.
+    let mut buf = publish_packet("v1/devices/me/telemetry", 1001, br#"{"ordered":1}"#);
+    buf.extend(publish_packet("v1/devices/me/no-such-topic", 1002, b"{}"));
+    buf.extend(publish_packet(
+        "v1/devices/me/telemetry",
+        1003,
+        br#"{"ordered":3}"#,
+    ));
+    wr.write_all(&buf).await?;
+    let mut acks = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(10), rd.read_exact(&mut acks)).await??;
+    let pkids: Vec<u16> = acks.chunks(4).map(|a| u16::from_be_bytes([a[2], a[3]])).collect();
+    assert_eq!(pkids, [1001, 1002, 1003], "PUBACKs {acks:?}");
     // Every telemetry message is in the history...
     let history = |rest: &Rest| -> anyhow::Result<usize> {
         let (code, v) = rest.call(

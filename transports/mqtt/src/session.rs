@@ -269,6 +269,10 @@ struct Session {
     version: Version,
     s: thingraft_transport_common::Session,
     queue: Vec<Queued>,
+    /// The PUBACKs owed, in the order of their PUBLISHes (MQTT 3.1.1 §4.6): each with its code
+    /// once known, `None` while its message's append is in flight. Written from the front as
+    /// they become known, so a PUBACK answered at once waits for the ones owed before it.
+    acks: std::collections::VecDeque<(u16, Option<PubAckCode>)>,
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, request id, response topic, and a
     /// protobuf request's id when the answer is a `ToServerRpcResponseMsg`), oldest first.
@@ -390,6 +394,7 @@ pub(crate) async fn run(
         version,
         s: session,
         queue: Vec::new(),
+        acks: std::collections::VecDeque::new(),
         families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
         gateway,
@@ -431,6 +436,9 @@ pub(crate) async fn run(
 
 impl Session {
     fn enqueue(&mut self, msg: IngestMsg, pkid: Option<u16>) {
+        if let Some(pkid) = pkid {
+            self.acks.push_back((pkid, None));
+        }
         let record = self.s.record(msg);
         let partition = self.s.partition;
         self.queue.push(Queued {
@@ -680,8 +688,15 @@ impl Session {
         match done {
             (Ok(()), pkids) => {
                 for pkid in pkids.into_iter().flatten() {
-                    codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+                    if let Some(a) = self
+                        .acks
+                        .iter_mut()
+                        .find(|(p, code)| *p == pkid && code.is_none())
+                    {
+                        a.1 = Some(PubAckCode::Success);
+                    }
                 }
+                self.write_known_acks();
                 None
             }
             (Err(e), _) => {
@@ -695,6 +710,20 @@ impl Session {
                 let _ = self.stream.write_all(&self.wbuf).await;
                 Some(End::Backend(e))
             }
+        }
+    }
+
+    /// Owes a PUBACK with `code` for `pkid`, known now: written after the ones owed before it.
+    fn ack(&mut self, pkid: u16, code: PubAckCode) {
+        self.acks.push_back((pkid, Some(code)));
+        self.write_known_acks();
+    }
+
+    /// Writes the PUBACKs at the front of [`Session::acks`] whose codes are known.
+    fn write_known_acks(&mut self) {
+        while let Some(&(pkid, Some(code))) = self.acks.front() {
+            codec::write_puback(&mut self.wbuf, self.version, pkid, code);
+            self.acks.pop_front();
         }
     }
 
@@ -835,7 +864,7 @@ impl Session {
             Topic::Unknown => {
                 tracing::info!(topic, "publish to an unknown topic dropped");
                 if let Some(pkid) = ack {
-                    codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::TopicNameInvalid);
+                    self.ack(pkid, PubAckCode::TopicNameInvalid);
                 }
                 return None;
             }
@@ -904,7 +933,7 @@ impl Session {
                 None => reply.into_bytes(),
             };
             if let Some(pkid) = ack {
-                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+                self.ack(pkid, PubAckCode::Success);
             }
             let pkid = self.transport.next_pkid();
             codec::write_publish(&mut self.wbuf, self.version, &response_topic, 1, pkid, &reply);
@@ -978,12 +1007,7 @@ impl Session {
         match ack {
             Some(pkid) if may_ack => {
                 tracing::info!(topic, error = %e, "invalid payload refused");
-                codec::write_puback(
-                    &mut self.wbuf,
-                    self.version,
-                    pkid,
-                    PubAckCode::PayloadFormatInvalid,
-                );
+                self.ack(pkid, PubAckCode::PayloadFormatInvalid);
                 None
             }
             _ => {
@@ -1090,12 +1114,13 @@ impl Session {
             return self.claim(claims, ack).await;
         }
         match (queued.last_mut(), ack) {
-            (Some(last), _) => last.pkid = ack,
-            // Nothing to record (a disconnect of an unknown child): acknowledged at once.
-            (None, Some(pkid)) => {
-                codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success)
+            (Some(last), Some(pkid)) => {
+                last.pkid = Some(pkid);
+                self.acks.push_back((pkid, None));
             }
-            (None, None) => {}
+            // Nothing to record (a disconnect of an unknown child): acknowledged at once.
+            (None, Some(pkid)) => self.ack(pkid, PubAckCode::Success),
+            (_, None) => {}
         }
         self.queue.extend(queued);
         None
@@ -1114,7 +1139,7 @@ impl Session {
             OtaKind::Software => "sw",
         };
         if let Some(pkid) = ack {
-            codec::write_puback(&mut self.wbuf, self.version, pkid, PubAckCode::Success);
+            self.ack(pkid, PubAckCode::Success);
         }
         let text = String::from_utf8_lossy(payload);
         let size = match text.trim() {
@@ -1203,7 +1228,7 @@ impl Session {
             }
         }
         if let Some(pkid) = ack {
-            codec::write_puback(&mut self.wbuf, self.version, pkid, code);
+            self.ack(pkid, code);
         }
         None
     }
