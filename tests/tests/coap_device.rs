@@ -279,6 +279,23 @@ async fn slow_answers_come_separately_and_duplicates_are_answered_once() -> anyh
     let ack = [0x60, 0x00, separate[0][2], separate[0][3]];
     sock.send(&ack).await?;
 
+    // A confirmable Observe registration on RPC, with no RPC to send yet: acknowledged (an
+    // empty ACK) instead of left for the device to retransmit until it gives up.
+    let [hi, lo] = 0x3333u16.to_be_bytes();
+    let mut observe = vec![0x41, 0x01, hi, lo, 0x08, 0x60]; // CON GET, token 0x08, Observe: 0
+    for (i, seg) in ["api", "v1", "CLOCK_TOKEN", "rpc"].iter().enumerate() {
+        let delta: u8 = if i == 0 { 5 } else { 0 }; // Uri-Path (11) after Observe (6)
+        observe.push((delta << 4) | seg.len() as u8);
+        observe.extend_from_slice(seg.as_bytes());
+    }
+    sock.send(&observe).await?;
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await??;
+    assert_eq!(
+        &buf[..n],
+        &[0x60, 0x00, 0x33, 0x33],
+        "an empty ACK to the registration"
+    );
+
     // The same confirmable message twice (a retransmission sent the moment the first answer
     // arrives): the same answer twice, one record. Repeated, because the retransmission races
     // the server's bookkeeping of its answer.

@@ -436,8 +436,11 @@ impl Transport {
             if let Some(r) = req.response.take() {
                 responder.respond(r.message).await;
             }
+            late.abort();
         }
-        late.abort();
+        // No answer yet (an observation whose first notification comes later, a separate
+        // response under way): `late` still acknowledges a confirmable request once the
+        // piggyback timeout has passed without one, so the device stops retransmitting it.
     }
 
     /// Sends a piggybacked answer and remembers it for duplicates.
