@@ -567,6 +567,25 @@ impl Registry {
         if name.is_empty() {
             return Err(RegistryError::Invalid("Device name should be specified!".into()));
         }
+        // Refusals first: a device that will not be created must not leave a new profile behind
+        // (the checks of the transaction below still decide under concurrency).
+        let token = match new.access_token {
+            Some(t) if t.is_empty() || t.len() > 128 || t.contains('/') => {
+                return Err(RegistryError::Invalid("Invalid access token".into()));
+            }
+            Some(t) => t,
+            None => random_token(),
+        };
+        if self.device_by_name(new.tenant_id, &name).is_some() {
+            return Err(RegistryError::Conflict(
+                "Device with such name already exists!".into(),
+            ));
+        }
+        if self.log.meta_get(&token_key(&token)).is_some() {
+            return Err(RegistryError::Conflict(
+                "Device credentials are already assigned to another device!".into(),
+            ));
+        }
         let profile = match (new.profile_id, &new.device_type) {
             (Some(id), _) => self
                 .profile(id)
@@ -576,13 +595,6 @@ impl Registry {
             _ => self
                 .default_profile(new.tenant_id)
                 .ok_or_else(|| RegistryError::NotFound("default device profile".into()))?,
-        };
-        let token = match new.access_token {
-            Some(t) if t.is_empty() || t.len() > 128 || t.contains('/') => {
-                return Err(RegistryError::Invalid("Invalid access token".into()));
-            }
-            Some(t) => t,
-            None => random_token(),
         };
         let now = now_ms();
         let device = Device {

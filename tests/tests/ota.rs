@@ -276,11 +276,23 @@ async fn devices_follow_their_profiles_package_unless_they_have_their_own() -> a
     let sw = sw["id"]["id"].as_str().expect("id").to_string();
     upload_raw(&rest, &http, &sw, b"software")?;
     for pkg in [&foreign, &empty, &sw] {
-        let body = json!({"id": {"entityType": "DEVICE_PROFILE", "id": pid}, "name": "Meters",
+        let body = json!({"id": {"entityType": "DEVICE_PROFILE", "id": pid}, "name": "Meters renamed",
                           "firmwareId": {"entityType": "OTA_PACKAGE", "id": pkg}});
         let (code, v) = rest.call("POST", "/api/deviceProfile", Some(&body.to_string()))?;
         assert_eq!(code, 400, "{v}");
     }
+    // Refused before anything was written: the profile keeps its name.
+    let (_, got) = rest.call("GET", &format!("/api/deviceProfile/{pid}"), None)?;
+    assert_eq!(got["name"], "Meters", "{got}");
+    // A package can only be made for a profile of the caller's that exists.
+    let (code, v) = rest.call(
+        "POST",
+        "/api/otaPackage",
+        Some(&json!({"title": "x", "version": "1", "type": "FIRMWARE",
+                     "deviceProfileId": {"entityType": "DEVICE_PROFILE", "id": "5f1c7a2e-0000-4000-8000-000000000001"}})
+        .to_string()),
+    )?;
+    assert_eq!(code, 404, "{v}");
 
     // The profile's package: the follower gets its attributes, the pinned device keeps its own.
     let fw2 = firmware();
@@ -304,10 +316,16 @@ async fn devices_follow_their_profiles_package_unless_they_have_their_own() -> a
         json!({"fw_title": "meter-fw", "fw_size": fw2.len(), "fw_checksum": sha})
     );
     wait_fw_version(&c, "M2_TOKEN", "1.0").await?;
-    // A device refuses a SOFTWARE package as its firmware too; nothing changes.
-    let body = json!({"id": {"entityType": "DEVICE", "id": pinned}, "name": "Meter 2",
-                      "firmwareId": {"entityType": "OTA_PACKAGE", "id": sw}});
-    assert_eq!(rest.call("POST", "/api/device", Some(&body.to_string()))?.0, 400);
+    // A device refuses a SOFTWARE package as its firmware too, and a package of another
+    // profile; nothing changes, its name neither.
+    for pkg in [&sw, &foreign] {
+        let body = json!({"id": {"entityType": "DEVICE", "id": pinned}, "name": "Meter 2 renamed",
+                          "firmwareId": {"entityType": "OTA_PACKAGE", "id": pkg}});
+        let (code, v) = rest.call("POST", "/api/device", Some(&body.to_string()))?;
+        assert_eq!(code, 400, "{v}");
+    }
+    let (_, d) = rest.call("GET", &format!("/api/device/{pinned}"), None)?;
+    assert_eq!(d["name"], "Meter 2", "{d}");
     wait_fw_version(&c, "M2_TOKEN", "1.0").await?;
     // A device's own firmwareId stays its own; the follower has none.
     let (_, d) = rest.call("GET", &format!("/api/device/{follower}"), None)?;

@@ -148,6 +148,7 @@ async fn save_device(
         // An update: name, label, additionalInfo, the transport configuration, and the OTA
         // packages assigned.
         let current = caller.device(&state, parse_uuid(id)?)?;
+        let packages = super::ota::assignable_in(&state, &caller, &body, Some(current.profile_id))?;
         let device = state
             .engine
             .registry
@@ -162,7 +163,9 @@ async fn save_device(
             )
             .await
             .map_err(registry_error)?;
-        assign_ota(&state, &caller, &device, &body).await?;
+        for p in &packages {
+            super::ota::assign(&state, &device, p).await?;
+        }
         tracing::info!(device = %device.id, name = %device.name, "device updated");
         return Ok(Json(device_json_with_ota(&state, &device)));
     }
@@ -174,11 +177,21 @@ async fn save_device(
         Some(s) => Some(parse_uuid(s)?),
         None => None,
     };
+    let device_type = body.get("type").and_then(Value::as_str).map(str::to_string);
+    // The profile the device will have, for checking its packages before anything is written
+    // (`None`: one its type creates).
+    let registry = &state.engine.registry;
+    let profile = match (profile_id, &device_type) {
+        (Some(id), _) => Some(id),
+        (None, Some(t)) if !t.is_empty() => registry.profile_by_name(caller.tenant_id, t).map(|p| p.id),
+        _ => registry.default_profile(caller.tenant_id).map(|p| p.id),
+    };
+    let packages = super::ota::assignable_in(&state, &caller, &body, profile)?;
     let new = NewDevice {
         tenant_id: caller.tenant_id,
         customer_id: None,
         name: name.to_string(),
-        device_type: body.get("type").and_then(Value::as_str).map(str::to_string),
+        device_type,
         label: body.get("label").and_then(Value::as_str).map(str::to_string),
         profile_id,
         additional_info: body
@@ -194,7 +207,9 @@ async fn save_device(
         .create_device(new)
         .await
         .map_err(registry_error)?;
-    assign_ota(&state, &caller, &device, &body).await?;
+    for p in &packages {
+        super::ota::assign(&state, &device, p).await?;
+    }
     state.engine.push_profile_ota(&device).await;
     tracing::info!(device = %device.id, name = %device.name, "device created");
     Ok(Json(device_json_with_ota(&state, &device)))
@@ -216,23 +231,6 @@ fn device_json_with_ota(state: &AppState, d: &Device) -> Value {
 }
 
 /// The packages a device body names in `firmwareId` / `softwareId`.
-async fn assign_ota(
-    state: &AppState,
-    caller: &Caller,
-    device: &Device,
-    body: &Value,
-) -> Result<(), ApiError> {
-    for (field, kind) in [
-        ("firmwareId", OtaKind::Firmware),
-        ("softwareId", OtaKind::Software),
-    ] {
-        if let Some(id) = body.get(field).and_then(|v| v.get("id")).and_then(Value::as_str) {
-            super::ota::assign(state, caller, device, kind, id).await?;
-        }
-    }
-    Ok(())
-}
-
 async fn get_device(
     State(state): State<AppState>,
     caller: Caller,

@@ -77,7 +77,18 @@ async fn create(
     let kind = OtaKind::parse(kind)
         .ok_or_else(|| ApiError::bad_request(format!("Unknown OTA package type {kind}")))?;
     let profile = match body["deviceProfileId"]["id"].as_str() {
-        Some(s) => Some(Uuid::parse_str(s).map_err(|_| ApiError::bad_request("Invalid device profile id"))?),
+        Some(s) => {
+            let not_found = || ApiError::not_found(format!("Device profile with id [{s}] is not found"));
+            let id = Uuid::parse_str(s).map_err(|_| not_found())?;
+            // The caller's own profile only.
+            state
+                .engine
+                .registry
+                .profile(id)
+                .filter(|p| p.tenant_id == caller.tenant_id)
+                .ok_or_else(not_found)?;
+            Some(id)
+        }
         None => None,
     };
     let p = state
@@ -194,22 +205,59 @@ fn check_kind(p: &OtaPackage, kind: OtaKind) -> Result<(), ApiError> {
 /// Assigns the package `id` names (a device's `firmwareId` or `softwareId`) to `device`, and
 /// sets the shared attributes the device's SDK watches (`fw_title`, `fw_version`, `fw_size`,
 /// `fw_checksum`, `fw_checksum_algorithm`; `sw_*` for software).
-pub async fn assign(
+/// The package `id` names, if it may be assigned as `kind` to a device of (or to) the profile
+/// `profile` (`None`: a profile that does not exist yet): the caller's, of that kind, with its
+/// data uploaded, and for that profile or for any. Checked before anything is written, so that a
+/// refused assignment changes nothing.
+pub fn assignable(
     state: &AppState,
     caller: &Caller,
-    device: &Device,
     kind: OtaKind,
     id: &str,
-) -> Result<(), ApiError> {
+    profile: Option<Uuid>,
+) -> Result<OtaPackage, ApiError> {
     let p = package_of(state, caller, id)?;
     check_kind(&p, kind)?;
+    if p.attributes().is_none() {
+        return Err(ApiError::bad_request("The OTA package has no data yet"));
+    }
+    if p.profile_id.is_some() && p.profile_id != profile {
+        return Err(ApiError::bad_request(
+            "The OTA package belongs to a different device profile",
+        ));
+    }
+    Ok(p)
+}
+
+/// The packages a device or profile body names (`firmwareId`, `softwareId`), each checked with
+/// [`assignable`].
+pub fn assignable_in(
+    state: &AppState,
+    caller: &Caller,
+    body: &Value,
+    profile: Option<Uuid>,
+) -> Result<Vec<OtaPackage>, ApiError> {
+    let mut out = Vec::new();
+    for (field, kind) in [
+        ("firmwareId", OtaKind::Firmware),
+        ("softwareId", OtaKind::Software),
+    ] {
+        if let Some(id) = body.get(field).and_then(|v| v.get("id")).and_then(Value::as_str) {
+            out.push(assignable(state, caller, kind, id, profile)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Assigns `p` (checked with [`assignable`]) to `device`.
+pub async fn assign(state: &AppState, device: &Device, p: &OtaPackage) -> Result<(), ApiError> {
     let Some(values) = p.attributes() else {
         return Err(ApiError::bad_request("The OTA package has no data yet"));
     };
     state
         .engine
         .registry
-        .assign_ota(device.id, &p)
+        .assign_ota(device.id, p)
         .await
         .map_err(registry_error)?;
     super::telemetry::submit(
@@ -230,22 +278,11 @@ pub async fn assign_to_profile(
     state: &AppState,
     caller: &Caller,
     profile: &DeviceProfile,
-    kind: OtaKind,
-    id: &str,
+    p: &OtaPackage,
 ) -> Result<(), ApiError> {
-    let p = package_of(state, caller, id)?;
-    check_kind(&p, kind)?;
-    if p.attributes().is_none() {
-        return Err(ApiError::bad_request("The OTA package has no data yet"));
-    }
-    if p.profile_id.is_some_and(|pp| pp != profile.id) {
-        return Err(ApiError::bad_request(
-            "The OTA package belongs to a different device profile",
-        ));
-    }
     let registry = &state.engine.registry;
     registry
-        .assign_profile_ota(profile.id, &p)
+        .assign_profile_ota(profile.id, p)
         .await
         .map_err(registry_error)?;
     let mut updated = 0usize;
@@ -253,7 +290,7 @@ pub async fn assign_to_profile(
         if d.profile_id != profile.id || registry.device_own_ota(d.id, p.kind).is_some() {
             continue;
         }
-        state.engine.push_ota_attributes(&d, &p).await.map_err(|e| {
+        state.engine.push_ota_attributes(&d, p).await.map_err(|e| {
             tracing::warn!(device = %d.id, error = %e, "profile OTA attributes not set");
             super::telemetry::not_committed(&e)
         })?;

@@ -159,19 +159,16 @@ async fn save_profile(
     let description = body["description"].as_str().map(String::from);
     let provision = provision_of(&body)?;
     let transport = transport_of(&body)?;
+    // Checked before the profile is written, so that a refused package changes nothing.
+    let packages = super::ota::assignable_in(&state, &caller, &body, id)?;
     let p = state
         .engine
         .registry
         .save_profile(caller.tenant_id, id, name, description, provision, transport)
         .await
         .map_err(registry_error)?;
-    for (field, kind) in [
-        ("firmwareId", OtaKind::Firmware),
-        ("softwareId", OtaKind::Software),
-    ] {
-        if let Some(pkg) = body[field]["id"].as_str() {
-            super::ota::assign_to_profile(&state, &caller, &p, kind, pkg).await?;
-        }
+    for pkg in &packages {
+        super::ota::assign_to_profile(&state, &caller, &p, pkg).await?;
     }
     Ok(Json(profile_json_with_ota(&state, &p)))
 }
