@@ -85,6 +85,20 @@ async fn relations_are_saved_listed_deleted_and_made_for_gateway_children() -> a
         customer.call("POST", "/api/relation", Some(&rel.to_string()))?.0,
         403
     );
+    // A customer user listing from the tenant sees none of the tenant's devices that are not its
+    // customer's.
+    let (_, device) = tenant.call("GET", &format!("/api/device/{a}"), None)?;
+    let tenant_id = device["tenantId"]["id"].as_str().expect("tenant id").to_string();
+    let owns = json!({"from": {"entityType": "TENANT", "id": tenant_id}, "to": dev(&b), "type": "Owns"});
+    assert_eq!(
+        tenant.call("POST", "/api/relation", Some(&owns.to_string()))?.0,
+        200
+    );
+    let from_tenant = format!("fromId={tenant_id}&fromType=TENANT&relationType=Owns");
+    assert_eq!(relations(&tenant, &from_tenant)?.len(), 1);
+    assert!(relations(&customer, &from_tenant)?.is_empty());
+    let owns_one = format!("/api/relation?{from_tenant}&toId={b}&toType=DEVICE");
+    assert_eq!(tenant.call("DELETE", &owns_one, None)?.0, 200);
     assert_eq!(tenant.call("GET", "/api/relations?fromType=DEVICE", None)?.0, 400);
     assert_eq!(
         relations(&tenant, &format!("fromId={a}&fromType=DEVICE"))?.len(),
