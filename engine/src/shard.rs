@@ -55,6 +55,11 @@ pub(crate) enum Action {
     },
     /// Deliver a server-side RPC (or queue it until a session subscribes).
     Rpc(RpcState),
+    /// This node leads the partition now: take over its open RPCs (the previous leader's queued
+    /// and awaiting ones lived in its memory only).
+    Lead(Vec<RpcState>),
+    /// This node no longer leads the partition: stop delivering and timing out its RPCs.
+    Follow,
     /// Run a device's client-side RPC through the root rule chain; answer what it replies.
     ClientRpc {
         device: EntityId,
@@ -125,6 +130,8 @@ impl Shard {
         let mut in_flight: Option<std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>> = None;
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The term this node led the partition in when it last looked (`None`: it did not).
+        let mut led: Option<u64> = None;
         loop {
             tokio::select! {
                 batch = tail.recv() => {
@@ -147,8 +154,22 @@ impl Shard {
                 }
                 () = crate::stopped(shutdown) => return Ok(()),
             }
+            let term = self.log.leader_term(p);
+            if term != led {
+                led = term;
+                let a = match term {
+                    Some(_) => {
+                        let log = &self.log;
+                        Action::Lead(self.store.open_rpcs(|d| log.partition_for_key(d) == p)?)
+                    }
+                    None => Action::Follow,
+                };
+                if actions_tx.send(a).await.is_err() {
+                    return Ok(());
+                }
+            }
             if in_flight.is_none()
-                && let Some(term) = self.log.leader_term(p)
+                && let Some(term) = term
             {
                 let from = proposed_upto.max(st.processed_upto);
                 if st.last_ingest.is_some_and(|o| o >= from) && st.seen_upto > from {
@@ -200,8 +221,10 @@ impl Shard {
                     let from = o.from.max(st.processed_upto);
                     let inputs = self.take(st, from, o.to)?;
                     let acts = apply_default(&self.store, &mut batch, &inputs, &mut st.connectivity);
-                    // Only the leader that processed the range acts on it, once.
-                    if self.log.leader_term(self.partition) == Some(o.term) {
+                    // The leader acts on every range it applies, also one its predecessor
+                    // proposed and could not act on: at least once, so around a change of leader
+                    // a device may get a push or an RPC twice, never not at all.
+                    if self.log.leader_term(self.partition).is_some() {
                         actions.extend(acts);
                     }
                     st.processed_upto = o.to;
@@ -283,7 +306,9 @@ impl Shard {
             let upto = to.min(st.pending_from);
             while next < upto {
                 let r = self.log.read(self.partition, next, 4096)?;
-                if r.records.is_empty() {
+                // A read starts at the oldest record retained: one past `next` means a gap (and
+                // would never move `next`).
+                if r.records.first().is_none_or(|rec| rec.offset != next) {
                     anyhow::bail!(
                         "partition {} offsets {next}..{upto} are no longer retained",
                         self.partition
@@ -585,6 +610,34 @@ impl Leader {
                         }
                     }
                 }
+            }
+            Action::Lead(open) => {
+                tracing::info!(
+                    partition = self.partition,
+                    rpcs = open.len(),
+                    "taking over the partition's open RPCs"
+                );
+                self.queued.clear();
+                self.awaiting.clear();
+                for r in open {
+                    if self.queued.len() + self.awaiting.len() >= RPCS_TRACKED_MAX {
+                        tracing::warn!(
+                            partition = self.partition,
+                            "too many open RPCs to take over; the rest wait"
+                        );
+                        break;
+                    }
+                    match r.status {
+                        RpcStatus::Queued => self.queued.push(r),
+                        _ if !r.oneway => self.awaiting.push(r),
+                        // A one-way RPC delivered (or sent): nothing more to wait for.
+                        _ => {}
+                    }
+                }
+            }
+            Action::Follow => {
+                self.queued.clear();
+                self.awaiting.clear();
             }
             Action::Rpc(r) => {
                 if !self.deliver_rpc(&r).await {

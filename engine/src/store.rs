@@ -338,6 +338,23 @@ impl Store {
         self.db.get(rpc_key(uuid))?.map(|v| decode(&v)).transpose()
     }
 
+    /// Every RPC not yet in a final status whose device `mine` accepts (a new leader takes over
+    /// the ones of its partition).
+    pub fn open_rpcs(&self, mine: impl Fn(&EntityId) -> bool) -> anyhow::Result<Vec<RpcState>> {
+        let mut out = Vec::new();
+        for kv in self.db.iterator(IteratorMode::From(b"r", Direction::Forward)) {
+            let (k, v) = kv?;
+            if k.first() != Some(&b'r') {
+                break;
+            }
+            let r: RpcState = decode(&v)?;
+            if !r.status.is_final() && mine(&r.device) {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
     /// RPCs of a device, newest id first, at most `max`.
     pub fn rpcs_of(&self, device: &EntityId, max: usize) -> anyhow::Result<Vec<RpcState>> {
         let mut prefix = vec![b'q'];

@@ -123,6 +123,30 @@ async fn devices_on_a_follower_node_survive_kill_9_of_their_partitions_leader() 
         "every message is acknowledged while the cluster is healthy"
     );
 
+    // A persistent RPC to a device of the same partition that is not connected: it waits,
+    // QUEUED, at the partition's leader.
+    let later = (0..64)
+        .map(|i| rest.create_device(&format!("Valve {i}"), &format!("TOKEN_V{i}")))
+        .find_map(|d| match d {
+            Ok(d) if partition_of(&d) == p => Some(Ok(d)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .expect("a device in the partition")?;
+    let (code, body) = rest.call(
+        "POST",
+        &format!("/api/rpc/oneway/{later}"),
+        Some(r#"{"method":"close","params":{},"persistent":true,"timeout":120000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let valve_token = format!(
+        "TOKEN_V{}",
+        rest.call("GET", &format!("/api/device/{later}"), None)?.1["name"]
+            .as_str()
+            .and_then(|n| n.strip_prefix("Valve "))
+            .expect("valve name")
+    );
+
     // kill -9 of the partition's leader; new telemetry must be accepted within 3 s.
     c.kill(leader);
     let killed = Instant::now();
@@ -171,6 +195,18 @@ async fn devices_on_a_follower_node_survive_kill_9_of_their_partitions_leader() 
     };
     let missing: Vec<&u64> = acked.iter().filter(|a| !stored.contains(a)).collect();
     assert!(missing.is_empty(), "acknowledged but not stored: {missing:?}");
+
+    // The RPC queued at the dead leader is the new leader's now: the device gets it when it
+    // connects.
+    let (host, port) = c.mqtt[&device_node].rsplit_once(':').expect("port");
+    let mut o = MqttOptions::new("", host, port.parse()?);
+    o.set_credentials(valve_token, "");
+    let (client, mut ev) = AsyncClient::new(o, 16);
+    client
+        .subscribe("v1/devices/me/rpc/request/+", QoS::AtLeastOnce)
+        .await?;
+    let (_, request) = next_publish(&mut ev, "v1/devices/me/rpc/request/").await?;
+    assert_eq!(request["method"], "close", "{request}");
     Ok(())
 }
 
