@@ -17,6 +17,18 @@ use std::time::Duration;
 use anyhow::Context;
 use thingraft_log::{LogClient, NodeId, Record};
 
+/// This package's directory (`tests/`) in the checkout the tests run from: `CARGO_MANIFEST_DIR`
+/// as cargo and nextest set it when they run a test, else as it was at compile time. Not the
+/// compile-time value first: checkouts at different paths that share a target directory (CI
+/// clones and the cache they reuse) share artifacts too, since cargo leaves the path out of a
+/// workspace member's artifact names, so a test binary built in a clone that is gone since
+/// would look there.
+pub fn package_dir() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The `thingraft` binary of this workspace, built (once per test process) if needed — with
 /// the same command and environment as `make test`: the `CARGO_*` variables cargo sets for
 /// this test are removed first, because build scripts track some of them (ring's tracks
@@ -29,6 +41,7 @@ pub fn thingraft_bin() -> PathBuf {
             return PathBuf::from(p);
         }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let manifest = package_dir().join("../Cargo.toml");
         let mut cmd = Command::new(cargo);
         for (k, _) in std::env::vars() {
             if k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR" {
@@ -41,7 +54,7 @@ pub fn thingraft_bin() -> PathBuf {
                 "--quiet",
                 "--release",
                 "--manifest-path",
-                concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.toml"),
+                manifest.to_str().expect("UTF-8 path"),
                 "--bin",
                 "thingraft",
                 "--message-format=json",

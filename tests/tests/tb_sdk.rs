@@ -21,14 +21,15 @@ async fn thingsboards_python_sdk_runs_unchanged() -> anyhow::Result<()> {
     let c = ProcCluster::start(1, 4).await?;
     let (host, mqtt_port) = c.mqtt[&1].rsplit_once(':').expect("port");
     let http_port = c.http[&1].rsplit_once(':').expect("port").1;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/tb_sdk.py");
+    let script = thingraft_tests::package_dir().join("python/tb_sdk.py");
     let out = tokio::task::spawn_blocking({
         let (host, mqtt_port, http_port) = (host.to_string(), mqtt_port.to_string(), http_port.to_string());
         move || {
             // The HTTP SDK stores downloaded firmware in its working directory.
             let dir = tempfile::tempdir()?;
             Command::new(python())
-                .args([script, &host, &mqtt_port, &http_port])
+                .arg(&script)
+                .args([&host, &mqtt_port, &http_port])
                 .current_dir(dir.path())
                 .output()
         }
