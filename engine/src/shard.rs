@@ -725,18 +725,21 @@ impl Leader {
         }
     }
 
+    /// Whether the store holds `r` in a final status (answered, timed out, deleted, ...).
+    fn ended(&self, r: &RpcState) -> bool {
+        self.store
+            .rpc(&r.uuid)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.status.is_final())
+    }
+
     async fn retry_queued(&mut self) {
         let now = now_ms();
         let queued = std::mem::take(&mut self.queued);
         for r in queued {
             // Deleted (or otherwise ended) while it waited: not delivered any more.
-            let ended = self
-                .store
-                .rpc(&r.uuid)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.status.is_final());
-            if ended {
+            if self.ended(&r) {
                 continue;
             }
             if now >= r.expiration_ms {
@@ -749,13 +752,7 @@ impl Leader {
         }
         let awaiting = std::mem::take(&mut self.awaiting);
         for r in awaiting {
-            let answered = self
-                .store
-                .rpc(&r.uuid)
-                .ok()
-                .flatten()
-                .is_some_and(|s| s.status.is_final());
-            if answered {
+            if self.ended(&r) {
                 continue;
             }
             if now >= r.expiration_ms {
