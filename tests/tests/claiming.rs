@@ -58,6 +58,29 @@ async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<
     assert_eq!(body["device"]["customerId"]["id"], customer_id);
     let (code, seen) = customer.call("GET", &format!("/api/device/{id}"), None)?;
     assert_eq!((code, seen["name"].clone()), (200, json!("Kettle")));
+    // Listed as the customer's, to its user and to the tenant's administrator.
+    let listing = format!(
+        "/api/customer/{}/devices?pageSize=10&page=0",
+        customer_id.as_str().expect("customer id")
+    );
+    for who in [&customer, &tenant] {
+        let (code, list) = who.call("GET", &listing, None)?;
+        assert_eq!(code, 200, "{list}");
+        assert_eq!(list["data"][0]["name"], "Kettle", "{list}");
+        assert_eq!(list["totalElements"], 1, "{list}");
+    }
+    // Persistent RPCs of the customer's device may be read by its user, deleted only by the
+    // tenant's administrator (ThingsBoard: TENANT_ADMIN).
+    let (code, body) = tenant.call(
+        "POST",
+        &format!("/api/rpc/oneway/{id}"),
+        Some(r#"{"method":"boil","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let rpc = format!("/api/rpc/persistent/{}", body["rpcId"].as_str().expect("rpcId"));
+    assert_eq!(customer.call("GET", &rpc, None)?.0, 200);
+    assert_eq!(customer.call("DELETE", &rpc, None)?.0, 403);
+    assert_eq!(tenant.call("DELETE", &rpc, None)?.0, 200);
     let (code, body) = claim(&customer, "Kettle", "abc")?;
     assert_eq!((code, body["response"].clone()), (400, json!("CLAIMED")));
     // Given back: the customer no longer sees it.

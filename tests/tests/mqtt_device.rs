@@ -296,8 +296,37 @@ async fn users_see_only_their_own_devices() -> anyhow::Result<()> {
     let (code, body) = customer.call("GET", &path, None)?;
     assert_eq!(code, 403);
     assert_eq!(body["errorCode"], 20);
-    let (_, list) = customer.call("GET", "/api/tenant/devices?pageSize=10&page=0", None)?;
-    assert_eq!(list["totalElements"], 0);
+    // The tenant's listing is for its administrators; a customer user lists its customer's
+    // devices (none here), and no other customer's.
+    let (code, body) = customer.call("GET", "/api/tenant/devices?pageSize=10&page=0", None)?;
+    assert_eq!(
+        (code, body["errorCode"].clone()),
+        (403, Value::from(20)),
+        "{body}"
+    );
+    let (_, me) = customer.call("GET", "/api/auth/user", None)?;
+    let own = me["customerId"]["id"].as_str().expect("customer id").to_string();
+    let (code, list) = customer.call(
+        "GET",
+        &format!("/api/customer/{own}/devices?pageSize=10&page=0"),
+        None,
+    )?;
+    assert_eq!(
+        (code, list["totalElements"].clone()),
+        (200, Value::from(0)),
+        "{list}"
+    );
+    let other = "5f1c7a2e-0000-4000-8000-000000000002";
+    assert_eq!(
+        customer
+            .call(
+                "GET",
+                &format!("/api/customer/{other}/devices?pageSize=10&page=0"),
+                None
+            )?
+            .0,
+        403
+    );
     // A device profile (with its provisioning key and secret) is for the tenant administrator.
     let (_, info) = rest.call("GET", "/api/deviceProfileInfo/default", None)?;
     let profile = format!(

@@ -22,6 +22,7 @@ pub fn routes() -> Router<AppState> {
         .route("/api/device/credentials", post(update_credentials))
         .route("/api/tenant/devices", get(tenant_devices))
         .route("/api/tenant/device", get(tenant_device))
+        .route("/api/customer/{customer_id}/devices", get(customer_devices))
 }
 
 pub fn device_json(registry: &Registry, d: &Device) -> Value {
@@ -344,16 +345,47 @@ fn visible(caller: &Caller, d: &Device) -> bool {
         && (caller.authority == Authority::TenantAdmin || d.customer_id == caller.customer_id)
 }
 
+/// `GET /api/tenant/devices?pageSize&page&type&textSearch&sortOrder` (or `?deviceName=`):
+/// the tenant's devices, for its administrators (ThingsBoard: TENANT_ADMIN only).
 async fn tenant_devices(
     State(state): State<AppState>,
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_tenant()?;
+    caller.require_tenant_admin()?;
     if let Some(name) = q.get("deviceName") {
         // tb-rest-client 3.x asks for one device by name on this path.
         return tenant_device_by_name(&state, &caller, name).map(Json);
     }
+    device_page(&state, &caller, &q, |_| true).map(Json)
+}
+
+/// `GET /api/customer/{customerId}/devices?pageSize&page&...`: the devices assigned to a
+/// customer, for the tenant's administrators and for that customer's users.
+async fn customer_devices(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(customer_id): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    caller.require_tenant()?;
+    let customer = parse_uuid(&customer_id)?;
+    if caller.authority == Authority::CustomerUser && customer != caller.customer_id {
+        return Err(ApiError::forbidden(
+            "You don't have permission to perform this operation!",
+        ));
+    }
+    device_page(&state, &caller, &q, |d| d.customer_id == customer).map(Json)
+}
+
+/// One page of the caller's visible devices that `keep` accepts, narrowed and ordered by the
+/// query (ThingsBoard's `PageData`).
+fn device_page(
+    state: &AppState,
+    caller: &Caller,
+    q: &HashMap<String, String>,
+    keep: impl Fn(&Device) -> bool,
+) -> Result<Value, ApiError> {
     let page_size: usize = q
         .get("pageSize")
         .map(|s| {
@@ -381,7 +413,7 @@ async fn tenant_devices(
         .registry
         .devices(caller.tenant_id, LISTED_MAX)
         .into_iter()
-        .filter(|d| visible(&caller, d))
+        .filter(|d| visible(caller, d) && keep(d))
         .filter(|d| dtype.is_none_or(|t| &d.device_type == t))
         .filter(|d| {
             text.as_ref()
@@ -399,12 +431,12 @@ async fn tenant_devices(
         .map(|d| device_json(&state.engine.registry, d))
         .collect();
     let total_pages = total.div_ceil(page_size);
-    Ok(Json(json!({
+    Ok(json!({
         "data": data,
         "totalPages": total_pages,
         "totalElements": total,
         "hasNext": (page + 1) < total_pages,
-    })))
+    }))
 }
 
 fn tenant_device_by_name(state: &AppState, caller: &Caller, name: &str) -> Result<Value, ApiError> {
@@ -422,7 +454,8 @@ async fn tenant_device(
     caller: Caller,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    caller.require_tenant()?;
+    // ThingsBoard: TENANT_ADMIN only.
+    caller.require_tenant_admin()?;
     let name = q
         .get("deviceName")
         .ok_or_else(|| ApiError::bad_request("Required request parameter 'deviceName' is not present"))?;
