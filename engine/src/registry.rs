@@ -207,6 +207,11 @@ pub(crate) fn dec<T: for<'a> Deserialize<'a>>(b: &[u8]) -> Option<T> {
     }
 }
 
+/// Metadata-map keys of revoked login sessions: `reg/revoked/{sessionId}` → until (ms).
+const REVOKED_PREFIX: &str = "reg/revoked/";
+/// Most run-out revocations one logout removes.
+const REVOKED_SWEEP_MAX: usize = 256;
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -261,6 +266,34 @@ impl Registry {
 
     fn get_id(&self, key: &str) -> Option<Uuid> {
         self.get::<Uuid>(key)
+    }
+
+    /// Revokes the tokens of login session `session` (a JWT's `sessionId`) on every node, until
+    /// `until_ms` (when the longest-lived of them expires). Revocations that have run out are
+    /// dropped in the same transaction.
+    pub async fn revoke_session(&self, session: &str, until_ms: i64) -> Result<(), RegistryError> {
+        let now = now_ms();
+        let mut ops: Vec<MetaOp> = self
+            .log
+            .meta_scan(REVOKED_PREFIX, REVOKED_SWEEP_MAX)
+            .into_iter()
+            .filter(|(_, v)| dec::<i64>(v).is_none_or(|until| until <= now))
+            .map(|(k, _)| MetaOp::Delete(k))
+            .collect();
+        ops.push(MetaOp::Put(format!("{REVOKED_PREFIX}{session}"), enc(&until_ms)));
+        self.log
+            .meta_txn(MetaTxn {
+                checks: Vec::new(),
+                ops,
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Whether login session `session` was revoked (logged out).
+    pub fn session_revoked(&self, session: &str) -> bool {
+        self.get::<i64>(&format!("{REVOKED_PREFIX}{session}"))
+            .is_some_and(|until| until > now_ms())
     }
 
     /// Creates the seed tenant, customer, users and default profile unless a previous start

@@ -359,6 +359,25 @@ async fn users_see_only_their_own_devices() -> anyhow::Result<()> {
     )?;
     assert_eq!(code, 401);
     assert_eq!(body["message"], "Invalid username or password");
+    // A logout ends that login session: its access token and its refresh token are refused
+    // from then on; the user's other sessions go on.
+    let (code, pair) = anon.call(
+        "POST",
+        "/api/auth/login",
+        Some(r#"{"username":"tenant@thingsboard.org","password":"tenant"}"#),
+    )?;
+    assert_eq!(code, 200, "{pair}");
+    let session = Rest {
+        token: pair["token"].as_str().map(String::from),
+        ..anon.clone()
+    };
+    let refresh = serde_json::json!({"refreshToken": pair["refreshToken"]}).to_string();
+    assert_eq!(session.call("GET", "/api/auth/user", None)?.0, 200);
+    assert_eq!(anon.call("POST", "/api/auth/token", Some(&refresh))?.0, 200);
+    assert_eq!(session.call("POST", "/api/auth/logout", None)?.0, 200);
+    assert_eq!(session.call("GET", "/api/auth/user", None)?.0, 401);
+    assert_eq!(anon.call("POST", "/api/auth/token", Some(&refresh))?.0, 401);
+    assert_eq!(rest.call("GET", &path, None)?.0, 200);
     // The tenant's own listing has the device.
     let (_, list) = rest.call("GET", "/api/tenant/devices?pageSize=10&page=0", None)?;
     assert_eq!(list["totalElements"], 1);

@@ -106,7 +106,9 @@ where
         let state = AppState::from_ref(state);
         let token = auth::bearer(&parts.headers).ok_or_else(ApiError::authentication_failed)?;
         let claims = auth::decode(token, &state.secret, auth::unix_now_s())?;
-        if claims.scopes.iter().any(|s| s == auth::REFRESH_TOKEN_SCOPE) {
+        if claims.scopes.iter().any(|s| s == auth::REFRESH_TOKEN_SCOPE)
+            || state.engine.registry.session_revoked(&claims.session_id)
+        {
             return Err(ApiError::authentication_failed());
         }
         let user_id = Uuid::parse_str(&claims.user_id).map_err(|_| ApiError::authentication_failed())?;

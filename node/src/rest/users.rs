@@ -31,7 +31,7 @@ struct Refresh {
     refresh_token: String,
 }
 
-fn claims_for(u: &User, scope: &str, ttl_s: i64) -> Claims {
+fn claims_for(u: &User, scope: &str, ttl_s: i64, session: &str) -> Claims {
     let now = auth::unix_now_s();
     Claims {
         sub: u.email.clone(),
@@ -48,20 +48,22 @@ fn claims_for(u: &User, scope: &str, ttl_s: i64) -> Claims {
         }
         .to_string(),
         customer_id: u.customer_id.to_string(),
-        session_id: Uuid::new_v4().to_string(),
+        session_id: session.to_string(),
         iss: auth::ISSUER.into(),
         iat: now,
         exp: now + ttl_s,
     }
 }
 
-fn tokens(state: &AppState, u: &User) -> Value {
+/// An access and a refresh token of login session `session` (both carry it as `sessionId`, so
+/// that a logout revokes both).
+fn tokens(state: &AppState, u: &User, session: &str) -> Value {
     let access = auth::encode(
-        &claims_for(u, u.authority.as_str(), auth::ACCESS_TOKEN_TTL_S),
+        &claims_for(u, u.authority.as_str(), auth::ACCESS_TOKEN_TTL_S, session),
         &state.secret,
     );
     let refresh = auth::encode(
-        &claims_for(u, auth::REFRESH_TOKEN_SCOPE, auth::REFRESH_TOKEN_TTL_S),
+        &claims_for(u, auth::REFRESH_TOKEN_SCOPE, auth::REFRESH_TOKEN_TTL_S, session),
         &state.secret,
     );
     json!({"token": access, "refreshToken": refresh})
@@ -84,7 +86,7 @@ async fn login(
         None => false,
     };
     match user {
-        Some(u) if ok => Ok(Json(tokens(&state, &u))),
+        Some(u) if ok => Ok(Json(tokens(&state, &u, &Uuid::new_v4().to_string()))),
         _ => {
             tracing::info!(username = %req.username, "login refused");
             Err(ApiError::invalid_credentials())
@@ -98,14 +100,17 @@ async fn refresh(
 ) -> Result<Json<Value>, ApiError> {
     let Json(req) = body.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let claims = auth::decode(&req.refresh_token, &state.secret, auth::unix_now_s())?;
-    if !claims.scopes.iter().any(|s| s == auth::REFRESH_TOKEN_SCOPE) {
+    if !claims.scopes.iter().any(|s| s == auth::REFRESH_TOKEN_SCOPE)
+        || state.engine.registry.session_revoked(&claims.session_id)
+    {
         return Err(ApiError::authentication_failed());
     }
     let user = Uuid::parse_str(&claims.user_id)
         .ok()
         .and_then(|id| state.engine.registry.user(id))
         .ok_or_else(ApiError::authentication_failed)?;
-    Ok(Json(tokens(&state, &user)))
+    // The same login session: a logout revokes the tokens refreshed from it too.
+    Ok(Json(tokens(&state, &user, &claims.session_id)))
 }
 
 pub fn user_json(u: &User) -> Value {
@@ -133,4 +138,16 @@ async fn current_user(State(state): State<AppState>, caller: Caller) -> Result<J
     Ok(Json(user_json(&u)))
 }
 
-async fn logout(_caller: Caller) {}
+/// `POST /api/auth/logout`: the caller's login session ends on every node; its access and
+/// refresh tokens are refused from now on (as in ThingsBoard).
+async fn logout(State(state): State<AppState>, caller: Caller) -> Result<(), ApiError> {
+    let until_ms = (auth::unix_now_s() + auth::REFRESH_TOKEN_TTL_S).saturating_mul(1000);
+    state
+        .engine
+        .registry
+        .revoke_session(&caller.claims.session_id, until_ms)
+        .await
+        .map_err(|e| ApiError::status(axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string(), 2))?;
+    tracing::info!(user = %caller.user_id, "logged out");
+    Ok(())
+}
