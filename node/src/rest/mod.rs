@@ -27,7 +27,7 @@ use axum::Router;
 use axum::extract::{FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use thingraft_engine::EngineHandle;
-use thingraft_engine::registry::{Authority, Device};
+use thingraft_engine::registry::{Authority, Device, DeviceProfile};
 use uuid::Uuid;
 
 use crate::rest::auth::{ApiError, Claims};
@@ -74,6 +74,19 @@ impl Caller {
             ));
         }
         Ok(d)
+    }
+
+    /// The device profile `id` names (text from a path or body) if it is the caller's tenant's;
+    /// 404 otherwise, as ThingsBoard answers.
+    pub fn profile(&self, state: &AppState, id: &str) -> Result<DeviceProfile, ApiError> {
+        let not_found = || ApiError::not_found(format!("Device profile with id [{id}] is not found"));
+        let uuid = Uuid::parse_str(id).map_err(|_| not_found())?;
+        state
+            .engine
+            .registry
+            .profile(uuid)
+            .filter(|p| p.tenant_id == self.tenant_id)
+            .ok_or_else(not_found)
     }
 
     pub fn require_tenant_admin(&self) -> Result<(), ApiError> {

@@ -77,18 +77,8 @@ async fn create(
     let kind = OtaKind::parse(kind)
         .ok_or_else(|| ApiError::bad_request(format!("Unknown OTA package type {kind}")))?;
     let profile = match body["deviceProfileId"]["id"].as_str() {
-        Some(s) => {
-            let not_found = || ApiError::not_found(format!("Device profile with id [{s}] is not found"));
-            let id = Uuid::parse_str(s).map_err(|_| not_found())?;
-            // The caller's own profile only.
-            state
-                .engine
-                .registry
-                .profile(id)
-                .filter(|p| p.tenant_id == caller.tenant_id)
-                .ok_or_else(not_found)?;
-            Some(id)
-        }
+        // The caller's own profile only.
+        Some(s) => Some(caller.profile(&state, s)?.id),
         None => None,
     };
     let p = state

@@ -200,14 +200,7 @@ async fn get_profile(
     // ThingsBoard: TENANT_ADMIN only. The profile carries the provisioning key and secret, which
     // let whoever holds them create devices (or take over pre-provisioned ones).
     caller.require_tenant_admin()?;
-    let not_found = || ApiError::not_found(format!("Device profile with id [{id}] is not found"));
-    let uuid = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let p = state
-        .engine
-        .registry
-        .profile(uuid)
-        .filter(|p| p.tenant_id == caller.tenant_id)
-        .ok_or_else(not_found)?;
+    let p = caller.profile(&state, &id)?;
     Ok(Json(profile_json_with_ota(&state, &p)))
 }
 
