@@ -191,48 +191,35 @@ async fn list(
         Some(entity_of(&json!({"id": i, "entityType": t}), id))
     };
     let registry = &state.engine.registry;
-    // Each relation found, with its other end: listed only if the caller may see that end too
-    // (ThingsBoard's `filterRelationsByReadPermission`), so that a customer user listing from the
-    // tenant sees its own devices only.
-    let found: Vec<(Relation, EntityRef)> = match (end("fromId", "fromType"), end("toId", "toType")) {
-        (Some(from), None) => {
-            let from = from?;
-            check_entity(&state, &caller, &from)?;
-            let found = registry.relations_from(&from, group.as_deref());
-            found
-                .into_iter()
-                .map(|r| {
-                    let other = r.to.clone();
-                    (r, other)
-                })
-                .collect()
-        }
-        (None, Some(to)) => {
-            let to = to?;
-            check_entity(&state, &caller, &to)?;
-            let found = registry.relations_to(&to, group.as_deref());
-            found
-                .into_iter()
-                .map(|r| {
-                    let other = r.from.clone();
-                    (r, other)
-                })
-                .collect()
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "Either fromId and fromType or toId and toType are required",
-            ));
-        }
-    };
+    // Each relation found is listed only if the caller may see its other end too (ThingsBoard's
+    // `filterRelationsByReadPermission`), so that a customer user listing from the tenant sees its
+    // own devices only.
+    let (found, other_end): (Vec<Relation>, fn(&Relation) -> &EntityRef) =
+        match (end("fromId", "fromType"), end("toId", "toType")) {
+            (Some(from), None) => {
+                let from = from?;
+                check_entity(&state, &caller, &from)?;
+                (registry.relations_from(&from, group.as_deref()), |r| &r.to)
+            }
+            (None, Some(to)) => {
+                let to = to?;
+                check_entity(&state, &caller, &to)?;
+                (registry.relations_to(&to, group.as_deref()), |r| &r.from)
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "Either fromId and fromType or toId and toType are required",
+                ));
+            }
+        };
     let kind = q.get("relationType");
     Ok(Json(Value::Array(
         found
             .iter()
-            .filter(|(r, other)| {
-                kind.is_none_or(|k| &r.kind == k) && check_entity(&state, &caller, other).is_ok()
+            .filter(|r| {
+                kind.is_none_or(|k| &r.kind == k) && check_entity(&state, &caller, other_end(r)).is_ok()
             })
-            .map(|(r, _)| relation_json(r))
+            .map(relation_json)
             .collect(),
     )))
 }
