@@ -51,6 +51,12 @@ pub struct EngineConfig {
     /// transports and the log, so that a device's acknowledgement never waits in a queue behind
     /// the engine's work (decision 0012).
     pub threads: usize,
+    /// How long a device has to acknowledge a server-side RPC a session sent it (an MQTT
+    /// PUBACK, a CoAP ACK) before the partition's leader sends it again, at most
+    /// `rpc_max_retries` times, and then records it FAILED (ThingsBoard's
+    /// `transport.mqtt.timeout` and `actors.rpc.max_retries`).
+    pub rpc_ack_timeout_ms: u64,
+    pub rpc_max_retries: u32,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +65,8 @@ impl Default for EngineConfig {
             inactivity_timeout_ms: 600_000,
             state_check_interval_ms: 60_000,
             threads: 1,
+            rpc_ack_timeout_ms: 10_000,
+            rpc_max_retries: 5,
         }
     }
 }
@@ -74,6 +82,10 @@ impl EngineConfig {
             "engine.state_check_interval_ms must be >= 100"
         );
         anyhow::ensure!((1..=64).contains(&self.threads), "engine.threads must be 1..=64");
+        anyhow::ensure!(
+            self.rpc_ack_timeout_ms >= 100,
+            "engine.rpc_ack_timeout_ms must be >= 100"
+        );
         Ok(())
     }
 }

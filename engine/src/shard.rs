@@ -117,6 +117,8 @@ impl Shard {
                 store: self.store.clone(),
                 downlinks: self.downlinks.clone(),
                 root_chain: RuleChain::default_root(),
+                ack_timeout_ms: self.config.rpc_ack_timeout_ms as i64,
+                sends_max: self.config.rpc_max_retries.saturating_add(1),
                 queued: Vec::new(),
                 awaiting: Vec::new(),
             }
@@ -479,10 +481,11 @@ fn apply_default(
                 }
             }
             IngestMsg::RpcStatus { uuid, status } => {
-                // A deletion ends any RPC, answered or not; other statuses only an open one.
+                // A deletion ends any RPC, answered or not; other statuses only move an open
+                // one forward (a session's DELIVERED may be appended before the leader's SENT).
                 if let Some(mut r) = batch.rpc(store, uuid)
-                    && (!r.status.is_final() || *status == RpcStatus::Deleted)
-                    && r.status != *status
+                    && r.device == *d
+                    && r.status.may_become(*status)
                 {
                     r.status = *status;
                     batch.put_rpc(r);
@@ -522,10 +525,34 @@ struct Leader {
     downlinks: Arc<dyn Downlinks>,
     /// The chain client-side RPCs run through (per tenant once chains can be edited).
     root_chain: RuleChain,
-    /// RPCs no session took yet.
-    queued: Vec<RpcState>,
-    /// Two-way RPCs delivered and waiting for the device's reply.
-    awaiting: Vec<RpcState>,
+    /// How long a device has to acknowledge an RPC before it is sent again, and how many times
+    /// it is sent before it fails ([`crate::EngineConfig::rpc_ack_timeout_ms`]).
+    ack_timeout_ms: i64,
+    sends_max: u32,
+    /// RPCs no session took yet (or whose session went away before the device acknowledged).
+    queued: Vec<Tracked>,
+    /// RPCs a session took: waiting for the device's acknowledgement (DELIVERED), and then, if
+    /// two-way, for its reply.
+    awaiting: Vec<Tracked>,
+}
+
+/// An open RPC as the partition's leader follows it.
+struct Tracked {
+    rpc: RpcState,
+    /// When a session last took it (ms).
+    sent_ms: i64,
+    /// How many times a session took it.
+    sends: u32,
+}
+
+impl Tracked {
+    fn new(rpc: RpcState) -> Tracked {
+        Tracked {
+            rpc,
+            sent_ms: 0,
+            sends: 0,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -619,6 +646,7 @@ impl Leader {
                 );
                 self.queued.clear();
                 self.awaiting.clear();
+                let now = now_ms();
                 for r in open {
                     if self.queued.len() + self.awaiting.len() >= RPCS_TRACKED_MAX {
                         tracing::warn!(
@@ -628,10 +656,16 @@ impl Leader {
                         break;
                     }
                     match r.status {
-                        RpcStatus::Queued => self.queued.push(r),
-                        _ if !r.oneway => self.awaiting.push(r),
-                        // A one-way RPC delivered (or sent): nothing more to wait for.
-                        _ => {}
+                        RpcStatus::Queued => self.queued.push(Tracked::new(r)),
+                        // A one-way RPC the device acknowledged: nothing more to wait for.
+                        RpcStatus::Delivered if r.oneway => {}
+                        // Sent by the previous leader: the device has the usual time to
+                        // acknowledge it from now on.
+                        _ => self.awaiting.push(Tracked {
+                            rpc: r,
+                            sent_ms: now,
+                            sends: 1,
+                        }),
                     }
                 }
             }
@@ -640,16 +674,17 @@ impl Leader {
                 self.awaiting.clear();
             }
             Action::Rpc(r) => {
-                if !self.deliver_rpc(&r).await {
-                    if self.queued.len() >= RPCS_TRACKED_MAX {
-                        // Bounded like everything else: refuse rather than grow without end.
-                        tracing::warn!(partition = self.partition, "too many queued RPCs; new one failed");
-                        self.record_status(&r, RpcStatus::Failed).await;
-                    } else {
-                        self.queued.push(r);
+                let mut t = Tracked::new(r);
+                if self.send_rpc(&mut t).await {
+                    if self.awaiting.len() < RPCS_TRACKED_MAX {
+                        self.awaiting.push(t);
                     }
-                } else if !r.oneway && self.awaiting.len() < RPCS_TRACKED_MAX {
-                    self.awaiting.push(r);
+                } else if self.queued.len() >= RPCS_TRACKED_MAX {
+                    // Bounded like everything else: refuse rather than grow without end.
+                    tracing::warn!(partition = self.partition, "too many queued RPCs; new one failed");
+                    self.record_status(&t.rpc, RpcStatus::Failed).await;
+                } else {
+                    self.queued.push(t);
                 }
             }
         }
@@ -693,8 +728,10 @@ impl Leader {
         })
     }
 
-    /// Hands the RPC to the device's sessions; records DELIVERED when one took it.
-    async fn deliver_rpc(&self, r: &RpcState) -> bool {
+    /// Hands the RPC to the device's sessions; records SENT when one took it (the session
+    /// records DELIVERED when the device acknowledges it).
+    async fn send_rpc(&self, t: &mut Tracked) -> bool {
+        let r = &t.rpc;
         let d = Deliver {
             device: r.device,
             session: None,
@@ -702,12 +739,15 @@ impl Leader {
                 id: r.id,
                 method: r.method.clone(),
                 params: r.params.clone(),
+                uuid: r.uuid,
             },
         };
         if self.downlinks.deliver(None, d).await == 0 {
             return false;
         }
-        self.record_status(r, RpcStatus::Delivered).await;
+        t.sent_ms = now_ms();
+        t.sends += 1;
+        self.record_status(r, RpcStatus::Sent).await;
         true
     }
 
@@ -725,40 +765,63 @@ impl Leader {
         }
     }
 
+    /// The RPC's status as the store holds it now.
+    fn stored_status(&self, r: &RpcState) -> Option<RpcStatus> {
+        self.store.rpc(&r.uuid).ok().flatten().map(|s| s.status)
+    }
+
     /// Whether the store holds `r` in a final status (answered, timed out, deleted, ...).
     fn ended(&self, r: &RpcState) -> bool {
-        self.store
-            .rpc(&r.uuid)
-            .ok()
-            .flatten()
-            .is_some_and(|s| s.status.is_final())
+        self.stored_status(r).is_some_and(RpcStatus::is_final)
     }
 
     async fn retry_queued(&mut self) {
         let now = now_ms();
         let queued = std::mem::take(&mut self.queued);
-        for r in queued {
+        for mut t in queued {
             // Deleted (or otherwise ended) while it waited: not delivered any more.
-            if self.ended(&r) {
+            if self.ended(&t.rpc) {
                 continue;
             }
-            if now >= r.expiration_ms {
-                self.record_status(&r, RpcStatus::Expired).await;
-            } else if !self.deliver_rpc(&r).await {
-                self.queued.push(r);
-            } else if !r.oneway {
-                self.awaiting.push(r);
+            if now >= t.rpc.expiration_ms {
+                self.record_status(&t.rpc, RpcStatus::Expired).await;
+            } else if self.send_rpc(&mut t).await {
+                self.awaiting.push(t);
+            } else {
+                self.queued.push(t);
             }
         }
         let awaiting = std::mem::take(&mut self.awaiting);
-        for r in awaiting {
-            if self.ended(&r) {
+        for mut t in awaiting {
+            let status = self.stored_status(&t.rpc);
+            if status.is_some_and(RpcStatus::is_final) {
                 continue;
             }
-            if now >= r.expiration_ms {
-                self.record_status(&r, RpcStatus::Timeout).await;
-            } else {
-                self.awaiting.push(r);
+            if now >= t.rpc.expiration_ms {
+                self.record_status(&t.rpc, RpcStatus::Timeout).await;
+                continue;
+            }
+            match status {
+                // Acknowledged: a one-way RPC is done, a two-way one waits for its reply.
+                Some(RpcStatus::Delivered) if t.rpc.oneway => {}
+                Some(RpcStatus::Delivered) => self.awaiting.push(t),
+                // Not acknowledged in time (the device missed it, or its session went away):
+                // sent again, as ThingsBoard retries, until the sends run out.
+                _ if now - t.sent_ms >= self.ack_timeout_ms => {
+                    if t.sends >= self.sends_max {
+                        tracing::info!(
+                            partition = self.partition,
+                            sends = t.sends,
+                            "RPC never acknowledged"
+                        );
+                        self.record_status(&t.rpc, RpcStatus::Failed).await;
+                    } else if self.send_rpc(&mut t).await {
+                        self.awaiting.push(t);
+                    } else {
+                        self.queued.push(t);
+                    }
+                }
+                _ => self.awaiting.push(t),
             }
         }
     }

@@ -250,6 +250,22 @@ impl RpcStatus {
         }
     }
 
+    /// Whether an RPC in this status may be recorded in `next`: a deletion ends any RPC not
+    /// deleted yet; otherwise the status only moves forward, from QUEUED to SENT to DELIVERED
+    /// to a final one, and never from a final one.
+    pub fn may_become(self, next: RpcStatus) -> bool {
+        let step = |s: RpcStatus| match s {
+            RpcStatus::Queued => 0,
+            RpcStatus::Sent => 1,
+            RpcStatus::Delivered => 2,
+            _ => 3,
+        };
+        match next {
+            RpcStatus::Deleted => self != RpcStatus::Deleted,
+            _ => step(next) > step(self),
+        }
+    }
+
     /// No later status replaces this one.
     pub fn is_final(self) -> bool {
         matches!(
@@ -289,7 +305,14 @@ pub enum DownlinkMsg {
         shared: Vec<AttrKv>,
     },
     /// A server-side RPC: its method and params (JSON text); to sessions subscribed to RPC.
-    RpcRequest { id: u32, method: String, params: String },
+    /// `uuid` names it for the session, which records DELIVERED under it once the device
+    /// acknowledges it.
+    RpcRequest {
+        id: u32,
+        method: String,
+        params: String,
+        uuid: EntityId,
+    },
     /// A rule chain's answer to the session's client-side RPC `request_id` (JSON text).
     ClientRpcResponse { request_id: u32, body: String },
 }
@@ -393,6 +416,23 @@ impl PartitionRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rpc_status_moves_only_forward_and_deletion_ends_any() {
+        use RpcStatus::*;
+        assert!(Queued.may_become(Sent));
+        assert!(Sent.may_become(Delivered));
+        assert!(Queued.may_become(Delivered));
+        assert!(Delivered.may_become(Timeout));
+        // A session's DELIVERED may be applied before the leader's SENT: SENT comes too late.
+        assert!(!Delivered.may_become(Sent));
+        assert!(!Sent.may_become(Sent));
+        assert!(!Successful.may_become(Timeout));
+        assert!(!Timeout.may_become(Delivered));
+        assert!(Successful.may_become(Deleted));
+        assert!(!Deleted.may_become(Deleted));
+        assert!(!Deleted.may_become(Failed));
+    }
 
     #[test]
     fn records_round_trip_and_reject_unknown_formats() {

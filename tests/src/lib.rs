@@ -455,6 +455,21 @@ pub struct Rest {
 }
 
 impl Rest {
+    /// The persistent RPC `rpc_id`'s status once it is `want` (polled for up to 5 s), or the
+    /// last one read.
+    pub async fn rpc_status_becomes(&self, rpc_id: &str, want: &str) -> anyhow::Result<String> {
+        let path = format!("/api/rpc/persistent/{rpc_id}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let (_, v) = self.call("GET", &path, None)?;
+            let status = v["status"].as_str().unwrap_or_default().to_string();
+            if status == want || tokio::time::Instant::now() >= deadline {
+                return Ok(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn new(addr: &str) -> Rest {
         Rest {
             base: format!("http://{addr}"),

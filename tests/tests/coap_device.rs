@@ -189,6 +189,29 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
     let (code, answer) = call.await??;
     assert_eq!((code, answer), (200, json!({"pct": 40})));
 
+    // A persistent RPC is DELIVERED once the device has acknowledged its notification.
+    let obs = in_background(vec![
+        "-s".into(),
+        "3".into(),
+        "-m".into(),
+        "get".into(),
+        url(&c, "api/v1/VALVE_TOKEN/rpc"),
+    ]);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (code, body) = user.call(
+        "POST",
+        &format!("/api/rpc/twoway/{id}"),
+        Some(r#"{"method":"close","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let persistent = body["rpcId"].as_str().expect("rpcId");
+    assert_eq!(
+        user.rpc_status_becomes(persistent, "DELIVERED").await?,
+        "DELIVERED"
+    );
+    let out = obs.await??;
+    assert!(out.body.contains(r#""method":"close""#), "{out:?}");
+
     // A client-side `getTime`: the default root chain answers with the server time.
     let out = coap_client(&[
         "-m",

@@ -165,6 +165,23 @@ async fn long_polls_deliver_attribute_updates_and_rpc_and_time_out_with_408() ->
     let (code, answer) = call.await??;
     assert_eq!((code, answer), (200, json!({"level": 3, "ok": true})));
 
+    // A persistent RPC is DELIVERED once a poll has answered with it (as in ThingsBoard).
+    let poll = in_background(&dev, "GET", "/api/v1/LAMP_TOKEN/rpc?timeout=20000".into(), None);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (code, body) = user.call(
+        "POST",
+        &format!("/api/rpc/twoway/{id}"),
+        Some(r#"{"method":"dim","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let (code, request) = poll.await??;
+    assert_eq!((code, &request["method"]), (200, &json!("dim")));
+    let persistent = body["rpcId"].as_str().expect("rpcId");
+    assert_eq!(
+        user.rpc_status_becomes(persistent, "DELIVERED").await?,
+        "DELIVERED"
+    );
+
     // No RPC pending: the poll times out with 408.
     assert_eq!(
         dev.call("GET", "/api/v1/LAMP_TOKEN/rpc?timeout=300", None)?.0,

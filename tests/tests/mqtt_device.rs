@@ -537,6 +537,103 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_delivered() -> anyhow::Result<()>
+{
+    // ThingsBoard: SENT when the transport has it, DELIVERED on the device's PUBACK, sent again
+    // when the device does not acknowledge it in time, FAILED when the retries run out.
+    let config = "[engine]\nrpc_ack_timeout_ms = 1500\nrpc_max_retries = 1\n";
+    let c = ProcCluster::start_with_config(1, 4, Some(config)).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let id = rest.create_device("Acker", "TOKEN_ACK")?;
+    // A device that acknowledges only what the test tells it to.
+    let (host, port) = c.mqtt[&1].rsplit_once(':').expect("port");
+    let mut o = MqttOptions::new("acker", host, port.parse()?);
+    o.set_credentials("TOKEN_ACK", "");
+    o.set_manual_acks(true);
+    let (client, mut ev) = AsyncClient::new(o, 16);
+    next_packet(&mut ev, |p| matches!(p, Packet::ConnAck(_)).then_some(())).await?;
+    client
+        .subscribe("v1/devices/me/rpc/request/+", QoS::AtLeastOnce)
+        .await?;
+    next_packet(&mut ev, |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
+    let rpc_publish = |p: &Packet| match p {
+        Packet::Publish(p) if p.topic.starts_with(b"v1/devices/me/rpc/request/") => Some(p.clone()),
+        _ => None,
+    };
+
+    let (code, body) = rest.call(
+        "POST",
+        &format!("/api/rpc/twoway/{id}"),
+        Some(r#"{"method":"open","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
+    let first = next_packet(&mut ev, rpc_publish).await?;
+    assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
+    // Not acknowledged: not delivered, and sent again once the acknowledgement is overdue.
+    let again = next_packet(&mut ev, rpc_publish).await?;
+    assert_eq!(again.topic, first.topic, "the same RPC, sent again");
+    assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
+    client.ack(&again).await?;
+    let pump = async {
+        loop {
+            ev.poll().await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    let delivered = tokio::select! {
+        s = rest.rpc_status_becomes(&rpc_id, "DELIVERED") => s?,
+        e = pump => return Err(anyhow::anyhow!("event loop ended: {e:?}")),
+    };
+    assert_eq!(delivered, "DELIVERED");
+    let rid = String::from_utf8_lossy(&again.topic)
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    client
+        .publish(
+            format!("v1/devices/me/rpc/response/{rid}"),
+            QoS::AtLeastOnce,
+            false,
+            r#"{"open":true}"#,
+        )
+        .await?;
+    next_packet(&mut ev, |p| matches!(p, Packet::PubAck(_)).then_some(())).await?;
+    assert_eq!(
+        rest.rpc_status_becomes(&rpc_id, "SUCCESSFUL").await?,
+        "SUCCESSFUL"
+    );
+
+    // One never acknowledged fails after its sends (1 + rpc_max_retries) run out.
+    let (code, body) = rest.call(
+        "POST",
+        &format!("/api/rpc/oneway/{id}"),
+        Some(r#"{"method":"ignored","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{body}");
+    let ignored = body["rpcId"].as_str().expect("rpcId").to_string();
+    for _ in 0..2 {
+        let p = next_packet(&mut ev, rpc_publish).await?;
+        assert!(String::from_utf8_lossy(&p.payload).contains("ignored"));
+    }
+    let pump = async {
+        loop {
+            ev.poll().await?;
+        }
+        #[allow(unreachable_code)]
+        anyhow::Ok(())
+    };
+    let failed = tokio::select! {
+        s = rest.rpc_status_becomes(&ignored, "FAILED") => s?,
+        e = pump => return Err(anyhow::anyhow!("event loop ended: {e:?}")),
+    };
+    assert_eq!(failed, "FAILED");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtt_basic_credentials_authenticate_and_changing_them_closes_the_session() -> anyhow::Result<()> {
     let (c, rest) = single_node().await?;
     let mqtt = &c.mqtt[&1];

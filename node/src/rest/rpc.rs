@@ -156,7 +156,8 @@ async fn rpc(
     let r = state
         .engine
         .wait_rpc(device.id.as_bytes(), uuid.as_bytes(), deadline, |r| {
-            r.status.is_final() || (oneway && r.status == RpcStatus::Delivered)
+            // ThingsBoard answers a one-way RPC as soon as it is sent.
+            r.status.is_final() || (oneway && matches!(r.status, RpcStatus::Sent | RpcStatus::Delivered))
         })
         .await
         .map_err(|e| ApiError::internal(e.to_string()))?;
@@ -173,8 +174,10 @@ async fn rpc(
                 )),
             }
         }
-        RpcStatus::Delivered | RpcStatus::Successful if oneway => Ok(StatusCode::OK.into_response()),
-        // Delivered but unanswered in time: a timeout. Never delivered: no active connection.
+        RpcStatus::Sent | RpcStatus::Delivered | RpcStatus::Successful if oneway => {
+            Ok(StatusCode::OK.into_response())
+        }
+        // Sent but unanswered in time: a timeout. Never sent: no active connection.
         RpcStatus::Delivered | RpcStatus::Sent | RpcStatus::Timeout => Err(match api {
             Api::V1 => ApiError::status(StatusCode::REQUEST_TIMEOUT, "Request timeout", 2),
             Api::V2 => ApiError::status(StatusCode::GATEWAY_TIMEOUT, "Request timeout", 2),

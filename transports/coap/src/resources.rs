@@ -11,7 +11,7 @@ use coap_lite::{
 use thingraft_log::LogError;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
-use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_proto::records::{DownlinkMsg, IngestMsg, RpcStatus};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
@@ -453,7 +453,7 @@ fn spawn_observation(
     let token_key = token.clone();
     let t2 = t.clone();
     let task = tokio::spawn(async move {
-        let _session = s;
+        let session = s;
         let mut seq: u32 = 0;
         let notify = |mut r: Reply, seq: u32| {
             r.observe = Some(seq);
@@ -472,6 +472,21 @@ fn spawn_observation(
                         t2.reachable(&device, power).await;
                         seq += 1;
                         ok = responder.send(notify(r, seq), &request).await;
+                        // Acknowledged (confirmable) or sent (non-confirmable): DELIVERED, as
+                        // ThingsBoard records it. Appended aside so that the next
+                        // notification does not wait for it.
+                        if let (true, DownlinkMsg::RpcRequest { uuid, .. }) = (ok, &m) {
+                            let record = session.record(IngestMsg::RpcStatus {
+                                uuid: *uuid,
+                                status: RpcStatus::Delivered,
+                            });
+                            let (log, partition) = (t2.hub.log.clone(), session.partition);
+                            tokio::spawn(async move {
+                                if let Err(e) = log.append(partition, vec![record]).await {
+                                    tracing::info!(error = %e, "RPC delivery not recorded");
+                                }
+                            });
+                        }
                     }
                 }
                 Some(Downlink::Close) | None => break,

@@ -297,7 +297,9 @@ pub fn downlink(msg: &DownlinkMsg, schemas: Option<&ProtoSchemas>) -> Option<Vec
             shared_state_msg: false,
         }
         .encode_to_vec(),
-        DownlinkMsg::RpcRequest { id, method, params } => schemas?.rpc_request(*id, method, params),
+        DownlinkMsg::RpcRequest {
+            id, method, params, ..
+        } => schemas?.rpc_request(*id, method, params),
         DownlinkMsg::ClientRpcResponse { request_id, body } => client_rpc_response(*request_id, body, ""),
     })
 }

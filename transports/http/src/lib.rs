@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use thingraft_log::LogError;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::{ErrorClass, tb_error_envelope};
-use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_proto::records::{DownlinkMsg, IngestMsg, RpcStatus};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::{
     ClaimError, Credentials, Downlink, Hub, OtaKind, SUB_ATTRIBUTES, SUB_RPC, Session, now_ms, ota_chunk,
@@ -269,12 +269,23 @@ async fn rpc_poll(
     Path(token): Path<String>,
     Query(q): Query<Vec<(String, String)>>,
 ) -> Result<Response, DevError> {
-    let (_s, mut rx) = api.session(&token, SUB_RPC)?;
-    let body = wait_for(&mut rx, api.poll_timeout(&q), |m| match m {
-        m @ DownlinkMsg::RpcRequest { id, .. } => Some(payload::rpc_request_with_id(id, &m.json())),
+    let (s, mut rx) = api.session(&token, SUB_RPC)?;
+    let (body, uuid) = wait_for(&mut rx, api.poll_timeout(&q), |m| match m {
+        m @ DownlinkMsg::RpcRequest { id, uuid, .. } => {
+            Some((payload::rpc_request_with_id(id, &m.json()), uuid))
+        }
         _ => None,
     })
     .await?;
+    // The answer is the delivery (ThingsBoard marks the RPC DELIVERED here). If the record
+    // fails, the RPC stays SENT and its leader sends it again later.
+    let delivered = IngestMsg::RpcStatus {
+        uuid,
+        status: RpcStatus::Delivered,
+    };
+    if let Err(e) = s.submit(vec![delivered]).await {
+        tracing::info!(error = %e, "RPC delivery not recorded");
+    }
     Ok(json(body))
 }
 

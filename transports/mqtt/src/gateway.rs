@@ -351,6 +351,11 @@ impl Gateway {
         Some(s)
     }
 
+    /// The session of the connected child `device`.
+    pub fn child_of(&self, device: &EntityId) -> Option<&Session> {
+        self.children.get(self.names.get(device)?)
+    }
+
     pub fn expect_response(&mut self, child: EntityId, id: u32) {
         // Bounded: a gateway that never reads its answers loses the oldest expectations.
         if self.requests.len() >= 10_000 {
@@ -448,7 +453,9 @@ fn downlink_proto(device_name: String, msg: &DownlinkMsg) -> Option<(&'static st
             }
             .encode_to_vec(),
         ),
-        DownlinkMsg::RpcRequest { id, method, params } => (
+        DownlinkMsg::RpcRequest {
+            id, method, params, ..
+        } => (
             "v1/gateway/rpc",
             tb::GatewayDeviceRpcRequestMsg {
                 device_name,

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use thingraft_log::probe::{self, Stage};
 use thingraft_log::{LogError, Record};
 use thingraft_proto::device::{self, PayloadError};
-use thingraft_proto::records::{DownlinkMsg, IngestMsg};
+use thingraft_proto::records::{DownlinkMsg, EntityId, IngestMsg, RpcStatus};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
@@ -237,6 +237,17 @@ type Append = std::pin::Pin<Box<dyn std::future::Future<Output = AppendDone> + S
 /// Most appends a session keeps in flight.
 const APPENDS_IN_FLIGHT_MAX: usize = 8;
 
+/// Most server-side RPCs a session remembers while it waits for their PUBACKs.
+const RPCS_UNACKED_MAX: usize = 256;
+
+/// The uuid of a server-side RPC downlink.
+fn rpc_uuid(m: &DownlinkMsg) -> Option<EntityId> {
+    match m {
+        DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
+        _ => None,
+    }
+}
+
 /// The session's appends in flight, oldest first; PUBACKs go out in this order (MQTT 3.1.1
 /// §4.6). Several are in flight only while each was enqueued at the local leader of one
 /// partition ([`LogHandle::enqueue`](thingraft_log::LogHandle::enqueue)), which keeps their
@@ -273,6 +284,10 @@ struct Session {
     /// once known, `None` while its message's append is in flight. Written from the front as
     /// they become known, so a PUBACK answered at once waits for the ones owed before it.
     acks: std::collections::VecDeque<(u16, Option<PubAckCode>)>,
+    /// Server-side RPCs published and not yet acknowledged by the device: packet id → (the
+    /// RPC's device, which is a child's for a gateway, and its uuid), oldest first. A PUBACK
+    /// records the RPC DELIVERED (ThingsBoard: SENT → DELIVERED on PUBACK).
+    rpcs_unacked: std::collections::VecDeque<(u16, EntityId, EntityId)>,
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, request id, response topic, and a
     /// protobuf request's id when the answer is a `ToServerRpcResponseMsg`), oldest first.
@@ -395,6 +410,7 @@ pub(crate) async fn run(
         s: session,
         queue: Vec::new(),
         acks: std::collections::VecDeque::new(),
+        rpcs_unacked: std::collections::VecDeque::new(),
         families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
         gateway,
@@ -435,6 +451,39 @@ pub(crate) async fn run(
 }
 
 impl Session {
+    /// Remembers a server-side RPC published under `pkid`, until the device acknowledges it.
+    fn published_rpc(&mut self, pkid: u16, device: EntityId, uuid: Option<EntityId>) {
+        let Some(uuid) = uuid else { return };
+        // Bounded: a device that never acknowledges loses the oldest (its RPCs stay SENT, and
+        // the partition's leader hands them over again).
+        if self.rpcs_unacked.len() >= RPCS_UNACKED_MAX {
+            self.rpcs_unacked.pop_front();
+        }
+        self.rpcs_unacked.push_back((pkid, device, uuid));
+    }
+
+    /// A PUBACK from the device: the RPC published under `pkid`, if any, is DELIVERED.
+    fn rpc_acked(&mut self, pkid: u16) {
+        let Some(i) = self.rpcs_unacked.iter().position(|(p, ..)| *p == pkid) else {
+            return;
+        };
+        let (_, device, uuid) = self.rpcs_unacked.remove(i).expect("found above");
+        let msg = IngestMsg::RpcStatus {
+            uuid,
+            status: RpcStatus::Delivered,
+        };
+        if device == self.s.device.device {
+            self.enqueue(msg, None);
+        } else if let Some(child) = self.gateway.as_ref().and_then(|g| g.child_of(&device)) {
+            self.queue.push(Queued {
+                at: std::time::Instant::now(),
+                record: child.record(msg),
+                partition: child.partition,
+                pkid: None,
+            });
+        }
+    }
+
     fn enqueue(&mut self, msg: IngestMsg, pkid: Option<u16>) {
         if let Some(pkid) = pkid {
             self.acks.push_back((pkid, None));
@@ -563,11 +612,13 @@ impl Session {
                     match d {
                         Some(Downlink::Msg(device, m)) if device != self.s.device.device => {
                             let protobuf = self.proto.is_some();
+                            let rpc = rpc_uuid(&m);
                             if let Some((topic, payload)) =
                                 self.gateway.as_mut().and_then(|g| g.downlink(device, m, protobuf))
                             {
                                 let pkid = self.transport.next_pkid();
                                 codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, &payload);
+                                self.published_rpc(pkid, device, rpc);
                             }
                         }
                         Some(Downlink::Msg(_, DownlinkMsg::ClientRpcResponse { request_id, body })) => {
@@ -594,6 +645,7 @@ impl Session {
                                 // every filter it grants is QoS 1.
                                 let pkid = self.transport.next_pkid();
                                 codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
+                                self.published_rpc(pkid, self.s.device.device, rpc_uuid(&m));
                             }
                         }
                         Some(Downlink::Close) => {
@@ -764,7 +816,10 @@ impl Session {
                 None
             }
             Incoming::Disconnect => Some(End::ClientDisconnect),
-            Incoming::PubAck { .. } => None,
+            Incoming::PubAck { pkid } => {
+                self.rpc_acked(pkid);
+                None
+            }
             Incoming::Subscribe { pkid, filters } => {
                 let results: Vec<Result<u8, ()>> = filters
                     .iter()
