@@ -252,11 +252,24 @@ async fn delete_persistent(
             status: RpcStatus::Deleted,
         },
     };
-    state
+    let appended = state
         .engine
         .submit(&ingest)
         .await
         .map_err(|e| ApiError::status(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), 2))?;
+    // Answered once this replica has applied it, so that a read right after finds it gone
+    // (ThingsBoard answers after deleting it).
+    if !state
+        .engine
+        .wait_applied(
+            &r.device,
+            appended.first_offset,
+            std::time::Duration::from_secs(5),
+        )
+        .await
+    {
+        tracing::warn!(rpc = %Uuid::from_bytes(r.uuid), "RPC deletion committed but not applied here within 5 s");
+    }
     Ok(())
 }
 
