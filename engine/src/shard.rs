@@ -84,11 +84,35 @@ struct State {
 }
 
 impl Shard {
+    /// Runs until shutdown (or the log's end). A shard that fails (a store write error, a
+    /// record range it cannot read) starts again from its stored progress after a back-off,
+    /// doubling from 0.5 s up to 30 s: what it had applied is in the store with its progress,
+    /// and what it had not is read from the log again.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        if let Err(e) = self.run_inner(&mut shutdown).await
-            && !*shutdown.borrow()
-        {
-            tracing::error!(partition = self.partition, error = %e, "engine shard stopped");
+        const FIRST: Duration = Duration::from_millis(500);
+        let mut backoff = FIRST;
+        loop {
+            let started = tokio::time::Instant::now();
+            let e = match self.run_inner(&mut shutdown).await {
+                Ok(()) => return,
+                Err(_) if *shutdown.borrow() => return,
+                Err(e) => e,
+            };
+            // A shard that ran for a while before it failed starts over from the first back-off.
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = FIRST;
+            }
+            tracing::error!(
+                partition = self.partition,
+                error = %e,
+                retry_ms = backoff.as_millis() as u64,
+                "engine shard failed; starting it again from its stored progress"
+            );
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = crate::stopped(&mut shutdown) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 
