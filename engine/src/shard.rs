@@ -537,7 +537,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// RPCs a partition's leader keeps queued (no session yet) or awaiting a reply, each.
+/// Open RPCs a partition's leader follows (queued and awaiting together).
 const RPCS_TRACKED_MAX: usize = 10_000;
 
 /// The partition leader's side of a shard: carries out [`Action`]s and keeps RPCs that no
@@ -699,14 +699,12 @@ impl Leader {
             }
             Action::Rpc(r) => {
                 let mut t = Tracked::new(r);
-                if self.send_rpc(&mut t).await {
-                    if self.awaiting.len() < RPCS_TRACKED_MAX {
-                        self.awaiting.push(t);
-                    }
-                } else if self.queued.len() >= RPCS_TRACKED_MAX {
+                if self.queued.len() + self.awaiting.len() >= RPCS_TRACKED_MAX {
                     // Bounded like everything else: refuse rather than grow without end.
-                    tracing::warn!(partition = self.partition, "too many queued RPCs; new one failed");
+                    tracing::warn!(partition = self.partition, "too many open RPCs; new one failed");
                     self.record_status(&t.rpc, RpcStatus::Failed).await;
+                } else if self.send_rpc(&mut t).await {
+                    self.awaiting.push(t);
                 } else {
                     self.queued.push(t);
                 }
@@ -771,11 +769,13 @@ impl Leader {
         }
         t.sent_ms = now_ms();
         t.sends += 1;
-        self.record_status(r, RpcStatus::Sent).await;
+        // Not appended: the RPC reads QUEUED a little longer, and DELIVERED follows anyway.
+        let _ = self.record_status(r, RpcStatus::Sent).await;
         true
     }
 
-    async fn record_status(&self, r: &RpcState, status: RpcStatus) {
+    /// Appends the RPC's new status; false if it could not be appended.
+    async fn record_status(&self, r: &RpcState, status: RpcStatus) -> bool {
         let ingest = Ingest {
             tenant: r.tenant,
             device: r.device,
@@ -784,8 +784,12 @@ impl Leader {
             msg: IngestMsg::RpcStatus { uuid: r.uuid, status },
         };
         let rec = Record::new(r.device.to_vec(), PartitionRecord::Ingest(ingest).encode());
-        if let Err(e) = self.log.append(self.partition, vec![rec]).await {
-            tracing::warn!(partition = self.partition, error = %e, "rpc status not recorded");
+        match self.log.append(self.partition, vec![rec]).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(partition = self.partition, error = %e, "rpc status not recorded");
+                false
+            }
         }
     }
 
@@ -794,59 +798,64 @@ impl Leader {
         self.store.rpc(&r.uuid).ok().flatten().map(|s| s.status)
     }
 
-    /// Whether the store holds `r` in a final status (answered, timed out, deleted, ...).
-    fn ended(&self, r: &RpcState) -> bool {
-        self.stored_status(r).is_some_and(RpcStatus::is_final)
-    }
-
+    /// Every tick: sends the queued RPCs to sessions that can take them now, sends again the
+    /// ones not acknowledged in time, and ends the ones whose time is up.
     async fn retry_queued(&mut self) {
         let now = now_ms();
         let queued = std::mem::take(&mut self.queued);
-        for mut t in queued {
-            // Deleted (or otherwise ended) while it waited: not delivered any more.
-            if self.ended(&t.rpc) {
-                continue;
-            }
-            if now >= t.rpc.expiration_ms {
-                self.record_status(&t.rpc, RpcStatus::Expired).await;
-            } else if self.send_rpc(&mut t).await {
-                self.awaiting.push(t);
-            } else {
-                self.queued.push(t);
-            }
-        }
         let awaiting = std::mem::take(&mut self.awaiting);
-        for mut t in awaiting {
-            let status = self.stored_status(&t.rpc);
-            if status.is_some_and(RpcStatus::is_final) {
-                continue;
-            }
-            if now >= t.rpc.expiration_ms {
-                self.record_status(&t.rpc, RpcStatus::Timeout).await;
-                continue;
-            }
-            match status {
-                // Acknowledged: a one-way RPC is done, a two-way one waits for its reply.
-                Some(RpcStatus::Delivered) if t.rpc.oneway => {}
-                Some(RpcStatus::Delivered) => self.awaiting.push(t),
-                // Not acknowledged in time (the device missed it, or its session went away):
-                // sent again, as ThingsBoard retries, until the sends run out.
-                _ if now - t.sent_ms >= self.ack_timeout_ms => {
-                    if t.sends >= self.sends_max {
-                        tracing::info!(
-                            partition = self.partition,
-                            sends = t.sends,
-                            "RPC never acknowledged"
-                        );
-                        self.record_status(&t.rpc, RpcStatus::Failed).await;
-                    } else if self.send_rpc(&mut t).await {
-                        self.awaiting.push(t);
-                    } else {
-                        self.queued.push(t);
-                    }
+        for t in queued.into_iter().chain(awaiting) {
+            self.follow_up(t, now).await;
+        }
+    }
+
+    async fn follow_up(&mut self, mut t: Tracked, now: i64) {
+        let status = self.stored_status(&t.rpc);
+        // Answered, deleted or otherwise ended (here or by an earlier leader): nothing to do.
+        if status.is_some_and(RpcStatus::is_final) {
+            return;
+        }
+        let delivered = status == Some(RpcStatus::Delivered);
+        // A one-way RPC the device acknowledged is done.
+        if delivered && t.rpc.oneway {
+            return;
+        }
+        let end = if now >= t.rpc.expiration_ms {
+            // ThingsBoard: TIMEOUT if it was sent, else it expired without a connection.
+            Some(if t.sends > 0 {
+                RpcStatus::Timeout
+            } else {
+                RpcStatus::Expired
+            })
+        } else if delivered || (t.sends > 0 && now - t.sent_ms < self.ack_timeout_ms) {
+            // Waiting for the reply, or still for the acknowledgement.
+            self.awaiting.push(t);
+            return;
+        } else if t.sends == 0 {
+            None
+        } else if !t.rpc.persistent {
+            // Not acknowledged in time: a plain RPC times out (ThingsBoard's transport timeout).
+            Some(RpcStatus::Timeout)
+        } else if t.sends >= self.sends_max {
+            tracing::info!(
+                partition = self.partition,
+                sends = t.sends,
+                "RPC never acknowledged"
+            );
+            Some(RpcStatus::Failed)
+        } else {
+            // A persistent one is sent again, as ThingsBoard retries, until the sends run out.
+            None
+        };
+        match end {
+            Some(status) => {
+                // Kept (and tried again next tick) until its end is recorded.
+                if !self.record_status(&t.rpc, status).await {
+                    self.queued.push(t);
                 }
-                _ => self.awaiting.push(t),
             }
+            None if self.send_rpc(&mut t).await => self.awaiting.push(t),
+            None => self.queued.push(t),
         }
     }
 }

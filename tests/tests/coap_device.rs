@@ -462,3 +462,38 @@ async fn bad_coap_input_gets_coap_codes_and_stores_nothing() -> anyhow::Result<(
     assert_eq!(out.code, "4.04", "no attributes were stored: {out:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_confirmable_observer_that_is_gone_is_pinged_out_and_gets_no_more_rpcs() -> anyhow::Result<()> {
+    let (c, user) = node(Some(
+        "[coap]\nobserve_check_ms = 400\nack_timeout_ms = 200\nmax_retransmit = 1\n",
+    ))
+    .await?;
+    let id = user.create_device("Pinged", "PING_TOKEN")?;
+    // A device observing RPC with non-confirmable requests: its notifications are never
+    // acknowledged, so only the pings (which it answers) tell that it is still there.
+    let mut observer = std::process::Command::new("coap-client-notls")
+        .args(["-N", "-s", "60", "-m", "get", &url(&c, "api/v1/PING_TOKEN/rpc")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let oneway = |user: &Rest| {
+        user.call(
+            "POST",
+            &format!("/api/plugins/rpc/oneway/{id}"),
+            Some(r#"{"method":"beep","params":{},"timeout":1500}"#),
+        )
+    };
+    // Alive through several pings: a one-way RPC is sent to it (200).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, body) = oneway(&user)?;
+    assert_eq!(code, 200, "the observer is there: {body}");
+    // Gone without a word (killed): the next ping goes unanswered and the observation ends, so
+    // an RPC finds no active connection (409) instead of vanishing into it.
+    observer.kill()?;
+    observer.wait()?;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let (code, body) = oneway(&user)?;
+    assert_eq!(code, 409, "the observer is gone: {body}");
+    Ok(())
+}

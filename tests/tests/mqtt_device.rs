@@ -569,9 +569,13 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
     assert_eq!(code, 200, "{body}");
     let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
     let first = next_packet(&mut ev, rpc_publish).await?;
+    let first_at = tokio::time::Instant::now();
     assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
-    // Not acknowledged: not delivered, and sent again once the acknowledgement is overdue.
+    // Not acknowledged: not delivered, and sent again once the acknowledgement is overdue
+    // (rpc_ack_timeout_ms = 1500), not before.
     let again = next_packet(&mut ev, rpc_publish).await?;
+    let gap = first_at.elapsed();
+    assert!(gap >= Duration::from_millis(1200), "sent again after {gap:?}");
     assert_eq!(again.topic, first.topic, "the same RPC, sent again");
     assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
     client.ack(&again).await?;
@@ -618,9 +622,14 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
         let p = next_packet(&mut ev, rpc_publish).await?;
         assert!(String::from_utf8_lossy(&p.payload).contains("ignored"));
     }
+    // Two sends (1 + rpc_max_retries) and no third.
     let pump = async {
         loop {
-            ev.poll().await?;
+            if let rumqttc::v5::Event::Incoming(p) = ev.poll().await?
+                && rpc_publish(&p).is_some()
+            {
+                anyhow::bail!("a third send");
+            }
         }
         #[allow(unreachable_code)]
         anyhow::Ok(())

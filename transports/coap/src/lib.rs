@@ -42,6 +42,11 @@ pub struct CoapConfig {
     pub ack_timeout_ms: u64,
     /// RFC 7252 MAX_RETRANSMIT.
     pub max_retransmit: u32,
+    /// A device observing with non-confirmable requests is pinged (an empty confirmable
+    /// message, RFC 7252 §4.3) this often; one that answers nothing is gone, and its
+    /// observations end (RFC 7641 §4.5: the server checks that the client is still there).
+    /// Devices in a power-saving mode are not pinged: they wait for their uplinks.
+    pub observe_check_ms: u64,
     /// Largest request payload, after block-wise reassembly.
     pub max_payload_bytes: usize,
     /// Largest message we send; longer responses go block-wise (Block2).
@@ -67,6 +72,7 @@ impl Default for CoapConfig {
             piggyback_timeout_ms: 500,
             ack_timeout_ms: 2000,
             max_retransmit: 4,
+            observe_check_ms: 300_000,
             max_payload_bytes: 65536,
             max_message_bytes: 1152,
             dedup_entries: 100_000,
@@ -475,13 +481,27 @@ impl Transport {
 
     /// Sends a confirmable message and retransmits it with exponential back-off until it is
     /// acknowledged (true), reset or never acknowledged (false).
-    async fn send_confirmable(&self, mut msg: Packet, peer: SocketAddr) -> bool {
+    async fn send_confirmable(&self, msg: Packet, peer: SocketAddr) -> bool {
+        self.exchange(msg, peer).await.unwrap_or(false)
+    }
+
+    /// A CoAP ping (an empty confirmable message): whether `peer` answered it at all (with the
+    /// RST a ping gets, or an ACK).
+    pub(crate) async fn ping(&self, peer: SocketAddr) -> bool {
+        self.exchange(empty(MessageType::Confirmable, 0), peer)
+            .await
+            .is_some()
+    }
+
+    /// Sends a confirmable message, retransmitting it with exponential back-off: `Some(true)`
+    /// when acknowledged, `Some(false)` when reset, `None` when nothing came back.
+    async fn exchange(&self, mut msg: Packet, peer: SocketAddr) -> Option<bool> {
         let mid = self.mid();
         msg.header.message_id = mid;
         msg.header.set_type(MessageType::Confirmable);
         let Ok(bytes) = msg.to_bytes() else {
             tracing::warn!("CoAP message not encodable");
-            return false;
+            return None;
         };
         let (tx, mut rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(mid, tx);
@@ -489,14 +509,14 @@ impl Transport {
         for _ in 0..=self.config.max_retransmit {
             let _ = self.send_raw(&bytes, peer).await;
             match tokio::time::timeout(wait, &mut rx).await {
-                Ok(Ok(acked)) => return acked,
-                Ok(Err(_)) => return false,
+                Ok(Ok(acked)) => return Some(acked),
+                Ok(Err(_)) => return None,
                 Err(_) => wait *= 2,
             }
         }
         self.pending.lock().expect("pending").remove(&mid);
         tracing::info!(%peer, mid, "CoAP message never acknowledged");
-        false
+        None
     }
 
     fn observe(&self, peer: SocketAddr, token: Vec<u8>, h: tokio::task::AbortHandle) {
@@ -607,6 +627,11 @@ pub(crate) struct Responder {
 }
 
 impl Responder {
+    /// Whether the request being answered was confirmable.
+    pub(crate) fn confirmable(&self) -> bool {
+        self.confirmable
+    }
+
     async fn ack_empty(&self) {
         let mut st = self.state.lock().await;
         if self.confirmable && matches!(*st, Answer::Pending) {

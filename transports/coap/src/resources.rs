@@ -463,13 +463,59 @@ fn spawn_observation(
             Some(r) => responder.send(notify(r, seq), &request).await,
             None => true,
         };
+        // A confirmable observer's notifications are acknowledged, so one that is gone shows;
+        // a non-confirmable one's are not: it is pinged instead (not in a power-saving mode,
+        // where it is often asleep and its notifications wait for it anyway).
+        let check = (!responder.confirmable() && matches!(power, PowerMode::Drx))
+            .then(|| Duration::from_millis(t2.config.observe_check_ms.max(1)));
+        let mut next_check = check.map(|c| tokio::time::Instant::now() + c);
+        let mut rpcs_seen: std::collections::VecDeque<thingraft_proto::records::EntityId> =
+            std::collections::VecDeque::new();
         while ok {
-            match rx.recv().await {
+            let checking = async {
+                match next_check {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                () = checking => {
+                    ok = t2.ping(peer).await;
+                    if !ok {
+                        tracing::info!(%peer, "CoAP observer answers no ping; observation ended");
+                    }
+                    next_check = check.map(|c| tokio::time::Instant::now() + c);
+                    continue;
+                }
+            };
+            match received {
                 Some(Downlink::Msg(_, m)) => {
+                    let rpc = match &m {
+                        DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
+                        _ => None,
+                    };
+                    // An RPC sent again by its leader (not acknowledged in time) while this
+                    // observation still had it goes to the device once.
+                    if rpc.is_some_and(|u| rpcs_seen.contains(&u)) {
+                        continue;
+                    }
                     if pick(&m)
                         && let Some(r) = render(&m, proto.as_deref())
                     {
+                        if let Some(u) = rpc {
+                            if rpcs_seen.len() >= 64 {
+                                rpcs_seen.pop_front();
+                            }
+                            rpcs_seen.push_back(u);
+                        }
+                        // While the notification waits for a power-saving device, the session
+                        // takes no RPC: the partition's leader keeps them queued (and counts no
+                        // send that would make them FAIL) until the device can get them.
+                        let rpc_bits = session.subscriptions() & SUB_RPC;
+                        session.unsubscribe(rpc_bits);
                         t2.reachable(&device, power).await;
+                        session.subscribe(rpc_bits);
                         seq += 1;
                         ok = responder.send(notify(r, seq), &request).await;
                         // Acknowledged (confirmable) or sent (non-confirmable): DELIVERED, as

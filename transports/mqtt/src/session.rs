@@ -284,10 +284,11 @@ struct Session {
     /// once known, `None` while its message's append is in flight. Written from the front as
     /// they become known, so a PUBACK answered at once waits for the ones owed before it.
     acks: std::collections::VecDeque<(u16, Option<PubAckCode>)>,
-    /// Server-side RPCs published and not yet acknowledged by the device: packet id → (the
-    /// RPC's device, which is a child's for a gateway, and its uuid), oldest first. A PUBACK
-    /// records the RPC DELIVERED (ThingsBoard: SENT → DELIVERED on PUBACK).
-    rpcs_unacked: std::collections::VecDeque<(u16, EntityId, EntityId)>,
+    /// Server-side RPCs published and not yet acknowledged by the device: packet id → the
+    /// DELIVERED record of the RPC (of a child's device, for a gateway's; made when it was
+    /// published, so it is recorded even if the child has left by the PUBACK), oldest first.
+    /// A PUBACK appends it (ThingsBoard: SENT → DELIVERED on PUBACK).
+    rpcs_unacked: std::collections::VecDeque<(u16, Queued)>,
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, request id, response topic, and a
     /// protobuf request's id when the answer is a `ToServerRpcResponseMsg`), oldest first.
@@ -451,36 +452,51 @@ pub(crate) async fn run(
 }
 
 impl Session {
-    /// Remembers a server-side RPC published under `pkid`, until the device acknowledges it.
-    fn published_rpc(&mut self, pkid: u16, device: EntityId, uuid: Option<EntityId>) {
-        let Some(uuid) = uuid else { return };
-        // Bounded: a device that never acknowledges loses the oldest (its RPCs stay SENT, and
-        // the partition's leader hands them over again).
-        if self.rpcs_unacked.len() >= RPCS_UNACKED_MAX {
-            self.rpcs_unacked.pop_front();
-        }
-        self.rpcs_unacked.push_back((pkid, device, uuid));
+    /// A packet id for a PUBLISH to the device. Ids come from a counter the whole transport
+    /// shares, so one can come round again while an RPC published under it waits for its
+    /// PUBACK: that RPC is forgotten (it stays SENT, and its leader sends it again), so that
+    /// the device's PUBACK of the new message never counts for it.
+    fn next_pkid(&mut self) -> u16 {
+        let pkid = self.transport.next_pkid();
+        self.rpcs_unacked.retain(|(p, _)| *p != pkid);
+        pkid
     }
 
-    /// A PUBACK from the device: the RPC published under `pkid`, if any, is DELIVERED.
-    fn rpc_acked(&mut self, pkid: u16) {
-        let Some(i) = self.rpcs_unacked.iter().position(|(p, ..)| *p == pkid) else {
-            return;
-        };
-        let (_, device, uuid) = self.rpcs_unacked.remove(i).expect("found above");
+    /// Remembers a server-side RPC of `device` (the session's own, or a gateway child's)
+    /// published under `pkid`, until the device acknowledges it.
+    fn published_rpc(&mut self, pkid: u16, device: EntityId, uuid: Option<EntityId>) {
+        let Some(uuid) = uuid else { return };
         let msg = IngestMsg::RpcStatus {
             uuid,
             status: RpcStatus::Delivered,
         };
-        if device == self.s.device.device {
-            self.enqueue(msg, None);
+        let (record, partition) = if device == self.s.device.device {
+            (self.s.record(msg), self.s.partition)
         } else if let Some(child) = self.gateway.as_ref().and_then(|g| g.child_of(&device)) {
-            self.queue.push(Queued {
-                at: std::time::Instant::now(),
-                record: child.record(msg),
-                partition: child.partition,
-                pkid: None,
-            });
+            (child.record(msg), child.partition)
+        } else {
+            return;
+        };
+        // Bounded: a device that never acknowledges loses the oldest (its RPCs stay SENT, and
+        // the partition's leader sends them again).
+        if self.rpcs_unacked.len() >= RPCS_UNACKED_MAX {
+            self.rpcs_unacked.pop_front();
+        }
+        let delivered = Queued {
+            at: std::time::Instant::now(),
+            record,
+            partition,
+            pkid: None,
+        };
+        self.rpcs_unacked.push_back((pkid, delivered));
+    }
+
+    /// A PUBACK from the device: the RPC published under `pkid`, if any, is DELIVERED.
+    fn rpc_acked(&mut self, pkid: u16) {
+        if let Some(i) = self.rpcs_unacked.iter().position(|(p, _)| *p == pkid) {
+            let (_, mut delivered) = self.rpcs_unacked.remove(i).expect("found above");
+            delivered.at = std::time::Instant::now();
+            self.queue.push(delivered);
         }
     }
 
@@ -616,7 +632,7 @@ impl Session {
                             if let Some((topic, payload)) =
                                 self.gateway.as_mut().and_then(|g| g.downlink(device, m, protobuf))
                             {
-                                let pkid = self.transport.next_pkid();
+                                let pkid = self.next_pkid();
                                 codec::write_publish(&mut self.wbuf, self.version, topic, 1, pkid, &payload);
                                 self.published_rpc(pkid, device, rpc);
                             }
@@ -643,7 +659,7 @@ impl Session {
                             if let Some(payload) = self.downlink_payload(family, &m) {
                                 // ThingsBoard publishes with the subscription's QoS, 1 if none;
                                 // every filter it grants is QoS 1.
-                                let pkid = self.transport.next_pkid();
+                                let pkid = self.next_pkid();
                                 codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
                                 self.published_rpc(pkid, self.s.device.device, rpc_uuid(&m));
                             }
@@ -668,7 +684,7 @@ impl Session {
                             Some(rid) => proto_payload::client_rpc_response(rid, "", "timeout"),
                             None => CLIENT_RPC_TIMEOUT.as_bytes().to_vec(),
                         };
-                        let pkid = self.transport.next_pkid();
+                        let pkid = self.next_pkid();
                         codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, &body);
                     }
                 }
@@ -951,7 +967,7 @@ impl Session {
             Some(rid) => proto_payload::client_rpc_response(rid, body, ""),
             None => body.as_bytes().to_vec(),
         };
-        let pkid = self.transport.next_pkid();
+        let pkid = self.next_pkid();
         codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
     }
 
@@ -990,7 +1006,7 @@ impl Session {
             if let Some(pkid) = ack {
                 self.ack(pkid, PubAckCode::Success);
             }
-            let pkid = self.transport.next_pkid();
+            let pkid = self.next_pkid();
             codec::write_publish(&mut self.wbuf, self.version, &response_topic, 1, pkid, &reply);
             return None;
         }
@@ -1224,13 +1240,13 @@ impl Session {
             }
             Some(d) => {
                 let topic = format!("v2/{part}/response/{rid}/chunk/{idx}");
-                let pkid = self.transport.next_pkid();
+                let pkid = self.next_pkid();
                 codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &d);
                 return None;
             }
         };
         tracing::info!(error, "OTA chunk request refused");
-        let pkid = self.transport.next_pkid();
+        let pkid = self.next_pkid();
         codec::write_publish(
             &mut self.wbuf,
             self.version,
