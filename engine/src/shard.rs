@@ -831,11 +831,10 @@ impl Leader {
             // Waiting for the reply, or still for the acknowledgement.
             self.awaiting.push(t);
             return;
-        } else if t.sends == 0 {
+        } else if t.sends == 0 || !t.rpc.persistent {
+            // Never taken, or a plain RPC not acknowledged in time: sent again until it expires
+            // (an HTTP long poll may have dropped it, a CoAP device may still be asleep).
             None
-        } else if !t.rpc.persistent {
-            // Not acknowledged in time: a plain RPC times out (ThingsBoard's transport timeout).
-            Some(RpcStatus::Timeout)
         } else if t.sends >= self.sends_max {
             tracing::info!(
                 partition = self.partition,

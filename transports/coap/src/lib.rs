@@ -138,8 +138,8 @@ impl Dedup {
     }
 }
 
-/// Our confirmable messages awaiting their ACK (true) or RST (false), by message id.
-type Pending = HashMap<u16, oneshot::Sender<bool>>;
+/// Our confirmable messages awaiting their ACK (true) or RST (false), by peer and message id.
+type Pending = HashMap<(SocketAddr, u16), oneshot::Sender<bool>>;
 
 /// What the CoAP messages travel on: plain UDP, or DTLS sessions on UDP.
 enum Link {
@@ -346,7 +346,7 @@ impl Transport {
         match (p.header.code, p.header.get_type()) {
             (_, MessageType::Acknowledgement) | (_, MessageType::Reset) => {
                 let acked = p.header.get_type() == MessageType::Acknowledgement;
-                if let Some(tx) = self.pending.lock().expect("pending").remove(&mid) {
+                if let Some(tx) = self.pending.lock().expect("pending").remove(&(peer, mid)) {
                     let _ = tx.send(acked);
                 }
             }
@@ -504,7 +504,7 @@ impl Transport {
             return None;
         };
         let (tx, mut rx) = oneshot::channel();
-        self.pending.lock().expect("pending").insert(mid, tx);
+        self.pending.lock().expect("pending").insert((peer, mid), tx);
         let mut wait = Duration::from_millis(self.config.ack_timeout_ms);
         for _ in 0..=self.config.max_retransmit {
             let _ = self.send_raw(&bytes, peer).await;
@@ -514,7 +514,7 @@ impl Transport {
                 Err(_) => wait *= 2,
             }
         }
-        self.pending.lock().expect("pending").remove(&mid);
+        self.pending.lock().expect("pending").remove(&(peer, mid));
         tracing::info!(%peer, mid, "CoAP message never acknowledged");
         None
     }

@@ -11,7 +11,7 @@ use coap_lite::{
 use thingraft_log::LogError;
 use thingraft_proto::device::{self, PayloadError};
 use thingraft_proto::error::ErrorClass;
-use thingraft_proto::records::{DownlinkMsg, IngestMsg, RpcStatus};
+use thingraft_proto::records::{DownlinkMsg, EntityId, IngestMsg, RpcStatus};
 use thingraft_transport_common::payload::{self, CLIENT_RPC_TIMEOUT};
 use thingraft_transport_common::proto_payload::{
     self, DeviceTransport, Format, ProtoSchemas, Uplink, uplink_json,
@@ -469,8 +469,8 @@ fn spawn_observation(
         let check = (!responder.confirmable() && matches!(power, PowerMode::Drx))
             .then(|| Duration::from_millis(t2.config.observe_check_ms.max(1)));
         let mut next_check = check.map(|c| tokio::time::Instant::now() + c);
-        let mut rpcs_seen: std::collections::VecDeque<thingraft_proto::records::EntityId> =
-            std::collections::VecDeque::new();
+        // The RPCs this observation delivered lately.
+        let mut rpcs_delivered: std::collections::VecDeque<EntityId> = std::collections::VecDeque::new();
         while ok {
             let checking = async {
                 match next_check {
@@ -495,20 +495,30 @@ fn spawn_observation(
                         DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
                         _ => None,
                     };
-                    // An RPC sent again by its leader (not acknowledged in time) while this
-                    // observation still had it goes to the device once.
-                    if rpc.is_some_and(|u| rpcs_seen.contains(&u)) {
+                    // DELIVERED, as ThingsBoard records it: appended aside, so that the next
+                    // notification does not wait for it.
+                    let delivered = |uuid: EntityId| {
+                        let record = session.record(IngestMsg::RpcStatus {
+                            uuid,
+                            status: RpcStatus::Delivered,
+                        });
+                        let (log, partition) = (t2.hub.log.clone(), session.partition);
+                        tokio::spawn(async move {
+                            if let Err(e) = log.append(partition, vec![record]).await {
+                                tracing::info!(error = %e, "RPC delivery not recorded");
+                            }
+                        });
+                    };
+                    // An RPC its leader sends again (its DELIVERED was not recorded in time)
+                    // after this observation delivered it: not to the device again, and its
+                    // DELIVERED once more.
+                    if let Some(u) = rpc.filter(|u| rpcs_delivered.contains(u)) {
+                        delivered(u);
                         continue;
                     }
                     if pick(&m)
                         && let Some(r) = render(&m, proto.as_deref())
                     {
-                        if let Some(u) = rpc {
-                            if rpcs_seen.len() >= 64 {
-                                rpcs_seen.pop_front();
-                            }
-                            rpcs_seen.push_back(u);
-                        }
                         // While the notification waits for a power-saving device, the session
                         // takes no RPC: the partition's leader keeps them queued (and counts no
                         // send that would make them FAIL) until the device can get them.
@@ -517,21 +527,14 @@ fn spawn_observation(
                         t2.reachable(&device, power).await;
                         session.subscribe(rpc_bits);
                         seq += 1;
+                        // Acknowledged (confirmable) or sent (non-confirmable).
                         ok = responder.send(notify(r, seq), &request).await;
-                        // Acknowledged (confirmable) or sent (non-confirmable): DELIVERED, as
-                        // ThingsBoard records it. Appended aside so that the next
-                        // notification does not wait for it.
-                        if let (true, DownlinkMsg::RpcRequest { uuid, .. }) = (ok, &m) {
-                            let record = session.record(IngestMsg::RpcStatus {
-                                uuid: *uuid,
-                                status: RpcStatus::Delivered,
-                            });
-                            let (log, partition) = (t2.hub.log.clone(), session.partition);
-                            tokio::spawn(async move {
-                                if let Err(e) = log.append(partition, vec![record]).await {
-                                    tracing::info!(error = %e, "RPC delivery not recorded");
-                                }
-                            });
+                        if let Some(u) = rpc.filter(|_| ok) {
+                            delivered(u);
+                            if rpcs_delivered.len() >= 64 {
+                                rpcs_delivered.pop_front();
+                            }
+                            rpcs_delivered.push_back(u);
                         }
                     }
                 }

@@ -289,6 +289,8 @@ struct Session {
     /// published, so it is recorded even if the child has left by the PUBACK), oldest first.
     /// A PUBACK appends it (ThingsBoard: SENT → DELIVERED on PUBACK).
     rpcs_unacked: std::collections::VecDeque<(u16, Queued)>,
+    /// The packet id of the last PUBLISH to the device.
+    pkid: u16,
     families: Families,
     /// Client-side RPCs waiting for an answer: (deadline, request id, response topic, and a
     /// protobuf request's id when the answer is a `ToServerRpcResponseMsg`), oldest first.
@@ -412,6 +414,7 @@ pub(crate) async fn run(
         queue: Vec::new(),
         acks: std::collections::VecDeque::new(),
         rpcs_unacked: std::collections::VecDeque::new(),
+        pkid: 0,
         families: Families::default(),
         client_rpcs: std::collections::VecDeque::new(),
         gateway,
@@ -452,14 +455,16 @@ pub(crate) async fn run(
 }
 
 impl Session {
-    /// A packet id for a PUBLISH to the device. Ids come from a counter the whole transport
-    /// shares, so one can come round again while an RPC published under it waits for its
-    /// PUBACK: that RPC is forgotten (it stays SENT, and its leader sends it again), so that
-    /// the device's PUBACK of the new message never counts for it.
+    /// A packet id for a PUBLISH to the device: the session's own sequence, skipping 0 and the
+    /// ids of RPCs still waiting for their PUBACK (at most [`RPCS_UNACKED_MAX`] of 65,535), so
+    /// that a PUBACK always names the message it acknowledges.
     fn next_pkid(&mut self) -> u16 {
-        let pkid = self.transport.next_pkid();
-        self.rpcs_unacked.retain(|(p, _)| *p != pkid);
-        pkid
+        loop {
+            self.pkid = self.pkid.wrapping_add(1);
+            if self.pkid != 0 && !self.rpcs_unacked.iter().any(|(p, _)| *p == self.pkid) {
+                return self.pkid;
+            }
+        }
     }
 
     /// Remembers a server-side RPC of `device` (the session's own, or a gateway child's)
