@@ -52,9 +52,9 @@ pub struct EngineConfig {
     /// the engine's work (decision 0012).
     pub threads: usize,
     /// How long a device has to acknowledge a server-side RPC a session sent it (an MQTT
-    /// PUBACK, a CoAP ACK) before the partition's leader sends it again, at most
-    /// `rpc_max_retries` times, and then records it FAILED (ThingsBoard's
-    /// `transport.mqtt.timeout` and `actors.rpc.max_retries`).
+    /// PUBACK, a CoAP ACK) before the partition's leader sends it again: a plain RPC until it
+    /// expires, a persistent one at most `rpc_max_retries` times before it is FAILED
+    /// (ThingsBoard's `transport.mqtt.timeout` and `actors.rpc.max_retries`).
     pub rpc_ack_timeout_ms: u64,
     pub rpc_max_retries: u32,
 }
