@@ -189,3 +189,54 @@ async fn a_device_level_power_mode_overrides_its_profile() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// A server-side RPC for a PSM device that sleeps: it waits for the device (neither sent again
+/// into the waiting observation nor FAILED for want of an acknowledgement), reaches it once
+/// after its uplink, and is DELIVERED when the device acknowledges it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rpc_for_a_sleeping_psm_device_waits_for_it_and_arrives_once() -> anyhow::Result<()> {
+    let c = ProcCluster::start_with_config(
+        1,
+        4,
+        Some("[engine]\nrpc_ack_timeout_ms = 500\nrpc_max_retries = 1\n"),
+    )
+    .await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    save_psm_profile(&rest, "Sleepy valves", 1000)?;
+    let body = json!({"name": "Valve", "type": "Sleepy valves"}).to_string();
+    let (code, v) = rest.call("POST", "/api/device?accessToken=PSMRPC", Some(&body))?;
+    assert_eq!(code, 200, "{v}");
+    let id = v["id"]["id"].as_str().expect("id").to_string();
+    let coap = c.coap[&1].clone();
+
+    let seen = observe(&coap, "api/v1/PSMRPC/rpc", 7);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (code, v) = rest.call(
+        "POST",
+        &format!("/api/rpc/oneway/{id}"),
+        Some(r#"{"method":"flush","params":{},"persistent":true,"timeout":60000}"#),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let rpc_id = v["rpcId"].as_str().expect("rpcId").to_string();
+    // Asleep for many acknowledgement timeouts (500 ms, 2 sends at most): still waiting.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;
+    let status = status["status"].as_str().unwrap_or_default().to_string();
+    assert!(
+        status == "SENT" || status == "QUEUED",
+        "waiting for the device: {status}"
+    );
+    // An uplink wakes it: the RPC goes out, once, and is DELIVERED on the device's ACK.
+    let out = coap_client(&[
+        "-m",
+        "post",
+        "-e",
+        r#"{"battery":80}"#,
+        &format!("coap://{coap}/api/v1/PSMRPC/telemetry"),
+    ])?;
+    assert_eq!(out.code, "2.01", "{out:?}");
+    assert_eq!(rest.rpc_status_becomes(&rpc_id, "DELIVERED").await?, "DELIVERED");
+    let seen = seen.await??;
+    assert_eq!(seen.body.matches(r#""method":"flush""#).count(), 1, "{seen:?}");
+    Ok(())
+}
