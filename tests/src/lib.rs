@@ -455,6 +455,20 @@ pub struct Rest {
 }
 
 impl Rest {
+    /// Sends a persistent RPC `method` (one-way or two-way, 60 s timeout, no params) to
+    /// `device`; its id.
+    pub fn persistent_rpc(&self, device: &str, oneway: bool, method: &str) -> anyhow::Result<String> {
+        let kind = if oneway { "oneway" } else { "twoway" };
+        let body = serde_json::json!({"method": method, "params": {}, "persistent": true, "timeout": 60000});
+        let (code, v) = self.call(
+            "POST",
+            &format!("/api/rpc/{kind}/{device}"),
+            Some(&body.to_string()),
+        )?;
+        anyhow::ensure!(code == 200, "persistent RPC: {code} {v}");
+        Ok(v["rpcId"].as_str().context("rpcId")?.to_string())
+    }
+
     /// The persistent RPC `rpc_id`'s status once it is `want` (polled for up to 5 s), or the
     /// last one read.
     pub async fn rpc_status_becomes(&self, rpc_id: &str, want: &str) -> anyhow::Result<String> {

@@ -198,15 +198,9 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
         url(&c, "api/v1/VALVE_TOKEN/rpc"),
     ]);
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let (code, body) = user.call(
-        "POST",
-        &format!("/api/rpc/twoway/{id}"),
-        Some(r#"{"method":"close","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
-    let persistent = body["rpcId"].as_str().expect("rpcId");
+    let persistent = user.persistent_rpc(&id, false, "close")?;
     assert_eq!(
-        user.rpc_status_becomes(persistent, "DELIVERED").await?,
+        user.rpc_status_becomes(&persistent, "DELIVERED").await?,
         "DELIVERED"
     );
     let out = obs.await??;

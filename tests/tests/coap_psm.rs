@@ -211,13 +211,7 @@ async fn an_rpc_for_a_sleeping_psm_device_waits_for_it_and_arrives_once() -> any
 
     let seen = observe(&coap, "api/v1/PSMRPC/rpc", 7);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (code, v) = rest.call(
-        "POST",
-        &format!("/api/rpc/oneway/{id}"),
-        Some(r#"{"method":"flush","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{v}");
-    let rpc_id = v["rpcId"].as_str().expect("rpcId").to_string();
+    let rpc_id = rest.persistent_rpc(&id, true, "flush")?;
     // Asleep for many acknowledgement timeouts (500 ms, 2 sends at most): still waiting.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;

@@ -168,17 +168,11 @@ async fn long_polls_deliver_attribute_updates_and_rpc_and_time_out_with_408() ->
     // A persistent RPC is DELIVERED once a poll has answered with it (as in ThingsBoard).
     let poll = in_background(&dev, "GET", "/api/v1/LAMP_TOKEN/rpc?timeout=20000".into(), None);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (code, body) = user.call(
-        "POST",
-        &format!("/api/rpc/twoway/{id}"),
-        Some(r#"{"method":"dim","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
+    let persistent = user.persistent_rpc(&id, false, "dim")?;
     let (code, request) = poll.await??;
     assert_eq!((code, &request["method"]), (200, &json!("dim")));
-    let persistent = body["rpcId"].as_str().expect("rpcId");
     assert_eq!(
-        user.rpc_status_becomes(persistent, "DELIVERED").await?,
+        user.rpc_status_becomes(&persistent, "DELIVERED").await?,
         "DELIVERED"
     );
 

@@ -561,13 +561,7 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
         _ => None,
     };
 
-    let (code, body) = rest.call(
-        "POST",
-        &format!("/api/rpc/twoway/{id}"),
-        Some(r#"{"method":"open","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
-    let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
+    let rpc_id = rest.persistent_rpc(&id, false, "open")?;
     let first = next_packet(&mut ev, rpc_publish).await?;
     let first_at = tokio::time::Instant::now();
     assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
@@ -611,13 +605,7 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
     );
 
     // One never acknowledged fails after its sends (1 + rpc_max_retries) run out.
-    let (code, body) = rest.call(
-        "POST",
-        &format!("/api/rpc/oneway/{id}"),
-        Some(r#"{"method":"ignored","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
-    let ignored = body["rpcId"].as_str().expect("rpcId").to_string();
+    let ignored = rest.persistent_rpc(&id, true, "ignored")?;
     for _ in 0..2 {
         let p = next_packet(&mut ev, rpc_publish).await?;
         assert!(String::from_utf8_lossy(&p.payload).contains("ignored"));

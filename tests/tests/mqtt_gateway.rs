@@ -243,14 +243,8 @@ async fn children_get_attributes_and_rpc_through_their_gateway() -> anyhow::Resu
     let (code, answer) = call.await??;
     assert_eq!((code, answer), (200, json!({"on": true})));
     // A persistent RPC to the child is DELIVERED once the gateway acknowledges its PUBLISH.
-    let (code, body) = rest.call(
-        "POST",
-        &format!("/api/rpc/oneway/{lamp}"),
-        Some(r#"{"method":"blink","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
-    let rpc_id = body["rpcId"].as_str().expect("rpcId");
-    assert_eq!(rest.rpc_status_becomes(rpc_id, "DELIVERED").await?, "DELIVERED");
+    let rpc_id = rest.persistent_rpc(&lamp, true, "blink")?;
+    assert_eq!(rest.rpc_status_becomes(&rpc_id, "DELIVERED").await?, "DELIVERED");
     pump.abort();
 
     // A gateway message that does not parse is refused (0x99) and creates nothing; a device
