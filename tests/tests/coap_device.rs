@@ -491,3 +491,54 @@ async fn a_non_confirmable_observer_that_is_gone_is_pinged_out_and_gets_no_more_
     assert_eq!(code, 409, "the observer is gone: {body}");
     Ok(())
 }
+
+/// A non-confirmable Observe registration (GET, Observe 0) on `/api/v1/{token}/rpc` with message
+/// id `mid` and token 0x07, as raw bytes.
+fn raw_observe_rpc_non(token: &str, mid: u16) -> Vec<u8> {
+    let [hi, lo] = mid.to_be_bytes();
+    // NON (type 1), token length 1, GET; Observe (option 6) empty = register.
+    let mut b = vec![0x51, 0x01, hi, lo, 0x07, 0x60];
+    for (i, s) in ["api", "v1", token, "rpc"].iter().enumerate() {
+        let delta: u8 = if i == 0 { 5 } else { 0 }; // Uri-Path is option 11 = 6 + 5
+        assert!(s.len() < 13);
+        b.push((delta << 4) | s.len() as u8);
+        b.extend_from_slice(s.as_bytes());
+    }
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_rejects_a_notification_with_rst_ends_its_observation() -> anyhow::Result<()> {
+    let (c, user) = node(None).await?;
+    let id = user.create_device("Rejecter", "RST_TOKEN")?;
+    let oneway = |user: &Rest| {
+        user.call(
+            "POST",
+            &format!("/api/plugins/rpc/oneway/{id}"),
+            Some(r#"{"method":"tick","params":{},"timeout":1500}"#),
+        )
+    };
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    sock.connect(&c.coap[&1]).await?;
+    sock.send(&raw_observe_rpc_non("RST_TOKEN", 0x3333)).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first RPC comes as a non-confirmable notification with the registration's token.
+    let (code, body) = oneway(&user)?;
+    assert_eq!(code, 200, "{body}");
+    let mut buf = [0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(5), sock.recv(&mut buf)).await??;
+    assert_eq!(
+        (buf[0], buf[1], buf[4]),
+        (0x51, 0x45, 0x07),
+        "NON 2.05: {:?}",
+        &buf[..n]
+    );
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("tick"));
+    // The device has forgotten the observation (a reboot, say): it rejects it with RST, and the
+    // observation ends, so the next RPC finds no active connection (409).
+    sock.send(&[0x70, 0x00, buf[2], buf[3]]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (code, body) = oneway(&user)?;
+    assert_eq!(code, 409, "the observation is gone: {body}");
+    Ok(())
+}

@@ -157,12 +157,26 @@ pub struct Transport {
     blocks: Mutex<BlockHandler<SocketAddr>>,
     /// Active observations by (peer, token); aborting the handle ends one.
     observations: Mutex<HashMap<(SocketAddr, Vec<u8>), tokio::task::AbortHandle>>,
+    /// Our latest non-confirmable answers and notifications: (peer, message id) → token. A
+    /// device that rejects one with RST ends its observation (RFC 7641 §3.6).
+    sent_non: Mutex<SentNon>,
     next_mid: AtomicU16,
     shutdown: watch::Sender<bool>,
     /// Each device's last uplink, and a wake-up for the downlinks waiting for it (power-saving
     /// devices).
     uplinks: Mutex<HashMap<thingraft_proto::records::EntityId, Uplink>>,
 }
+
+/// Non-confirmable messages sent lately, by (peer, message id), with their tokens; the oldest
+/// go first beyond [`SENT_NON_MAX`].
+#[derive(Default)]
+struct SentNon {
+    tokens: HashMap<(SocketAddr, u16), Vec<u8>>,
+    order: std::collections::VecDeque<(SocketAddr, u16)>,
+}
+
+/// Most non-confirmable messages remembered for a rejection (RST).
+const SENT_NON_MAX: usize = 65_536;
 
 /// A device's last uplink and the wake-up of downlinks waiting for the next.
 struct Uplink {
@@ -208,6 +222,7 @@ impl Transport {
             pending: Mutex::default(),
             blocks: Mutex::new(blocks),
             observations: Mutex::default(),
+            sent_non: Mutex::default(),
             next_mid: AtomicU16::new(seed),
             shutdown: watch::channel(false).0,
             uplinks: Mutex::default(),
@@ -348,6 +363,17 @@ impl Transport {
                 let acked = p.header.get_type() == MessageType::Acknowledgement;
                 if let Some(tx) = self.pending.lock().expect("pending").remove(&(peer, mid)) {
                     let _ = tx.send(acked);
+                } else if !acked
+                    && let Some(token) = self
+                        .sent_non
+                        .lock()
+                        .expect("sent_non")
+                        .tokens
+                        .remove(&(peer, mid))
+                {
+                    // A rejected notification: the device no longer has that observation.
+                    tracing::info!(%peer, mid, "CoAP notification rejected (RST); observation ended");
+                    self.cancel_observation(peer, &token);
                 }
             }
             (MessageClass::Empty, MessageType::Confirmable) => {
@@ -460,6 +486,18 @@ impl Transport {
             }
             Err(e) => tracing::warn!(error = ?e, "CoAP answer not encodable"),
         }
+    }
+
+    /// Notes a non-confirmable message with `token` sent to `peer` under `mid`.
+    fn sent_non(&self, peer: SocketAddr, mid: u16, token: &[u8]) {
+        let mut s = self.sent_non.lock().expect("sent_non");
+        if s.order.len() >= SENT_NON_MAX
+            && let Some(old) = s.order.pop_front()
+        {
+            s.tokens.remove(&old);
+        }
+        s.order.push_back((peer, mid));
+        s.tokens.insert((peer, mid), token.to_vec());
     }
 
     fn remember(&self, peer: SocketAddr, mid: u16, bytes: Vec<u8>) {
@@ -664,6 +702,7 @@ impl Responder {
             _ => {
                 msg.header.set_type(MessageType::NonConfirmable);
                 msg.header.message_id = self.t.mid();
+                self.t.sent_non(self.peer, msg.header.message_id, &self.token);
                 if matches!(*st, Answer::Pending) {
                     // Remembered so that a repeated request gets the same answer.
                     if let Ok(bytes) = msg.to_bytes() {
