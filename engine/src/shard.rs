@@ -537,6 +537,9 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Open RPCs a partition's leader follows for one device; a new one beyond is FAILED.
+const RPCS_PER_DEVICE_MAX: usize = 1_000;
+
 /// Open RPCs a partition's leader follows (queued and awaiting together).
 const RPCS_TRACKED_MAX: usize = 10_000;
 
@@ -699,8 +702,18 @@ impl Leader {
             }
             Action::Rpc(r) => {
                 let mut t = Tracked::new(r);
-                if self.queued.len() + self.awaiting.len() >= RPCS_TRACKED_MAX {
-                    // Bounded like everything else: refuse rather than grow without end.
+                let of_device = || {
+                    self.queued
+                        .iter()
+                        .chain(&self.awaiting)
+                        .filter(|o| o.rpc.device == t.rpc.device)
+                        .count()
+                };
+                if self.queued.len() + self.awaiting.len() >= RPCS_TRACKED_MAX
+                    || of_device() >= RPCS_PER_DEVICE_MAX
+                {
+                    // Bounded like everything else: refuse rather than grow without end, and
+                    // one device cannot take the whole partition's room.
                     tracing::warn!(partition = self.partition, "too many open RPCs; new one failed");
                     self.record_status(&t.rpc, RpcStatus::Failed).await;
                 } else if self.send_rpc(&mut t).await {
