@@ -326,6 +326,14 @@ pub struct AttrKv {
 }
 
 impl DownlinkMsg {
+    /// The uuid of a server-side RPC request.
+    pub fn rpc_uuid(&self) -> Option<EntityId> {
+        match self {
+            DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
+            _ => None,
+        }
+    }
+
     /// The JSON payload ThingsBoard's JSON adaptor sends: `{"k":v,..}` or `{"deleted":[..]}`
     /// for an update, `{"client":{..},"shared":{..}}` (a scope without values left out) for a
     /// response, `{"method":..,"params":..}` for an RPC.

@@ -71,13 +71,10 @@ async fn customers_claim_devices_that_opened_a_claim_window() -> anyhow::Result<
     }
     // Persistent RPCs of the customer's device may be read by its user, deleted only by the
     // tenant's administrator (ThingsBoard: TENANT_ADMIN).
-    let (code, body) = tenant.call(
-        "POST",
-        &format!("/api/rpc/oneway/{id}"),
-        Some(r#"{"method":"boil","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200, "{body}");
-    let rpc = format!("/api/rpc/persistent/{}", body["rpcId"].as_str().expect("rpcId"));
+    let rpc = format!(
+        "/api/rpc/persistent/{}",
+        tenant.persistent_rpc(&id, true, "boil")?
+    );
     assert_eq!(customer.call("GET", &rpc, None)?.0, 200);
     assert_eq!(customer.call("DELETE", &rpc, None)?.0, 403);
     assert_eq!(tenant.call("DELETE", &rpc, None)?.0, 200);

@@ -489,13 +489,7 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
     // above may still hold a session (dropping its event loop closes it some time later),
     // so the RPC goes to one that never connected: it stays QUEUED until it expires.
     let offline = rest.create_device("Offline", "TOKEN_OFF")?;
-    let (code, body) = rest.call(
-        "POST",
-        &format!("/api/rpc/oneway/{offline}"),
-        Some(r#"{"method":"later","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200);
-    let rpc_id = body["rpcId"].as_str().expect("rpcId").to_string();
+    let rpc_id = rest.persistent_rpc(&offline, true, "later")?;
     let (code, status) = rest.call("GET", &format!("/api/rpc/persistent/{rpc_id}"), None)?;
     assert_eq!(code, 200);
     assert_eq!(status["status"], "QUEUED");
@@ -519,12 +513,7 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
     assert_eq!(rest.call("GET", &path, None)?.0, 404);
     let (_device, mut ev) = subscribed_device(&c.mqtt[&1], "TOKEN_OFF").await?;
     tokio::time::sleep(Duration::from_millis(1500)).await; // three retries of queued RPCs
-    let (code, _) = rest.call(
-        "POST",
-        &format!("/api/rpc/oneway/{offline}"),
-        Some(r#"{"method":"now","params":{},"persistent":true,"timeout":60000}"#),
-    )?;
-    assert_eq!(code, 200);
+    rest.persistent_rpc(&offline, true, "now")?;
     let first = next_packet(&mut ev, |p| match p {
         Packet::Publish(p) if p.topic.starts_with(b"v1/devices/me/rpc/request/") => {
             Some(String::from_utf8_lossy(&p.payload).into_owned())
@@ -534,6 +523,18 @@ async fn rpc_to_a_silent_or_absent_device_times_out_with_thingsboards_codes() ->
     .await?;
     assert!(first.contains(r#""method":"now""#), "{first}");
     Ok(())
+}
+
+/// Polls the event loop (so the client sends its acknowledgements) until it fails, or until a
+/// packet `refused` picks arrives.
+async fn pump_refusing(ev: &mut EventLoop, refused: impl Fn(&Packet) -> bool) -> anyhow::Result<()> {
+    loop {
+        if let rumqttc::v5::Event::Incoming(p) = ev.poll().await?
+            && refused(&p)
+        {
+            anyhow::bail!("refused packet: {p:?}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -573,16 +574,9 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
     assert_eq!(again.topic, first.topic, "the same RPC, sent again");
     assert_eq!(rest.rpc_status_becomes(&rpc_id, "SENT").await?, "SENT");
     client.ack(&again).await?;
-    let pump = async {
-        loop {
-            ev.poll().await?;
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    };
     let delivered = tokio::select! {
         s = rest.rpc_status_becomes(&rpc_id, "DELIVERED") => s?,
-        e = pump => return Err(anyhow::anyhow!("event loop ended: {e:?}")),
+        e = pump_refusing(&mut ev, |_| false) => return Err(anyhow::anyhow!("event loop ended: {e:?}")),
     };
     assert_eq!(delivered, "DELIVERED");
     let rid = String::from_utf8_lossy(&again.topic)
@@ -611,20 +605,9 @@ async fn an_rpc_is_sent_again_until_the_device_acknowledges_it_and_then_it_is_de
         assert!(String::from_utf8_lossy(&p.payload).contains("ignored"));
     }
     // Two sends (1 + rpc_max_retries) and no third.
-    let pump = async {
-        loop {
-            if let rumqttc::v5::Event::Incoming(p) = ev.poll().await?
-                && rpc_publish(&p).is_some()
-            {
-                anyhow::bail!("a third send");
-            }
-        }
-        #[allow(unreachable_code)]
-        anyhow::Ok(())
-    };
     let failed = tokio::select! {
         s = rest.rpc_status_becomes(&ignored, "FAILED") => s?,
-        e = pump => return Err(anyhow::anyhow!("event loop ended: {e:?}")),
+        e = pump_refusing(&mut ev, |p| rpc_publish(p).is_some()) => return Err(anyhow::anyhow!("a third send, or the event loop ended: {e:?}")),
     };
     assert_eq!(failed, "FAILED");
     Ok(())

@@ -491,10 +491,7 @@ fn spawn_observation(
             };
             match received {
                 Some(Downlink::Msg(_, m)) => {
-                    let rpc = match &m {
-                        DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
-                        _ => None,
-                    };
+                    let rpc = m.rpc_uuid();
                     // DELIVERED, as ThingsBoard records it: appended aside, so that the next
                     // notification does not wait for it.
                     let delivered = |uuid: EntityId| {

@@ -240,14 +240,6 @@ const APPENDS_IN_FLIGHT_MAX: usize = 8;
 /// Most server-side RPCs a session remembers while it waits for their PUBACKs.
 const RPCS_UNACKED_MAX: usize = 256;
 
-/// The uuid of a server-side RPC downlink.
-fn rpc_uuid(m: &DownlinkMsg) -> Option<EntityId> {
-    match m {
-        DownlinkMsg::RpcRequest { uuid, .. } => Some(*uuid),
-        _ => None,
-    }
-}
-
 /// The session's appends in flight, oldest first; PUBACKs go out in this order (MQTT 3.1.1
 /// §4.6). Several are in flight only while each was enqueued at the local leader of one
 /// partition ([`LogHandle::enqueue`](thingraft_log::LogHandle::enqueue)), which keeps their
@@ -633,7 +625,7 @@ impl Session {
                     match d {
                         Some(Downlink::Msg(device, m)) if device != self.s.device.device => {
                             let protobuf = self.proto.is_some();
-                            let rpc = rpc_uuid(&m);
+                            let rpc = m.rpc_uuid();
                             if let Some((topic, payload)) =
                                 self.gateway.as_mut().and_then(|g| g.downlink(device, m, protobuf))
                             {
@@ -666,7 +658,7 @@ impl Session {
                                 // every filter it grants is QoS 1.
                                 let pkid = self.next_pkid();
                                 codec::write_publish(&mut self.wbuf, self.version, &topic, 1, pkid, &payload);
-                                self.published_rpc(pkid, self.s.device.device, rpc_uuid(&m));
+                                self.published_rpc(pkid, self.s.device.device, m.rpc_uuid());
                             }
                         }
                         Some(Downlink::Close) => {
