@@ -8,6 +8,8 @@
 //! - [`rules`]: rule chains in ThingsBoard's shape and their executor (client-side RPC today).
 //! - [`store`]: the local store (RocksDB) the shards fold into; latest values, history,
 //!   attributes.
+//! - [`state`]: a partition's store state taken from a peer replica when the log no longer
+//!   holds the records it was made of.
 
 pub mod connectivity;
 pub mod ota;
@@ -15,6 +17,7 @@ pub mod registry;
 pub mod relations;
 pub mod rules;
 pub mod shard;
+pub mod state;
 pub mod store;
 
 use std::path::Path;
@@ -100,6 +103,8 @@ pub struct Engine {
     tasks: Vec<tokio::task::JoinHandle<()>>,
     /// The engine's own runtime (its shards' tasks); `None` once shut down.
     runtime: Option<tokio::runtime::Runtime>,
+    /// Answers peers' state transfers while the engine runs.
+    _state_server: Arc<state::StateServer>,
 }
 
 /// The engine's API; cheap to clone.
@@ -124,6 +129,9 @@ impl Engine {
         config.validate()?;
         std::fs::create_dir_all(dir)?;
         let store = Store::open(dir)?;
+        // Beside the store: `<data>/state-transfer/{out,in}`.
+        let transfer = dir.with_file_name("state-transfer");
+        let state_server = state::StateServer::install(log.clone(), store.clone(), transfer.join("out"))?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.threads)
             .thread_name("engine")
@@ -145,6 +153,7 @@ impl Engine {
                 applied_tx: tx,
                 downlinks: downlinks.clone(),
                 config: config.clone(),
+                transfer_dir: transfer.join("in"),
             };
             tasks.push(runtime.spawn(shard.run(shutdown.subscribe())));
         }
@@ -156,6 +165,7 @@ impl Engine {
             shutdown,
             tasks,
             runtime: Some(runtime),
+            _state_server: state_server,
         })
     }
 

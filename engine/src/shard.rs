@@ -38,6 +38,18 @@ pub struct Shard {
     pub applied_tx: watch::Sender<u64>,
     pub downlinks: Arc<dyn Downlinks>,
     pub config: EngineConfig,
+    /// Where a state taken from a peer is written before it is installed.
+    pub transfer_dir: std::path::PathBuf,
+}
+
+/// The log no longer holds records of the partition this replica has not applied (retention
+/// dropped them): its state must come from a peer's (decision 0018).
+#[derive(Debug, thiserror::Error)]
+#[error("partition {partition}: offsets from {from} below the log's start {start} are no longer retained")]
+struct Gap {
+    partition: u32,
+    from: u64,
+    start: u64,
 }
 
 /// External work an applied input asks for, done by the partition's leader only.
@@ -96,7 +108,26 @@ impl Shard {
             let e = match self.run_inner(&mut shutdown).await {
                 Ok(()) => return,
                 Err(_) if *shutdown.borrow() => return,
-                Err(e) => e,
+                Err(e) => match e.downcast::<Gap>() {
+                    Ok(gap) => {
+                        tracing::warn!(partition = self.partition, "{gap}; taking the state from a peer");
+                        let restored = crate::state::restore(
+                            &self.log,
+                            &self.store,
+                            &self.transfer_dir,
+                            self.partition,
+                            gap.start,
+                            &mut shutdown,
+                        )
+                        .await;
+                        match restored {
+                            Ok(()) => continue,
+                            Err(_) if *shutdown.borrow() => return,
+                            Err(e) => e,
+                        }
+                    }
+                    Err(e) => e,
+                },
             };
             // A shard that ran for a while before it failed starts over from the first back-off.
             if started.elapsed() > Duration::from_secs(60) {
@@ -119,6 +150,15 @@ impl Shard {
     async fn run_inner(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let p = self.partition;
         let progress = self.store.progress(p)?;
+        let start = self.log.read(p, 0, 0)?.start_offset;
+        if progress.processed_upto < start {
+            return Err(Gap {
+                partition: p,
+                from: progress.processed_upto,
+                start,
+            }
+            .into());
+        }
         let mut st = State {
             processed_upto: progress.processed_upto,
             pending: VecDeque::new(),
@@ -228,6 +268,18 @@ impl Shard {
         let mut batch = Batch::default();
         let mut applied_any = false;
         let mut actions = Vec::new();
+        // The tail goes on from the oldest record retained: past `seen_upto`, records this
+        // replica never saw were dropped.
+        if let Some(first) = records.first()
+            && first.offset > st.seen_upto
+        {
+            return Err(Gap {
+                partition: self.partition,
+                from: st.seen_upto,
+                start: first.offset,
+            }
+            .into());
+        }
         for r in records {
             st.seen_upto = r.offset + 1;
             match PartitionRecord::decode(&r.value) {
@@ -335,10 +387,12 @@ impl Shard {
                 // A read starts at the oldest record retained: one past `next` means a gap (and
                 // would never move `next`).
                 if r.records.first().is_none_or(|rec| rec.offset != next) {
-                    anyhow::bail!(
-                        "partition {} offsets {next}..{upto} are no longer retained",
-                        self.partition
-                    );
+                    return Err(Gap {
+                        partition: self.partition,
+                        from: next,
+                        start: r.start_offset.max(next + 1),
+                    }
+                    .into());
                 }
                 for rec in r.records {
                     if rec.offset >= upto {

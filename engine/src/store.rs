@@ -2,7 +2,8 @@
 //!
 //! It can be rebuilt from the log, so it is written without its WAL being synced: each write
 //! batch carries the partition's progress with the data it produced, and after a crash the
-//! shard re-reads the log from the progress that survived.
+//! shard re-reads the log from the progress that survived. What retention dropped from the log
+//! comes from a peer's store instead ([`Store::export`], [`Store::install`], decision 0018).
 //!
 //! Keys (device = 16-byte id; name = u16 length + UTF-8):
 //! - `l` device → the device's latest telemetry: key → (ts, value)
@@ -145,9 +146,7 @@ impl Store {
     }
 
     pub fn progress(&self, partition: u32) -> anyhow::Result<Progress> {
-        let mut k = vec![b'p'];
-        k.extend_from_slice(&partition.to_be_bytes());
-        Ok(match self.db.get(&k)? {
+        Ok(match self.db.get(progress_key(partition))? {
             Some(v) => decode(&v)?,
             None => Progress::default(),
         })
@@ -379,6 +378,175 @@ impl Store {
     pub fn telemetry_keys(&self, device: &EntityId) -> anyhow::Result<Vec<String>> {
         Ok(self.latest(device, &[])?.into_iter().map(|(k, _)| k).collect())
     }
+
+    /// Writes, from one consistent view of the store, what it holds of each partition in
+    /// `parts` to a file of its own in `dir` (frames `key len u32 · value len u32 · key ·
+    /// value`, big-endian lengths), and returns each partition's progress in that view. A
+    /// partition's data and its progress are written in one batch, so the view has both or
+    /// neither of every write. Decision 0018.
+    pub fn export(
+        &self,
+        dir: &Path,
+        id: u64,
+        parts: &[u32],
+        partition_of: impl Fn(&EntityId) -> u32,
+    ) -> anyhow::Result<Vec<Export>> {
+        use std::io::Write;
+        std::fs::create_dir_all(dir)?;
+        let snap = self.db.snapshot();
+        let mut out: std::collections::BTreeMap<
+            u32,
+            (Export, std::io::BufWriter<std::fs::File>, crc32fast::Hasher),
+        > = std::collections::BTreeMap::new();
+        for &p in parts {
+            let path = dir.join(format!("partition-{p}"));
+            let f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&path)?);
+            let progress = match snap.get(progress_key(p))? {
+                Some(v) => decode(&v)?,
+                None => Progress::default(),
+            };
+            let e = Export {
+                id,
+                partition: p,
+                progress,
+                path,
+                len: 0,
+                crc: 0,
+                keys: 0,
+            };
+            out.insert(p, (e, f, crc32fast::Hasher::new()));
+        }
+        for kv in snap.iterator(IteratorMode::Start) {
+            let (k, v) = kv?;
+            let Some(device) = key_device(&k, &v)? else {
+                continue;
+            };
+            let Some((e, f, crc)) = out.get_mut(&partition_of(&device)) else {
+                continue;
+            };
+            let head = [(k.len() as u32).to_be_bytes(), (v.len() as u32).to_be_bytes()].concat();
+            for part in [&head[..], &k, &v] {
+                f.write_all(part)?;
+                crc.update(part);
+            }
+            e.len += (head.len() + k.len() + v.len()) as u64;
+            e.keys += 1;
+        }
+        let mut done = Vec::new();
+        for (_, (mut e, f, crc)) in out {
+            f.into_inner().map_err(|e| e.into_error())?;
+            e.crc = crc.finalize();
+            done.push(e);
+        }
+        Ok(done)
+    }
+
+    /// Replaces what this store holds of `partition` with an [`Store::export`] of a peer's
+    /// (`file`, already checked), and sets the partition's progress to the export's. Until the
+    /// end the partition's progress reads 0: the half-replaced state is never exported as a
+    /// consistent one, and after a crash part-way (0 is below the log's start) the transfer is
+    /// made again. Returns the keys written.
+    pub fn install(
+        &self,
+        partition: u32,
+        file: &Path,
+        progress: Progress,
+        partition_of: impl Fn(&EntityId) -> u32,
+    ) -> anyhow::Result<u64> {
+        use std::io::Read;
+        const BATCH_BYTES: usize = 4 << 20;
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        // What is there now goes first: a key the export lacks must not survive it.
+        let mut wb = WriteBatch::default();
+        wb.put(progress_key(partition), encode(&Progress::default()));
+        for kv in self.db.iterator(IteratorMode::Start) {
+            let (k, v) = kv?;
+            if key_device(&k, &v)?.is_some_and(|d| partition_of(&d) == partition) {
+                wb.delete(&k);
+                if wb.size_in_bytes() >= BATCH_BYTES {
+                    self.db.write_opt(std::mem::take(&mut wb), &wo)?;
+                }
+            }
+        }
+        let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
+        let mut keys = 0u64;
+        loop {
+            let mut head = [0u8; 8];
+            match r.read_exact(&mut head) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(e.into()),
+            }
+            let klen = u32::from_be_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+            let vlen = u32::from_be_bytes(head[4..].try_into().expect("4 bytes")) as usize;
+            let mut kv = vec![0u8; klen + vlen];
+            r.read_exact(&mut kv)?;
+            let (k, v) = kv.split_at(klen);
+            let device =
+                key_device(k, v)?.ok_or_else(|| anyhow::anyhow!("a progress key in a partition's state"))?;
+            anyhow::ensure!(
+                partition_of(&device) == partition,
+                "a key of partition {} in the state of partition {partition}",
+                partition_of(&device)
+            );
+            wb.put(k, v);
+            keys += 1;
+            if wb.size_in_bytes() >= BATCH_BYTES {
+                self.db.write_opt(std::mem::take(&mut wb), &wo)?;
+            }
+        }
+        wb.put(progress_key(partition), encode(&progress));
+        self.db.write_opt(wb, &wo)?;
+        // Durable now, rather than transferred again after a crash.
+        self.db.flush()?;
+        // Cached latest values of the partition's devices are the old ones.
+        self.latest_cache
+            .lock()
+            .expect("latest cache lock")
+            .retain(|d, _| partition_of(d) != partition);
+        Ok(keys)
+    }
+
+    /// Sets a partition's progress alone: its records below are gone from the log and no
+    /// replica holds the state they made (decision 0018).
+    pub fn skip_to(&self, partition: u32, progress: Progress) -> anyhow::Result<()> {
+        self.db.put(progress_key(partition), encode(&progress))?;
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// One partition's part of a [`Store::export`].
+#[derive(Debug, Clone)]
+pub struct Export {
+    /// The export (one pass over the store) this file is part of.
+    pub id: u64,
+    pub partition: u32,
+    pub progress: Progress,
+    pub path: std::path::PathBuf,
+    pub len: u64,
+    pub crc: u32,
+    pub keys: u64,
+}
+
+fn progress_key(partition: u32) -> Vec<u8> {
+    let mut k = vec![b'p'];
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// The device a stored entry belongs to (and so its partition); `None` for a partition's
+/// progress.
+fn key_device(k: &[u8], v: &[u8]) -> anyhow::Result<Option<EntityId>> {
+    match k.first() {
+        Some(b'l' | b'h' | b'a' | b'q' | b'n') if k.len() >= 17 => {
+            Ok(Some(k[1..17].try_into().expect("16 bytes")))
+        }
+        Some(b'r') => Ok(Some(decode::<RpcState>(v)?.device)),
+        Some(b'p') => Ok(None),
+        other => anyhow::bail!("a store key of an unknown kind {other:?}"),
+    }
 }
 
 /// A device's latest telemetry, key → newest sample.
@@ -451,9 +619,7 @@ impl Batch {
     }
 
     pub fn progress(&mut self, partition: u32, p: Progress) {
-        let mut k = vec![b'p'];
-        k.extend_from_slice(&partition.to_be_bytes());
-        self.wb.put(k, encode(&p));
+        self.wb.put(progress_key(partition), encode(&p));
     }
 
     /// Saves one group of telemetry values (one message, one timestamp) from the input at

@@ -1,7 +1,7 @@
 //! A node of the replicated log: its Raft groups, its gRPC server, cluster bootstrap and the
 //! [`LogHandle`] that the rest of thingraft appends and reads through.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -110,8 +110,8 @@ pub type AppHandler =
     Arc<dyn Fn(Bytes) -> futures::future::BoxFuture<'static, Result<Bytes, String>> + Send + Sync>;
 
 pub(crate) struct Inner {
-    /// Set once by the application above the log.
-    pub app_handler: std::sync::OnceLock<AppHandler>,
+    /// Installed by the applications above the log, one per message kind.
+    pub app_handlers: std::sync::RwLock<HashMap<u32, AppHandler>>,
     pub config: LogConfig,
     pub store: Arc<Store>,
     pub peers: Peers,
@@ -258,7 +258,7 @@ impl LogNode {
         let (shutdown, mut shutdown_rx) = watch::channel(false);
         let handle = LogHandle {
             inner: Arc::new(Inner {
-                app_handler: std::sync::OnceLock::new(),
+                app_handlers: Default::default(),
                 forwards: Pipes::new(true),
                 config,
                 store,
@@ -854,20 +854,31 @@ impl LogHandle {
         self.inner.members.keys().copied().collect()
     }
 
-    /// Installs the handler of application messages from peers (once; later calls are ignored).
-    pub fn set_app_handler(&self, h: AppHandler) {
-        let _ = self.inner.app_handler.set(h);
+    /// Installs the handler of application messages of `kind` from peers (a later call for the
+    /// same kind replaces it).
+    pub fn set_app_handler(&self, kind: u32, h: AppHandler) {
+        self.inner
+            .app_handlers
+            .write()
+            .expect("app handlers lock")
+            .insert(kind, h);
     }
 
-    /// Sends an application message to node `id` and returns its reply.
-    pub async fn call_app(&self, id: NodeId, body: Bytes, timeout: Duration) -> Result<Bytes, LogError> {
+    /// Sends an application message of `kind` to node `id` and returns its reply.
+    pub async fn call_app(
+        &self,
+        id: NodeId,
+        kind: u32,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, LogError> {
         let addr = self
             .inner
             .members
             .get(&id)
             .ok_or_else(|| LogError::Invalid(format!("unknown node {id}")))?;
         let mut client = self.peer_client(id, addr)?;
-        let mut req = tonic::Request::new(pb::AppRequest { body });
+        let mut req = tonic::Request::new(pb::AppRequest { body, kind });
         req.set_timeout(timeout);
         match tokio::time::timeout(timeout, client.app(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner().body),
@@ -876,8 +887,13 @@ impl LogHandle {
         }
     }
 
-    pub(crate) fn app_handler(&self) -> Option<AppHandler> {
-        self.inner.app_handler.get().cloned()
+    pub(crate) fn app_handler(&self, kind: u32) -> Option<AppHandler> {
+        self.inner
+            .app_handlers
+            .read()
+            .expect("app handlers lock")
+            .get(&kind)
+            .cloned()
     }
 
     fn meta_group(&self) -> &Arc<Group> {

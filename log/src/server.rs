@@ -399,12 +399,13 @@ impl Log for LogService {
     }
 
     async fn app(&self, req: Request<pb::AppRequest>) -> Result<Response<pb::AppReply>, Status> {
+        let req = req.into_inner();
         let h = self
             .node
             .handle()?
-            .app_handler()
-            .ok_or_else(|| Status::unavailable("application not started"))?;
-        match h(req.into_inner().body).await {
+            .app_handler(req.kind)
+            .ok_or_else(|| Status::unavailable(format!("no application handles kind {}", req.kind)))?;
+        match h(req.body).await {
             Ok(body) => Ok(Response::new(pb::AppReply { body })),
             Err(e) => {
                 tracing::info!(error = %e, "application message refused");

@@ -15,6 +15,8 @@ use thingraft_proto::records::Deliver;
 use thingraft_transport_common::Hub;
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The log's application message kind of downlink deliveries.
+const APP_KIND: u32 = 0;
 
 pub struct ClusterDownlinks {
     pub log: LogHandle,
@@ -26,14 +28,17 @@ impl ClusterDownlinks {
     /// Answers peers' deliveries with this node's sessions.
     pub fn install(self: &Arc<Self>) {
         let this = Arc::downgrade(self);
-        self.log.set_app_handler(Arc::new(move |body: Bytes| {
-            let this = this.clone();
-            Box::pin(async move {
-                let d = Deliver::decode(&body).map_err(|e| e.to_string())?;
-                let n = this.upgrade().map(|t| t.hub.deliver(&d)).unwrap_or(0);
-                Ok(Bytes::copy_from_slice(&n.to_be_bytes()))
-            })
-        }));
+        self.log.set_app_handler(
+            APP_KIND,
+            Arc::new(move |body: Bytes| {
+                let this = this.clone();
+                Box::pin(async move {
+                    let d = Deliver::decode(&body).map_err(|e| e.to_string())?;
+                    let n = this.upgrade().map(|t| t.hub.deliver(&d)).unwrap_or(0);
+                    Ok(Bytes::copy_from_slice(&n.to_be_bytes()))
+                })
+            }),
+        );
     }
 }
 
@@ -58,7 +63,7 @@ impl Downlinks for ClusterDownlinks {
                 let log = log.clone();
                 let body = body.clone();
                 async move {
-                    match log.call_app(id, body, PEER_TIMEOUT).await {
+                    match log.call_app(id, APP_KIND, body, PEER_TIMEOUT).await {
                         Ok(b) if b.len() == 4 => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
                         Ok(_) => 0,
                         Err(e) => {

@@ -1,0 +1,282 @@
+//! Engine state the log no longer holds (decision 0018): with a retention that keeps a few KiB
+//! per partition, a node that lost its data directory gets back its devices' telemetry,
+//! attributes and RPCs from a peer's store; a lone node that lost its store goes on from the
+//! start of its log. Bad state requests get their gRPC codes.
+
+use std::time::{Duration, Instant};
+
+use rumqttc::v5::mqttbytes::v5::PubAckReason;
+use serde_json::Value;
+use thingraft_proto::v1::AppRequest;
+use thingraft_proto::v1::log_client::LogClient;
+use thingraft_tests::{ProcCluster, Rest, publish_qos1, v5_client};
+use tonic::Code;
+
+/// Snapshots (and so purges of the Raft log) every 50 entries, and at most 8 KiB of records per
+/// partition: a peer that lost everything gets a snapshot whose records start far past 0.
+const CONFIG: &str = "[log]
+snapshot_every_entries = 50
+entries_kept_after_snapshot = 5
+
+[log.retention]
+bytes_max = 8192
+age_ms_max = 604800000
+";
+
+const MESSAGES: u64 = 150;
+
+fn partition_of(device_id: &str, partitions: u32) -> u32 {
+    let u = uuid::Uuid::parse_str(device_id).expect("uuid");
+    thingraft_log::placement::partition_for_key(u.as_bytes(), partitions)
+}
+
+/// Publishes `MESSAGES` samples of `seq` (each acknowledged before the next) as `token`.
+async fn publish_samples(mqtt: &str, token: &str, first_seq: u64) -> anyhow::Result<()> {
+    let (client, mut ev) = v5_client(mqtt, token);
+    for seq in first_seq..first_seq + MESSAGES {
+        let body = format!(
+            r#"{{"ts":{},"values":{{"seq":{seq}}}}}"#,
+            1_700_000_000_000u64 + seq
+        );
+        let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &body).await?;
+        anyhow::ensure!(r == PubAckReason::Success, "seq {seq}: {r:?}");
+    }
+    let _ = client.disconnect().await;
+    Ok(())
+}
+
+fn history(rest: &Rest, id: &str) -> anyhow::Result<Value> {
+    let (code, v) = rest.call(
+        "GET",
+        &format!(
+            "/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys=seq&startTs=0&endTs=1800000000000&limit=100000&orderBy=ASC"
+        ),
+        None,
+    )?;
+    anyhow::ensure!(code == 200, "history: {code} {v}");
+    Ok(v)
+}
+
+fn shared_attributes(rest: &Rest, id: &str) -> anyhow::Result<Value> {
+    let (code, v) = rest.call(
+        "GET",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SHARED_SCOPE"),
+        None,
+    )?;
+    anyhow::ensure!(code == 200, "shared attributes: {code} {v}");
+    Ok(v)
+}
+
+/// Polls until `f` holds or 30 s pass; the last value either way.
+async fn eventually<T>(mut f: impl FnMut() -> anyhow::Result<(bool, T)>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (ok, v) = f()?;
+        if ok || Instant::now() > deadline {
+            return Ok(v);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_holds_from_a_peer()
+-> anyhow::Result<()> {
+    const PARTITIONS: u32 = 2;
+    let mut c = ProcCluster::start_with_config(3, PARTITIONS, Some(CONFIG)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    // Devices until both partitions have one.
+    let mut devices: Vec<(String, String)> = Vec::new();
+    for i in 0..32 {
+        let token = format!("METER_{i}");
+        let id = rest.create_device(&format!("Meter {i}"), &token)?;
+        if devices
+            .iter()
+            .all(|(d, _)| partition_of(d, PARTITIONS) != partition_of(&id, PARTITIONS))
+        {
+            devices.push((id, token));
+        }
+        if devices.len() == PARTITIONS as usize {
+            break;
+        }
+    }
+    assert_eq!(devices.len(), PARTITIONS as usize, "no device in some partition");
+
+    // A shared attribute and a persistent RPC first (the device is offline: it stays QUEUED),
+    // then enough telemetry that retention drops the records that made them.
+    let mut rpcs = Vec::new();
+    for (id, _) in &devices {
+        let (code, v) = rest.call(
+            "POST",
+            &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+            Some(r#"{"mode":"eco"}"#),
+        )?;
+        assert_eq!(code, 200, "{v}");
+        rpcs.push(rest.persistent_rpc(id, true, "close")?);
+    }
+    for (_, token) in &devices {
+        publish_samples(&c.mqtt[&1], token, 0).await?;
+    }
+
+    // Node 3 loses everything and comes back.
+    c.kill(3);
+    c.wipe(3)?;
+    c.restart(3)?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    // Its replicas were repaired with snapshots whose records start far past offset 0: the log
+    // alone cannot rebuild its store.
+    let lc = c.client(3).await?;
+    for p in 0..PARTITIONS {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while lc.read_from(3, p, 0, 1).await?.start_offset == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "partition {p} of node 3 still starts at offset 0"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
+    for ((id, _), rpc) in devices.iter().zip(&rpcs) {
+        let want = history(&rest, id)?;
+        assert_eq!(
+            want["seq"].as_array().map(Vec::len),
+            Some(MESSAGES as usize),
+            "{want}"
+        );
+        let got = eventually(|| {
+            let v = history(&rest3, id)?;
+            Ok((v == want, v))
+        })
+        .await?;
+        assert_eq!(got, want, "history of {id} on node 3; its log:\n{}", c.log_of(3));
+        assert_eq!(rest3.latest(id)?, rest.latest(id)?);
+        let attrs = shared_attributes(&rest3, id)?;
+        assert_eq!(attrs, shared_attributes(&rest, id)?);
+        assert_eq!(attrs[0]["value"], "eco", "{attrs}");
+        let path = format!("/api/rpc/persistent/{rpc}");
+        let (code, on3) = rest3.call("GET", &path, None)?;
+        assert_eq!(code, 200, "{on3}");
+        assert_eq!(on3["status"], "QUEUED", "{on3}");
+        assert_eq!(on3, rest.call("GET", &path, None)?.1);
+    }
+    let log3 = c.log_of(3);
+    assert!(log3.contains("engine state taken from a peer"), "{log3}");
+    assert!(!log3.contains("are lost here"), "{log3}");
+
+    // A state request that does not decode, and a message kind no one handles, get their gRPC
+    // codes; the node goes on.
+    let mut raw = LogClient::connect(format!("http://{}", c.addrs[&1])).await?;
+    let bad = |kind: u32| AppRequest {
+        kind,
+        body: vec![0xff; 8].into(),
+    };
+    assert_eq!(raw.app(bad(1)).await.unwrap_err().code(), Code::InvalidArgument);
+    assert_eq!(raw.app(bad(77)).await.unwrap_err().code(), Code::Unavailable);
+
+    // And it goes on: telemetry sent through node 3 is readable there.
+    let (id, token) = &devices[0];
+    publish_samples(&c.mqtt[&3], token, 1000).await?;
+    let v = rest3
+        .wait_latest(id, Duration::from_secs(10), |v| {
+            v["seq"][0]["value"] == format!("{}", 1000 + MESSAGES - 1)
+        })
+        .await?;
+    assert_eq!(v["seq"][0]["value"], format!("{}", 1000 + MESSAGES - 1), "{v}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_start_of_its_log()
+-> anyhow::Result<()> {
+    let mut c = ProcCluster::start_with_config(1, 1, Some(CONFIG)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let id = rest.create_device("Meter", "METER")?;
+    publish_samples(&c.mqtt[&1], "METER", 0).await?;
+
+    c.kill(1);
+    std::fs::remove_dir_all(c.data_dir(1).join("store"))?;
+    c.restart(1)?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    publish_samples(&c.mqtt[&1], "METER", 1000).await?;
+    let last = format!("{}", 1000 + MESSAGES - 1);
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(10), |v| v["seq"][0]["value"] == last)
+        .await?;
+    assert_eq!(v["seq"][0]["value"], last, "{v}; its log:\n{}", c.log_of(1));
+    let log = c.log_of(1);
+    assert!(log.contains("are lost here"), "{log}");
+    // What the log still held is applied: the history is the retained tail of the first
+    // samples and all of the new ones.
+    let h = history(&rest, &id)?;
+    let seqs: Vec<u64> = h["seq"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["value"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!((1000..1000 + MESSAGES).all(|s| seqs.contains(&s)), "{h}");
+    assert!(
+        seqs.contains(&(MESSAGES - 1)),
+        "the retained tail of the first samples is missing: {h}"
+    );
+    assert!(
+        !seqs.contains(&0),
+        "seq 0 was dropped by retention yet is in the history: {h}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_after_the_retention_keeps_nothing_its_peers_deleted_meanwhile() -> anyhow::Result<()> {
+    let mut c = ProcCluster::start_with_config(3, 1, Some(CONFIG)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
+    let id = rest.create_device("Valve", "VALVE")?;
+    let (code, v) = rest.call(
+        "POST",
+        &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
+        Some(r#"{"mode":"eco","stale":true}"#),
+    )?;
+    assert_eq!(code, 200, "{v}");
+    let on3 = eventually(|| {
+        let v = shared_attributes(&rest3, &id)?;
+        Ok((v.as_array().is_some_and(|a| a.len() == 2), v))
+    })
+    .await?;
+    assert_eq!(on3.as_array().map(Vec::len), Some(2), "{on3}");
+
+    // Node 3 is down (its store keeps both attributes) while `stale` is deleted and retention
+    // drops the records of all of it.
+    c.kill(3);
+    let (code, v) = rest.call(
+        "DELETE",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/SHARED_SCOPE?keys=stale"),
+        None,
+    )?;
+    assert_eq!(code, 200, "{v}");
+    publish_samples(&c.mqtt[&1], "VALVE", 0).await?;
+    let want = shared_attributes(&rest, &id)?;
+    assert_eq!(want.as_array().map(Vec::len), Some(1), "{want}");
+
+    c.restart(3)?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
+    let want_history = history(&rest, &id)?;
+    let got = eventually(|| {
+        let v = history(&rest3, &id)?;
+        Ok((v == want_history, v))
+    })
+    .await?;
+    assert_eq!(got, want_history, "node 3's log:\n{}", c.log_of(3));
+    assert_eq!(
+        shared_attributes(&rest3, &id)?,
+        want,
+        "node 3 kept a deleted attribute"
+    );
+    Ok(())
+}
