@@ -280,3 +280,49 @@ async fn a_node_back_after_the_retention_keeps_nothing_its_peers_deleted_meanwhi
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_lost_every_store_goes_on_from_the_start_of_its_logs() -> anyhow::Result<()> {
+    let mut c = ProcCluster::start_with_config(3, 1, Some(CONFIG)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let id = rest.create_device("Gauge", "GAUGE")?;
+    publish_samples(&c.mqtt[&1], "GAUGE", 0).await?;
+
+    // Every node loses its store (the logs stay): no replica can give the state from before
+    // the logs' start, so none waits for one.
+    for n in 1..=3 {
+        c.kill(n);
+    }
+    for n in 1..=3 {
+        std::fs::remove_dir_all(c.data_dir(n).join("store"))?;
+        c.restart(n)?;
+    }
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    publish_samples(&c.mqtt[&1], "GAUGE", 1000).await?;
+    let last = format!("{}", 1000 + MESSAGES - 1);
+    for n in 1..=3 {
+        let rest = Rest::login(&c.http[&n], "tenant@thingsboard.org", "tenant").await?;
+        let v = rest
+            .wait_latest(&id, Duration::from_secs(30), |v| v["seq"][0]["value"] == last)
+            .await?;
+        assert_eq!(
+            v["seq"][0]["value"],
+            last,
+            "node {n}: {v}; its log:\n{}",
+            c.log_of(n)
+        );
+    }
+    assert!(
+        (1..=3).any(|n| c.log_of(n).contains("are lost here")),
+        "no node said what is lost"
+    );
+    let h = history(&rest, &id)?;
+    assert!(
+        !h["seq"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s["value"] == "0")),
+        "seq 0 was dropped by retention yet is in the history: {h}"
+    );
+    Ok(())
+}
