@@ -83,6 +83,8 @@ pub(crate) enum Action {
 }
 
 struct State {
+    /// Every ingest record below it is applied (the last outcome's end, or, with no ingest
+    /// waiting, everything seen).
     processed_upto: u64,
     /// Every ingest record from `pending_from` up to the tail's position is in `pending`.
     pending: VecDeque<(u64, Ingest)>,
@@ -327,6 +329,13 @@ impl Shard {
             }
         }
         if applied_any {
+            // With no ingest record waiting for its outcome (and none left to re-read), every
+            // record seen is done with: the progress moves past the outcome records too, so
+            // that retention dropping only those never reads as a gap at the next start.
+            if st.pending.is_empty() && st.pending_from <= st.processed_upto {
+                st.processed_upto = st.seen_upto;
+                st.pending_from = st.seen_upto;
+            }
             batch.progress(
                 self.partition,
                 Progress {
