@@ -157,6 +157,11 @@ impl Engine {
             };
             tasks.push(runtime.spawn(shard.run(shutdown.subscribe())));
         }
+        tasks.push(runtime.spawn(flush_periodically(
+            store.clone(),
+            store_flush_interval(log.config().retention.age_ms_max),
+            shutdown.subscribe(),
+        )));
         Ok(Engine {
             registry: Registry::new(log.clone()),
             log,
@@ -244,6 +249,34 @@ impl EngineHandle {
         tokio::time::timeout(timeout, rx.wait_for(|v| *v > offset))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+}
+
+/// How often the store is flushed. It is written without a WAL, so a crash loses what is only
+/// in its memtables, and the shards read it again from the log; that works only while the log
+/// still holds it. A quiet store could keep writes in memory longer than the retention's age
+/// (a memtable flushes when full), so it is flushed at least every 10 minutes, and 4 times per
+/// retention age when that is shorter.
+fn store_flush_interval(retention_age_ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis((retention_age_ms / 4).clamp(100, 600_000))
+}
+
+async fn flush_periodically(
+    store: Arc<Store>,
+    every: std::time::Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stopped(&mut shutdown) => return,
+        }
+        let s = store.clone();
+        match tokio::task::spawn_blocking(move || s.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "store flush failed; will try again"),
+            Err(e) => tracing::warn!(error = %e, "store flush task failed"),
+        }
     }
 }
 

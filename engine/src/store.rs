@@ -508,6 +508,12 @@ impl Store {
         Ok(keys)
     }
 
+    /// Persists what is only in memory (the store is written without a WAL).
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.db.flush()?;
+        Ok(())
+    }
+
     /// Sets a partition's progress alone: its records below are gone from the log and no
     /// replica holds the state they made (decision 0018).
     pub fn skip_to(&self, partition: u32, progress: Progress) -> anyhow::Result<()> {

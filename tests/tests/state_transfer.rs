@@ -326,3 +326,51 @@ async fn a_cluster_that_lost_every_store_goes_on_from_the_start_of_its_logs() ->
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_is_flushed_before_the_retention_drops_what_it_was_made_of() -> anyhow::Result<()> {
+    // Records older than 2 s are dropped as new ones come, and snapshots let the log forget its
+    // entries; the store is written without a WAL, so after `kill -9` only what was flushed
+    // survives of it.
+    let config = "[log]\nsnapshot_every_entries = 50\nentries_kept_after_snapshot = 5\n\n\
+                  [log.retention]\nbytes_max = 1073741824\nage_ms_max = 2000\n";
+    let mut c = ProcCluster::start_with_config(1, 1, Some(config)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let id = rest.create_device("Tank", "TANK")?;
+    publish_samples(&c.mqtt[&1], "TANK", 0).await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    publish_samples(&c.mqtt[&1], "TANK", 1000).await?;
+    let last = format!("{}", 1000 + MESSAGES - 1);
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(10), |v| v["seq"][0]["value"] == last)
+        .await?;
+    assert_eq!(v["seq"][0]["value"], last, "{v}");
+
+    c.kill(1);
+    c.restart(1)?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let seqs = eventually(|| {
+        let h = history(&rest, &id)?;
+        let seqs: Vec<u64> = h["seq"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s["value"].as_str()?.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok((seqs.contains(&last.parse()?), seqs))
+    })
+    .await?;
+    let missing: Vec<u64> = (0..MESSAGES)
+        .chain(1000..1000 + MESSAGES)
+        .filter(|s| !seqs.contains(s))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged samples gone after kill -9: {missing:?}; the node's log:\n{}",
+        c.log_of(1)
+    );
+    Ok(())
+}
