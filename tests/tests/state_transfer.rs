@@ -45,6 +45,26 @@ async fn publish_samples(mqtt: &str, token: &str, first_seq: u64) -> anyhow::Res
     Ok(())
 }
 
+/// The tenant administrator's REST session on node `n` (logged in once the node answers).
+async fn tenant(c: &ProcCluster, n: u64) -> anyhow::Result<Rest> {
+    Rest::login(&c.http[&n], "tenant@thingsboard.org", "tenant").await
+}
+
+/// A cluster started with `config`, the tenant's REST session on node 1, and a device `name`
+/// with access token `token`.
+async fn cluster_with_device(
+    nodes: usize,
+    partitions: u32,
+    config: &str,
+    name: &str,
+    token: &str,
+) -> anyhow::Result<(ProcCluster, Rest, String)> {
+    let c = ProcCluster::start_with_config(nodes, partitions, Some(config)).await?;
+    let rest = tenant(&c, 1).await?;
+    let id = rest.create_device(name, token)?;
+    Ok((c, rest, id))
+}
+
 fn history(rest: &Rest, id: &str) -> anyhow::Result<Value> {
     let (code, v) = rest.call(
         "GET",
@@ -84,7 +104,7 @@ async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_hold
 -> anyhow::Result<()> {
     const PARTITIONS: u32 = 2;
     let mut c = ProcCluster::start_with_config(3, PARTITIONS, Some(CONFIG)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let rest = tenant(&c, 1).await?;
     // Devices until both partitions have one.
     let mut devices: Vec<(String, String)> = Vec::new();
     for i in 0..32 {
@@ -137,7 +157,7 @@ async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_hold
         }
     }
 
-    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
+    let rest3 = tenant(&c, 3).await?;
     for ((id, _), rpc) in devices.iter().zip(&rpcs) {
         let want = history(&rest, id)?;
         assert_eq!(
@@ -190,16 +210,14 @@ async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_hold
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_start_of_its_log()
 -> anyhow::Result<()> {
-    let mut c = ProcCluster::start_with_config(1, 1, Some(CONFIG)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
-    let id = rest.create_device("Meter", "METER")?;
+    let (mut c, _, id) = cluster_with_device(1, 1, CONFIG, "Meter", "METER").await?;
     publish_samples(&c.mqtt[&1], "METER", 0).await?;
 
     c.kill(1);
     std::fs::remove_dir_all(c.data_dir(1).join("store"))?;
     c.restart(1)?;
     c.wait_ready(Duration::from_secs(30)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let rest = tenant(&c, 1).await?;
     publish_samples(&c.mqtt[&1], "METER", 1000).await?;
     let last = format!("{}", 1000 + MESSAGES - 1);
     let v = rest
@@ -233,10 +251,8 @@ async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_back_after_the_retention_keeps_nothing_its_peers_deleted_meanwhile() -> anyhow::Result<()> {
-    let mut c = ProcCluster::start_with_config(3, 1, Some(CONFIG)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
-    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
-    let id = rest.create_device("Valve", "VALVE")?;
+    let (mut c, rest, id) = cluster_with_device(3, 1, CONFIG, "Valve", "VALVE").await?;
+    let rest3 = tenant(&c, 3).await?;
     let (code, v) = rest.call(
         "POST",
         &format!("/api/plugins/telemetry/{id}/SHARED_SCOPE"),
@@ -265,7 +281,7 @@ async fn a_node_back_after_the_retention_keeps_nothing_its_peers_deleted_meanwhi
 
     c.restart(3)?;
     c.wait_ready(Duration::from_secs(30)).await?;
-    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
+    let rest3 = tenant(&c, 3).await?;
     let want_history = history(&rest, &id)?;
     let got = eventually(|| {
         let v = history(&rest3, &id)?;
@@ -283,9 +299,7 @@ async fn a_node_back_after_the_retention_keeps_nothing_its_peers_deleted_meanwhi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_that_lost_every_store_goes_on_from_the_start_of_its_logs() -> anyhow::Result<()> {
-    let mut c = ProcCluster::start_with_config(3, 1, Some(CONFIG)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
-    let id = rest.create_device("Gauge", "GAUGE")?;
+    let (mut c, _, id) = cluster_with_device(3, 1, CONFIG, "Gauge", "GAUGE").await?;
     publish_samples(&c.mqtt[&1], "GAUGE", 0).await?;
 
     // Every node loses its store (the logs stay): no replica can give the state from before
@@ -298,11 +312,11 @@ async fn a_cluster_that_lost_every_store_goes_on_from_the_start_of_its_logs() ->
         c.restart(n)?;
     }
     c.wait_ready(Duration::from_secs(30)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let rest = tenant(&c, 1).await?;
     publish_samples(&c.mqtt[&1], "GAUGE", 1000).await?;
     let last = format!("{}", 1000 + MESSAGES - 1);
     for n in 1..=3 {
-        let rest = Rest::login(&c.http[&n], "tenant@thingsboard.org", "tenant").await?;
+        let rest = tenant(&c, n).await?;
         let v = rest
             .wait_latest(&id, Duration::from_secs(30), |v| v["seq"][0]["value"] == last)
             .await?;
@@ -334,9 +348,7 @@ async fn a_store_is_flushed_before_the_retention_drops_what_it_was_made_of() -> 
     // survives of it.
     let config = "[log]\nsnapshot_every_entries = 50\nentries_kept_after_snapshot = 5\n\n\
                   [log.retention]\nbytes_max = 1073741824\nage_ms_max = 2000\n";
-    let mut c = ProcCluster::start_with_config(1, 1, Some(config)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
-    let id = rest.create_device("Tank", "TANK")?;
+    let (mut c, rest, id) = cluster_with_device(1, 1, config, "Tank", "TANK").await?;
     publish_samples(&c.mqtt[&1], "TANK", 0).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     publish_samples(&c.mqtt[&1], "TANK", 1000).await?;
@@ -349,7 +361,7 @@ async fn a_store_is_flushed_before_the_retention_drops_what_it_was_made_of() -> 
     c.kill(1);
     c.restart(1)?;
     c.wait_ready(Duration::from_secs(30)).await?;
-    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    let rest = tenant(&c, 1).await?;
     let seqs = eventually(|| {
         let h = history(&rest, &id)?;
         let seqs: Vec<u64> = h["seq"]
