@@ -77,6 +77,18 @@ fn history(rest: &Rest, id: &str) -> anyhow::Result<Value> {
     Ok(v)
 }
 
+/// The `seq` values of a history answer.
+fn seqs_of(history: &Value) -> Vec<u64> {
+    history["seq"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["value"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn shared_attributes(rest: &Rest, id: &str) -> anyhow::Result<Value> {
     let (code, v) = rest.call(
         "GET",
@@ -229,14 +241,7 @@ async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_
     // What the log still held is applied: the history is the retained tail of the first
     // samples and all of the new ones.
     let h = history(&rest, &id)?;
-    let seqs: Vec<u64> = h["seq"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["value"].as_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
+    let seqs = seqs_of(&h);
     assert!((1000..1000 + MESSAGES).all(|s| seqs.contains(&s)), "{h}");
     assert!(
         seqs.contains(&(MESSAGES - 1)),
@@ -363,15 +368,7 @@ async fn a_store_is_flushed_before_the_retention_drops_what_it_was_made_of() -> 
     c.wait_ready(Duration::from_secs(30)).await?;
     let rest = tenant(&c, 1).await?;
     let seqs = eventually(|| {
-        let h = history(&rest, &id)?;
-        let seqs: Vec<u64> = h["seq"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|s| s["value"].as_str()?.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let seqs = seqs_of(&history(&rest, &id)?);
         Ok((seqs.contains(&last.parse()?), seqs))
     })
     .await?;
