@@ -19,12 +19,14 @@ fn url(c: &ProcCluster, path: &str) -> String {
     format!("coap://{}/{path}", c.coap[&1])
 }
 
-/// `coap-client` on a thread of its own, for observations that last a while.
-fn in_background(args: Vec<String>) -> tokio::task::JoinHandle<anyhow::Result<CoapOut>> {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        coap_client(&args)
-    })
+/// `coap-client` observing `path` for `secs` seconds, on a thread of its own.
+fn observe_in_background(
+    c: &ProcCluster,
+    path: &str,
+    secs: u32,
+) -> tokio::task::JoinHandle<anyhow::Result<CoapOut>> {
+    let (secs, url) = (secs.to_string(), url(c, path));
+    tokio::task::spawn_blocking(move || coap_client(&["-s", &secs, "-m", "get", &url]))
 }
 
 fn history_len(user: &Rest, id: &str, key: &str) -> anyhow::Result<usize> {
@@ -135,13 +137,7 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
 
     // Observe attributes for 3 s: the first notification is every shared attribute, the next
     // the change made meanwhile.
-    let obs = in_background(vec![
-        "-s".into(),
-        "3".into(),
-        "-m".into(),
-        "get".into(),
-        url(&c, "api/v1/VALVE_TOKEN/attributes"),
-    ]);
+    let obs = observe_in_background(&c, "api/v1/VALVE_TOKEN/attributes", 3);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let (code, _) = user.call(
         "POST",
@@ -156,13 +152,7 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
 
     // Observe RPC: a two-way RPC reaches the device as a notification with its id; the device's
     // reply answers the user's call.
-    let obs = in_background(vec![
-        "-s".into(),
-        "4".into(),
-        "-m".into(),
-        "get".into(),
-        url(&c, "api/v1/VALVE_TOKEN/rpc"),
-    ]);
+    let obs = observe_in_background(&c, "api/v1/VALVE_TOKEN/rpc", 4);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let user2 = user.clone();
     let path = format!("/api/plugins/rpc/twoway/{id}");
@@ -190,13 +180,7 @@ async fn observe_delivers_shared_attributes_and_rpc_and_replies_come_back() -> a
     assert_eq!((code, answer), (200, json!({"pct": 40})));
 
     // A persistent RPC is DELIVERED once the device has acknowledged its notification.
-    let obs = in_background(vec![
-        "-s".into(),
-        "3".into(),
-        "-m".into(),
-        "get".into(),
-        url(&c, "api/v1/VALVE_TOKEN/rpc"),
-    ]);
+    let obs = observe_in_background(&c, "api/v1/VALVE_TOKEN/rpc", 3);
     tokio::time::sleep(Duration::from_millis(800)).await;
     let persistent = user.persistent_rpc(&id, false, "close")?;
     assert_eq!(

@@ -42,6 +42,14 @@ async fn change_while_observed(
 }
 
 /// Saves a CoAP device profile whose `clientSettings` say PSM with `activity_ms`.
+/// Creates device `name` of profile `profile` with access token `token`; its id.
+fn create_in_profile(rest: &Rest, name: &str, profile: &str, token: &str) -> anyhow::Result<String> {
+    let body = json!({"name": name, "type": profile}).to_string();
+    let (code, v) = rest.call("POST", &format!("/api/device?accessToken={token}"), Some(&body))?;
+    anyhow::ensure!(code == 200, "{v}");
+    Ok(v["id"]["id"].as_str().expect("id").to_string())
+}
+
 fn save_psm_profile(rest: &Rest, name: &str, activity_ms: u64) -> anyhow::Result<()> {
     let profile = json!({
         "name": name,
@@ -67,10 +75,7 @@ async fn a_psm_device_gets_notifications_only_while_it_is_reachable() -> anyhow:
     let c = ProcCluster::start(1, 4).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     save_psm_profile(&rest, "Sleepy meters", 1000)?;
-    let body = json!({"name": "Sleeper", "type": "Sleepy meters"}).to_string();
-    let (code, v) = rest.call("POST", "/api/device?accessToken=SLEEPER", Some(&body))?;
-    assert_eq!(code, 200, "{v}");
-    let sleeper = v["id"]["id"].as_str().expect("id").to_string();
+    let sleeper = create_in_profile(&rest, "Sleeper", "Sleepy meters", "SLEEPER")?;
     let awake = rest.create_device("Awake", "AWAKE")?;
     let coap = c.coap[&1].clone();
 
@@ -203,10 +208,7 @@ async fn an_rpc_for_a_sleeping_psm_device_waits_for_it_and_arrives_once() -> any
     .await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     save_psm_profile(&rest, "Sleepy valves", 1000)?;
-    let body = json!({"name": "Valve", "type": "Sleepy valves"}).to_string();
-    let (code, v) = rest.call("POST", "/api/device?accessToken=PSMRPC", Some(&body))?;
-    assert_eq!(code, 200, "{v}");
-    let id = v["id"]["id"].as_str().expect("id").to_string();
+    let id = create_in_profile(&rest, "Valve", "Sleepy valves", "PSMRPC")?;
     let coap = c.coap[&1].clone();
 
     let seen = observe(&coap, "api/v1/PSMRPC/rpc", 7);
