@@ -471,6 +471,7 @@ impl Store {
         }
         let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(file)?);
         let mut keys = 0u64;
+        let crash_after: Option<u64> = std::env::var(CRASH_IN_INSTALL).ok().and_then(|v| v.parse().ok());
         loop {
             let mut head = [0u8; 8];
             match r.read_exact(&mut head) {
@@ -494,6 +495,17 @@ impl Store {
             keys += 1;
             if wb.size_in_bytes() >= BATCH_BYTES {
                 self.db.write_opt(std::mem::take(&mut wb), &wo)?;
+            }
+            if crash_after == Some(keys) {
+                // As if a memtable flush had made this much durable just before a crash.
+                self.db.write_opt(std::mem::take(&mut wb), &wo)?;
+                self.db.flush()?;
+                tracing::error!(
+                    partition,
+                    keys,
+                    "{CRASH_IN_INSTALL} is set: crashing on purpose part-way through an install"
+                );
+                std::process::abort();
             }
         }
         wb.put(progress_key(partition), encode(&progress));
@@ -563,6 +575,12 @@ fn latest_key(device: &EntityId) -> Vec<u8> {
     k.extend_from_slice(device);
     k
 }
+
+/// Test hook for a crash part-way through [`Store::install`]: with this variable set to K, the
+/// install writes its first K keys, makes them durable (as a memtable flush at that moment
+/// would) and aborts the process. `tests/tests/state_transfer.rs` checks that the node takes the
+/// state again at its next start.
+pub const CRASH_IN_INSTALL: &str = "THINGRAFT_FAULT_CRASH_IN_INSTALL_AFTER_KEYS";
 
 /// Writes of one apply step, committed atomically by [`Store::write`].
 #[derive(Default)]

@@ -109,6 +109,8 @@ pub struct ProcCluster {
     /// A config file every node starts with (`--config`), if any.
     config: Option<PathBuf>,
     procs: HashMap<NodeId, Child>,
+    /// Extra environment of a node's process, set by [`ProcCluster::restart_with_env`].
+    env: HashMap<NodeId, Vec<(String, String)>>,
 }
 
 impl ProcCluster {
@@ -138,6 +140,7 @@ impl ProcCluster {
             partitions,
             config: None,
             procs: HashMap::new(),
+            env: HashMap::new(),
         };
         if let Some(text) = config {
             let path = c.dir.path().join("config.toml");
@@ -172,6 +175,7 @@ impl ProcCluster {
                     .flat_map(|p| [std::ffi::OsStr::new("--config"), p.as_os_str()]),
             )
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(self.env.get(&id).into_iter().flatten().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -190,8 +194,35 @@ impl ProcCluster {
 
     /// Starts node `id` again with the same flags and data directory.
     pub fn restart(&mut self, id: NodeId) -> anyhow::Result<()> {
+        self.restart_with_env(id, &[])
+    }
+
+    /// Starts node `id` again like [`ProcCluster::restart`], with `env` added to its environment
+    /// (until its next restart).
+    pub fn restart_with_env(&mut self, id: NodeId, env: &[(&str, &str)]) -> anyhow::Result<()> {
         self.kill(id);
+        self.env.insert(
+            id,
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        );
         self.spawn(id)
+    }
+
+    /// Waits up to `timeout` for node `id`'s process to end by itself; its exit status, or
+    /// `None` if it is still running (or was not started).
+    pub async fn wait_exit(&mut self, id: NodeId, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let status = self.procs.get_mut(&id)?.try_wait().ok().flatten();
+            if let Some(s) = status {
+                self.procs.remove(&id);
+                return Some(s);
+            }
+            if tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Deletes node `id`'s data directory (the node must be stopped).

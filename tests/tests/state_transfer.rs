@@ -220,6 +220,44 @@ async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_hold
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_crashes_part_way_through_an_install_takes_the_state_again_at_its_next_start()
+-> anyhow::Result<()> {
+    let (mut c, rest, id) = cluster_with_device(3, 1, CONFIG, "Meter", "METER").await?;
+    publish_samples(&c.mqtt[&1], "METER", 0).await?;
+    let want = history(&rest, &id)?;
+    assert_eq!(seqs_of(&want).len(), MESSAGES as usize, "{want}");
+
+    // Node 3 loses everything, and its first install of the partition's state stops half-way:
+    // the keys written so far are made durable, then the process aborts (the test hook
+    // `thingraft_engine::store::CRASH_IN_INSTALL`).
+    c.kill(3);
+    c.wipe(3)?;
+    c.restart_with_env(3, &[("THINGRAFT_FAULT_CRASH_IN_INSTALL_AFTER_KEYS", "75")])?;
+    let status = c.wait_exit(3, Duration::from_secs(60)).await;
+    let first_life = c.log_of(3);
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "node 3 did not crash during its install: {status:?}; its log:\n{first_life}"
+    );
+    assert!(first_life.contains("crashing on purpose"), "{first_life}");
+
+    // Started again, it must not take the half-installed state for a whole one.
+    c.restart(3)?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let rest3 = tenant(&c, 3).await?;
+    let got = eventually(|| {
+        let v = history(&rest3, &id)?;
+        Ok((v == want, v))
+    })
+    .await?;
+    assert_eq!(got, want, "history on node 3; its log:\n{}", c.log_of(3));
+    assert_eq!(rest3.latest(&id)?, rest.latest(&id)?);
+    let log3 = c.log_of(3);
+    assert!(log3.contains("engine state taken from a peer"), "{log3}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_start_of_its_log()
 -> anyhow::Result<()> {
     let (mut c, _, id) = cluster_with_device(1, 1, CONFIG, "Meter", "METER").await?;
