@@ -15,11 +15,13 @@ start)
     RUST_LOG=${RUST_LOG:-warn} "$BIN" serve --node-id "$i" "${p[@]}" --data-dir "$dir/n$i" --mqtt-listen "127.0.0.1:$((1900 + i))" --http-listen "127.0.0.1:$((8100 + i))" --coap-listen "127.0.0.1:$((5700 + i))" "$@" > "$dir/n$i.log" 2>&1 &
     echo $! > "$dir/n$i.pid"
   done
-  for _ in $(seq 1 150); do
+  # Ready when every group is led, each partition by its preferred replica: the lead moves
+  # there within seconds (decision 0019), and the move must not fall inside a measurement.
+  for _ in $(seq 1 300); do
     if "$BIN" status --addr 127.0.0.1:7401 --json 2>/dev/null | python3 -c '
 import json,sys
 s=json.load(sys.stdin)
-sys.exit(0 if s["groups"] and all(g["leader"] for g in s["groups"]) else 1)' 2>/dev/null; then
+sys.exit(0 if s["groups"] and all(g["leader"] and g["preferred_leader"] in (0, g["leader"]) for g in s["groups"]) else 1)' 2>/dev/null; then
       echo "thingraft cluster of $n up"; exit 0
     fi
     sleep 0.2

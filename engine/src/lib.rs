@@ -22,6 +22,7 @@ pub mod store;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use thingraft_log::{Appended, LogError, LogHandle, Record};
 use thingraft_proto::records::{Ingest, PartitionRecord};
@@ -140,6 +141,15 @@ impl Engine {
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut applied = Vec::new();
+        // Whether each partition's shard could lead it now (decision 0019).
+        let ready: Arc<Vec<AtomicBool>> =
+            Arc::new((0..log.partitions()).map(|_| AtomicBool::new(false)).collect());
+        {
+            let ready = ready.clone();
+            log.set_lead_ready(Arc::new(move |p| {
+                ready.get(p as usize).is_some_and(|r| r.load(Ordering::Relaxed))
+            }));
+        }
         for p in 0..log.partitions() {
             let (tx, rx) = watch::channel(0);
             applied.push(rx);
@@ -154,6 +164,7 @@ impl Engine {
                 downlinks: downlinks.clone(),
                 config: config.clone(),
                 transfer_dir: transfer.join("in"),
+                ready: ready.clone(),
             };
             tasks.push(runtime.spawn(shard.run(shutdown.subscribe())));
         }

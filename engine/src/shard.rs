@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use thingraft_log::{LogHandle, Record};
@@ -40,6 +41,28 @@ pub struct Shard {
     pub config: EngineConfig,
     /// Where a state taken from a peer is written before it is installed.
     pub transfer_dir: std::path::PathBuf,
+    /// Per partition: whether its shard here could lead it now — running (not taking its state
+    /// from a peer, not backing off) and within `READY_LAG` records of its log's end. The log asks
+    /// before it takes a partition's lead back for this node (decision 0019).
+    pub ready: Arc<Vec<AtomicBool>>,
+}
+
+/// Records a shard may be behind its log's end and still be ready to lead the partition.
+const READY_LAG: u64 = 4096;
+
+/// Clears a shard's readiness when its run ends (for a state transfer, a back-off or shutdown).
+struct ReadyFlag<'a>(&'a AtomicBool);
+
+impl ReadyFlag<'_> {
+    fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Relaxed);
+    }
+}
+
+impl Drop for ReadyFlag<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
 }
 
 /// The log no longer holds records of the partition this replica has not applied (retention
@@ -192,6 +215,8 @@ impl Shard {
         );
         let _abort_actor = AbortOnDrop(actor);
         let mut tail = self.log.tail(p, st.processed_upto)?;
+        let log_end = self.log.watch_partition(p)?;
+        let ready = ReadyFlag(&self.ready[p as usize]);
         let mut proposed_upto = st.processed_upto;
         // The outcome append in flight, polled here rather than spawned (a task per outcome is a
         // spawn and a cross-thread wake-up each).
@@ -222,6 +247,7 @@ impl Shard {
                 }
                 () = crate::stopped(shutdown) => return Ok(()),
             }
+            ready.set(st.seen_upto + READY_LAG >= *log_end.borrow());
             let term = self.log.leader_term(p);
             if term != led {
                 led = term;

@@ -43,6 +43,10 @@ const CHUNK_BYTES: u64 = 1 << 20;
 const EXPORT_TTL: Duration = Duration::from_secs(300);
 /// A `Prepare` may scan the whole store.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Test hook: with this variable set to a number of milliseconds, a taker waits that long
+/// between fetching a partition's state and installing it, so that tests can look at a node
+/// while it takes a state (`tests/tests/state_transfer.rs`).
+pub const INSTALL_DELAY: &str = "THINGRAFT_FAULT_STATE_INSTALL_DELAY_MS";
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -391,6 +395,18 @@ pub(crate) async fn restore(
                     len,
                     crc,
                 }) => {
+                    // Leading the partition while taking its state, this node would propose no
+                    // outcomes until it has it: the peer that has the state leads meanwhile.
+                    if log.leader_term(partition).is_some() {
+                        tracing::info!(
+                            partition,
+                            to = peer,
+                            "handing the lead over while the partition's state is taken"
+                        );
+                        if let Err(e) = log.transfer_leader(partition, peer).await {
+                            tracing::warn!(partition, error = %e, "lead not handed over");
+                        }
+                    }
                     let started = Instant::now();
                     let fetched = tokio::select! {
                         f = fetch(log, peer, partition, id, (len, crc), &file) => f,
@@ -400,6 +416,17 @@ pub(crate) async fn restore(
                         tracing::warn!(partition, peer, error = %e, "engine state transfer failed");
                         hopeless = false;
                         continue;
+                    }
+                    if let Some(ms) = std::env::var(INSTALL_DELAY).ok().and_then(|v| v.parse().ok()) {
+                        tracing::warn!(
+                            partition,
+                            ms,
+                            "{INSTALL_DELAY} is set: waiting before installing the state"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                            () = crate::stopped(shutdown) => anyhow::bail!("shutting down"),
+                        }
                     }
                     let (s, f, l) = (store.clone(), file.clone(), log.clone());
                     let progress = Progress { processed_upto };

@@ -55,6 +55,9 @@ pub struct LogConfig {
     pub entries_kept_after_snapshot: u64,
     /// Bytes per message when a snapshot is sent to a follower.
     pub snapshot_chunk_bytes: usize,
+    /// How often a node asks for the lead of the partitions it is the preferred replica of
+    /// (placement's first) and does not lead, once it is ready to lead them (0: never).
+    pub leader_rebalance_ms: u64,
     /// How much of each partition is kept.
     pub retention: Retention,
 }
@@ -82,6 +85,7 @@ impl Default for LogConfig {
             snapshot_every_entries: 20_000,
             entries_kept_after_snapshot: 2_000,
             snapshot_chunk_bytes: 4 << 20,
+            leader_rebalance_ms: 1_000,
             retention: Retention::default(),
         }
     }

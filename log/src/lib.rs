@@ -10,6 +10,7 @@
 //!   tail, status).
 //! - [`client`]: [`LogClient`], a gRPC client for tools and tests.
 //! - [`placement`]: keys → partitions, partitions → replicas.
+//! - [`rebalance`]: a partition's lead goes back to its preferred replica once that one is ready.
 //! - [`config`], [`error`], [`metrics`].
 
 pub mod batch;
@@ -22,6 +23,7 @@ pub mod network;
 pub mod node;
 mod pipe;
 pub mod placement;
+pub mod rebalance;
 mod segments;
 pub mod server;
 pub mod storage;

@@ -13,8 +13,8 @@ use openraft::errors::{
 };
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -195,6 +195,7 @@ enum Rpc {
     AppendEntries,
     Vote,
     InstallSnapshot,
+    TransferLeader,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -253,6 +254,7 @@ impl PeerConnection {
                 }
                 Rpc::Vote => client.vote(request).await,
                 Rpc::InstallSnapshot => client.install_snapshot(request).await,
+                Rpc::TransferLeader => client.transfer_leader(request).await,
             }
         };
         let reply = match tokio::time::timeout(ttl, fut).await {
@@ -512,6 +514,18 @@ impl RaftNetworkV2<TypeConfig> for PeerConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         self.raft_call(Rpc::Vote, &rpc, &option).await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let res: Result<TransferLeaderResponse<TypeConfig>, Fatal<TypeConfig>> =
+            self.call(Rpc::TransferLeader, &req, option.hard_ttl()).await?;
+        res.map_err(|e| {
+            RPCError::Unreachable(unreachable(format_args!("node {} answered: {e}", self.target)))
+        })
     }
 
     async fn full_snapshot(

@@ -112,6 +112,8 @@ pub type AppHandler =
 pub(crate) struct Inner {
     /// Installed by the applications above the log, one per message kind.
     pub app_handlers: std::sync::RwLock<HashMap<u32, AppHandler>>,
+    /// Set by the application above the log: whether it is ready to lead a partition here.
+    pub(crate) lead_ready: std::sync::RwLock<Option<crate::rebalance::LeadReady>>,
     pub config: LogConfig,
     pub store: Arc<Store>,
     pub peers: Peers,
@@ -121,7 +123,7 @@ pub(crate) struct Inner {
     /// Indexed by group id; `None` where this node holds no replica.
     pub groups: Vec<Option<Arc<Group>>>,
     pub initialized: AtomicBool,
-    shutdown: watch::Sender<bool>,
+    pub(crate) shutdown: watch::Sender<bool>,
     /// Background tasks (batchers, bootstrap, metadata), aborted at shutdown.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -259,6 +261,7 @@ impl LogNode {
         let handle = LogHandle {
             inner: Arc::new(Inner {
                 app_handlers: Default::default(),
+                lead_ready: Default::default(),
                 forwards: Pipes::new(true),
                 config,
                 store,
@@ -289,7 +292,12 @@ impl LogNode {
             let mut t = handle.inner.tasks.lock().expect("tasks lock");
             t.push(tokio::spawn(bootstrap(handle.clone())));
             t.push(tokio::spawn(publish_metadata(handle.clone())));
+            t.push(tokio::spawn(crate::rebalance::run(handle.clone())));
         }
+        handle.set_app_handler(
+            crate::rebalance::LEAD_KIND,
+            crate::rebalance::handler(handle.clone()),
+        );
         Ok(LogNode { handle, server })
     }
 
@@ -313,6 +321,9 @@ impl LogNode {
             t.abort();
             let _ = t.await;
         }
+        // Handlers may hold handles of this node (the lead handler does): let go of them.
+        inner.app_handlers.write().expect("app handlers lock").clear();
+        *inner.lead_ready.write().expect("lead ready lock") = None;
         inner.store.close();
         // openraft drops its storage handles as its tasks wind down; what is left then is ours
         // (`inner.store` and each group's reader), dropped with this node.
@@ -833,6 +844,29 @@ impl LogHandle {
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
     }
 
+    /// Hands the lead of `partition` to replica `to` if this node leads it (openraft's leadership
+    /// transfer: this node stops proposing, `to` elects itself once its log holds every entry).
+    pub async fn transfer_leader(&self, partition: u32, to: NodeId) -> Result<(), LogError> {
+        let gid = self.check_partition(partition)?;
+        let g = self
+            .group(gid)
+            .ok_or_else(|| LogError::Invalid(format!("partition {partition} has no replica on this node")))?;
+        if self.leader_term(partition).is_none() {
+            return Ok(());
+        }
+        g.raft
+            .trigger()
+            .transfer_leader(to)
+            .await
+            .map_err(|e| LogError::Internal(e.to_string()))
+    }
+
+    /// Installs the application's answer to whether it is ready to lead a partition on this node
+    /// (asked before this node, the partition's preferred replica, asks for its lead back).
+    pub fn set_lead_ready(&self, ready: crate::rebalance::LeadReady) {
+        *self.inner.lead_ready.write().expect("lead ready lock") = Some(ready);
+    }
+
     /// A `Log` client on the shared channel to peer `id`.
     fn peer_client(
         &self,
@@ -1094,6 +1128,11 @@ impl LogHandle {
                 batched_records: g.metrics.batched_records.load(Ordering::Relaxed),
                 commit_us_total: g.metrics.commit_us_total.load(Ordering::Relaxed),
                 snapshots_installed: g.reader.shared.snapshots_installed.load(Ordering::Relaxed),
+                preferred_leader: if g.id == META_GROUP {
+                    0
+                } else {
+                    g.replicas.first().copied().unwrap_or(0)
+                },
                 state: if g.recovering.load(Ordering::SeqCst) {
                     "Recovering".into()
                 } else {

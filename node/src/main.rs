@@ -330,6 +330,7 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
                     "batches": g.batches, "batched_records": g.batched_records,
                     "commit_us_total": g.commit_us_total,
                     "snapshots_installed": g.snapshots_installed,
+                    "preferred_leader": g.preferred_leader,
                 })
             })
             .collect();
@@ -354,18 +355,23 @@ async fn status(addr: &str, json: bool) -> anyhow::Result<()> {
         println!("  member {} at {}", m.node_id, m.addr);
     }
     println!(
-        "{:>6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}  state",
-        "group", "leader", "term", "last_log", "applied", "next_offset", "lag"
+        "{:>6} {:>6} {:>9} {:>6} {:>10} {:>10} {:>12} {:>10}  state",
+        "group", "leader", "preferred", "term", "last_log", "applied", "next_offset", "lag"
     );
     for g in &s.groups {
         println!(
-            "{:>6} {:>6} {:>6} {:>10} {:>10} {:>12} {:>10}  {}",
+            "{:>6} {:>6} {:>9} {:>6} {:>10} {:>10} {:>12} {:>10}  {}",
             if g.group == 0 {
                 "meta".to_string()
             } else {
                 format!("p{}", g.group - 1)
             },
             g.leader,
+            if g.preferred_leader == 0 {
+                "-".to_string()
+            } else {
+                g.preferred_leader.to_string()
+            },
             g.term,
             g.last_log_index,
             g.applied_index,

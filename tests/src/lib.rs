@@ -152,7 +152,37 @@ impl ProcCluster {
             c.spawn(id)?;
         }
         c.wait_ready(Duration::from_secs(30)).await?;
+        // A partition's lead moves to its preferred replica within seconds of the start
+        // (decision 0019): let it settle before a test looks at who leads what.
+        let rebalancing = !config.is_some_and(|t| t.contains("leader_rebalance_ms = 0"));
+        if n > 1 && rebalancing {
+            c.wait_preferred_leaders(Duration::from_secs(30)).await?;
+        }
         Ok(c)
+    }
+
+    /// Waits until node 1 sees every partition led by its preferred replica.
+    pub async fn wait_preferred_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = self.client(1).await?.status(1).await?;
+            let settled = s
+                .groups
+                .iter()
+                .all(|g| g.preferred_leader == 0 || g.leader == g.preferred_leader);
+            if settled {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                tokio::time::Instant::now() < deadline,
+                "partitions not led by their preferred replicas: {:?}",
+                s.groups
+                    .iter()
+                    .map(|g| (g.group, g.leader, g.preferred_leader))
+                    .collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn data_dir(&self, id: NodeId) -> PathBuf {
@@ -269,6 +299,13 @@ impl ProcCluster {
             }
         }
         Ok(())
+    }
+
+    /// The preferred replica of `partition` (placement's first, with the default replication
+    /// factor of 3), which leads it whenever it is up and ready (decision 0019).
+    pub fn preferred_leader(&self, partition: u32) -> NodeId {
+        let ids: Vec<NodeId> = self.addrs.keys().copied().collect();
+        thingraft_log::placement::replicas(thingraft_log::types::partition_group(partition), &ids, 3)[0]
     }
 
     /// The leader of `partition` as node `via` sees it.

@@ -258,6 +258,78 @@ async fn a_node_that_crashes_part_way_through_an_install_takes_the_state_again_a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_taking_a_partitions_state_leaves_its_lead_to_a_peer_until_it_has_the_state()
+-> anyhow::Result<()> {
+    let (mut c, _, id) = cluster_with_device(3, 1, CONFIG, "Pump", "PUMP").await?;
+    // The partition's preferred replica comes to lead it (decision 0019).
+    let preferred = c.preferred_leader(0);
+    let other = if preferred == 1 { 2 } else { 1 };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.leader_of(other, 0).await? != preferred {
+        assert!(
+            Instant::now() < deadline,
+            "node {preferred} never led partition 0"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let rest = tenant(&c, other).await?;
+    publish_samples(&c.mqtt[&other], "PUMP", 0).await?;
+
+    // The preferred replica loses everything, comes back, and takes a while to install the
+    // state it fetched (the test hook `thingraft_engine::state::INSTALL_DELAY`).
+    c.kill(preferred);
+    c.wipe(preferred)?;
+    c.restart_with_env(preferred, &[("THINGRAFT_FAULT_STATE_INSTALL_DELAY_MS", "12000")])?;
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !c.log_of(preferred).contains("waiting before installing") {
+        assert!(
+            Instant::now() < deadline,
+            "no state taken: {}",
+            c.log_of(preferred)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its log has caught up, but it must not lead a partition it cannot process yet: more than
+    // two rebalancing periods later a peer leads it still, and telemetry is processed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let leader = c.leader_of(other, 0).await?;
+    assert_ne!(
+        leader, preferred,
+        "node {preferred} took the lead before it had the state"
+    );
+    publish_samples(&c.mqtt[&other], "PUMP", 1000).await?;
+    let last = format!("{}", 1000 + MESSAGES - 1);
+    let v = rest
+        .wait_latest(&id, Duration::from_secs(3), |v| v["seq"][0]["value"] == last)
+        .await?;
+    assert_eq!(
+        v["seq"][0]["value"], last,
+        "telemetry stalled; node {leader} leads"
+    );
+
+    // With the state installed it leads again, and shows what its peers show.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while c.leader_of(other, 0).await? != preferred {
+        assert!(
+            Instant::now() < deadline,
+            "node {preferred} never led again; its log:\n{}",
+            c.log_of(preferred)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let want = history(&rest, &id)?;
+    let rest_p = tenant(&c, preferred).await?;
+    let got = eventually(|| {
+        let v = history(&rest_p, &id)?;
+        Ok((v == want, v))
+    })
+    .await?;
+    assert_eq!(got, want, "history on node {preferred}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_node_that_lost_its_store_says_what_is_lost_and_goes_on_from_the_start_of_its_log()
 -> anyhow::Result<()> {
     let (mut c, _, id) = cluster_with_device(1, 1, CONFIG, "Meter", "METER").await?;
