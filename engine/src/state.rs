@@ -43,6 +43,8 @@ const CHUNK_BYTES: u64 = 1 << 20;
 const EXPORT_TTL: Duration = Duration::from_secs(300);
 /// A `Prepare` may scan the whole store.
 const PREPARE_TIMEOUT: Duration = Duration::from_secs(600);
+/// How often a node taking a partition's state checks whether it leads the partition.
+const HAND_OVER_CHECK: Duration = Duration::from_millis(500);
 /// Test hook: with this variable set to a number of milliseconds, a taker waits that long
 /// between fetching a partition's state and installing it, so that tests can look at a node
 /// while it takes a state (`tests/tests/state_transfer.rs`).
@@ -357,6 +359,25 @@ async fn fetch(
     Ok(())
 }
 
+/// Until aborted: whenever this node leads `partition` (elected while it takes the partition's
+/// state), hands the lead to `peer`, which has the state.
+async fn hand_lead_to(log: LogHandle, partition: u32, peer: NodeId) {
+    loop {
+        if log.leader_term(partition).is_some() {
+            match log.transfer_leader(partition, peer).await {
+                Ok(true) => tracing::info!(
+                    partition,
+                    to = peer,
+                    "handing the lead over while the partition's state is taken"
+                ),
+                Ok(false) => tracing::debug!(partition, peer, "peer not ready to take the lead yet"),
+                Err(e) => tracing::warn!(partition, error = %e, "lead not handed over"),
+            }
+        }
+        tokio::time::sleep(HAND_OVER_CHECK).await;
+    }
+}
+
 /// Makes this replica's state of `partition` reach at least `need` (the start of its log):
 /// from a peer replica's, or, when none can ever give it, by going on from `need` without it.
 /// Returns early (with an error) at shutdown.
@@ -397,16 +418,8 @@ pub(crate) async fn restore(
                 }) => {
                     // Leading the partition while taking its state, this node would propose no
                     // outcomes until it has it: the peer that has the state leads meanwhile.
-                    if log.leader_term(partition).is_some() {
-                        tracing::info!(
-                            partition,
-                            to = peer,
-                            "handing the lead over while the partition's state is taken"
-                        );
-                        if let Err(e) = log.transfer_leader(partition, peer).await {
-                            tracing::warn!(partition, error = %e, "lead not handed over");
-                        }
-                    }
+                    let _hand_over =
+                        crate::shard::AbortOnDrop(tokio::spawn(hand_lead_to(log.clone(), partition, peer)));
                     let started = Instant::now();
                     let fetched = tokio::select! {
                         f = fetch(log, peer, partition, id, (len, crc), &file) => f,

@@ -294,10 +294,7 @@ impl LogNode {
             t.push(tokio::spawn(publish_metadata(handle.clone())));
             t.push(tokio::spawn(crate::rebalance::run(handle.clone())));
         }
-        handle.set_app_handler(
-            crate::rebalance::LEAD_KIND,
-            crate::rebalance::handler(handle.clone()),
-        );
+        handle.set_app_handler(crate::rebalance::LEAD_KIND, crate::rebalance::handler(&handle));
         Ok(LogNode { handle, server })
     }
 
@@ -844,21 +841,37 @@ impl LogHandle {
         (m.state == ServerState::Leader && m.current_leader == Some(self.node_id())).then_some(m.current_term)
     }
 
-    /// Hands the lead of `partition` to replica `to` if this node leads it (openraft's leadership
-    /// transfer: this node stops proposing, `to` elects itself once its log holds every entry).
-    pub async fn transfer_leader(&self, partition: u32, to: NodeId) -> Result<(), LogError> {
+    /// Hands the lead of `partition` to replica `to` if this node leads it and `to`'s log is
+    /// within [`crate::rebalance::LAG_MAX`] entries of its own; whether it did. openraft's
+    /// leadership transfer: this node stops proposing (appends get `NotLeader` naming `to`), and
+    /// `to` elects itself once its log holds this node's last entry.
+    pub async fn transfer_leader(&self, partition: u32, to: NodeId) -> Result<bool, LogError> {
         let gid = self.check_partition(partition)?;
         let g = self
             .group(gid)
             .ok_or_else(|| LogError::Invalid(format!("partition {partition} has no replica on this node")))?;
-        if self.leader_term(partition).is_none() {
-            return Ok(());
+        let close = {
+            let m = g.raft.metrics();
+            let m = m.borrow_watched();
+            let leads = m.state == ServerState::Leader && m.current_leader == Some(self.node_id());
+            let last = m.last_log_index.unwrap_or(0);
+            let matched = m
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&to))
+                .and_then(|l| l.as_ref())
+                .map(|l| l.index);
+            leads && to != self.node_id() && matched.is_some_and(|i| i + crate::rebalance::LAG_MAX >= last)
+        };
+        if !close {
+            return Ok(false);
         }
         g.raft
             .trigger()
             .transfer_leader(to)
             .await
-            .map_err(|e| LogError::Internal(e.to_string()))
+            .map_err(|e| LogError::Internal(e.to_string()))?;
+        Ok(true)
     }
 
     /// Installs the application's answer to whether it is ready to lead a partition on this node
@@ -1156,6 +1169,7 @@ impl LogHandle {
             fsyncs: inner.store.sync_stats.fsyncs.load(Ordering::Relaxed),
             fsynced_appends: inner.store.sync_stats.flushed_appends.load(Ordering::Relaxed),
             fsync_us_total: inner.store.sync_stats.fsync_us_total.load(Ordering::Relaxed),
+            leader_rebalance_ms: inner.config.leader_rebalance_ms,
         }
     }
 

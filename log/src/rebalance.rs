@@ -10,11 +10,15 @@
 //! application above the log (the engine's shard of the partition) has said it is ready at two
 //! checks in a row: a shard still taking its state from a peer, or far behind its log, leads
 //! badly (it proposes no outcomes until it has caught up). The leader hands the lead over
-//! (openraft's `transfer_leader`) only if the asker's log is within `LAG_MAX` entries of its own.
+//! (openraft's `transfer_leader`) only if the asker is the partition's preferred replica and its
+//! log is within `LAG_MAX` entries of its own. A node that was handed a lead and does not hold it
+//! at its next checks (it lost the election, or lost the lead again) waits before it asks again,
+//! 5 s doubling to 5 min, so that a slow replica cannot take its partition through election
+//! after election.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,7 +26,9 @@ use openraft::ServerState;
 use openraft::async_runtime::WatchReceiver;
 use serde::{Deserialize, Serialize};
 
-use crate::node::{AppHandler, LogHandle};
+use tokio::time::Instant;
+
+use crate::node::{AppHandler, Inner, LogHandle};
 use crate::types::{NodeId, partition_group};
 
 /// The application message kind of lead requests (kinds 0 and 1 are the engine's).
@@ -31,9 +37,15 @@ pub const LEAD_KIND: u32 = 2;
 /// Whether the application above the log is ready to lead a partition on this node.
 pub type LeadReady = Arc<dyn Fn(u32) -> bool + Send + Sync>;
 
-/// Entries the asker's log may be behind the leader's and still be handed the lead: the leader
-/// proposes nothing once it hands over, and the asker waits for the rest (`server.rs`).
-const LAG_MAX: u64 = 256;
+/// Entries a replica's log may be behind the leader's and still be handed the lead: the leader
+/// proposes nothing once it hands over, and openraft has the target wait for the rest.
+pub(crate) const LAG_MAX: u64 = 256;
+
+/// The first wait after a hand-over this node did not keep; doubled each time, up to the second.
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+/// Leading a partition this long without a break clears its wait.
+const KEPT: Duration = Duration::from_secs(300);
 
 /// How long a lead request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,6 +68,10 @@ pub(crate) async fn run(h: LogHandle) {
     let mut stop = h.inner.shutdown.subscribe();
     // Partitions whose shard was ready at the previous check.
     let mut was_ready: HashSet<u32> = HashSet::new();
+    // Per partition handed over to this node: not before when it asks again, and the wait after.
+    let mut retry: HashMap<u32, (Instant, Duration)> = HashMap::new();
+    // Per partition this node leads: since when, without a break.
+    let mut leading_since: HashMap<u32, Instant> = HashMap::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -70,6 +86,14 @@ pub(crate) async fn run(h: LogHandle) {
             if g.replicas.first() != Some(&me) || g.recovering.load(Ordering::SeqCst) {
                 continue;
             }
+            if h.leader_term(p).is_some() {
+                let since = *leading_since.entry(p).or_insert_with(Instant::now);
+                if since.elapsed() >= KEPT {
+                    retry.remove(&p);
+                }
+                continue;
+            }
+            leading_since.remove(&p);
             let leader = {
                 let m = g.raft.metrics();
                 let m = m.borrow_watched();
@@ -83,7 +107,7 @@ pub(crate) async fn run(h: LogHandle) {
                 continue;
             }
             now_ready.insert(p);
-            if !was_ready.contains(&p) {
+            if !was_ready.contains(&p) || retry.get(&p).is_some_and(|(at, _)| Instant::now() < *at) {
                 continue;
             }
             let body = match postcard::to_stdvec(&LeadRequest {
@@ -95,6 +119,10 @@ pub(crate) async fn run(h: LogHandle) {
             };
             match h.call_app(leader, LEAD_KIND, body, REQUEST_TIMEOUT).await {
                 Ok(r) if r.first() == Some(&1) => {
+                    let wait = retry
+                        .get(&p)
+                        .map_or(RETRY_FIRST, |(_, w)| (*w * 2).min(RETRY_MAX));
+                    retry.insert(p, (Instant::now() + wait, wait));
                     tracing::info!(
                         partition = p,
                         from = leader,
@@ -109,51 +137,41 @@ pub(crate) async fn run(h: LogHandle) {
     }
 }
 
-/// The leader's side: hands the lead of a partition it leads to the replica asking, if that
-/// replica's log is close enough to its own. Answers `[1]` when it handed the lead over, `[0]`
-/// when it did not (not the leader, asker too far behind).
-pub(crate) fn handler(h: LogHandle) -> AppHandler {
+/// The leader's side: hands the lead of a partition it leads to the replica asking, if that is
+/// the partition's preferred replica and its log is close enough to its own. Answers `[1]` when it
+/// handed the lead over, `[0]` when it did not (not the leader, asker too far behind). Holds the
+/// node weakly: the handler lives in the node it refers to.
+pub(crate) fn handler(h: &LogHandle) -> AppHandler {
+    let node: Weak<Inner> = Arc::downgrade(&h.inner);
     Arc::new(move |body: Bytes| {
-        let h = h.clone();
+        let node = node.clone();
         Box::pin(async move {
+            let h = LogHandle {
+                inner: node.upgrade().ok_or("the node is stopping")?,
+            };
             let req: LeadRequest =
                 postcard::from_bytes(&body).map_err(|e| format!("malformed lead request: {e}"))?;
             let g = h
                 .group(partition_group(req.partition))
                 .ok_or_else(|| format!("no replica of partition {} here", req.partition))?;
-            if !g.replicas.contains(&req.from) || req.from == h.node_id() {
+            if g.replicas.first() != Some(&req.from) {
                 return Err(format!(
-                    "node {} is not another replica of partition {}",
+                    "node {} is not the preferred replica of partition {}",
                     req.from, req.partition
                 ));
             }
-            let close = {
-                let m = g.raft.metrics();
-                let m = m.borrow_watched();
-                let leads = m.state == ServerState::Leader && m.current_leader == Some(h.node_id());
-                let last = m.last_log_index.unwrap_or(0);
-                let matched = m
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&req.from))
-                    .and_then(|l| l.as_ref())
-                    .map(|l| l.index);
-                leads && matched.is_some_and(|i| i + LAG_MAX >= last)
-            };
-            if !close {
-                return Ok(Bytes::from_static(&[0]));
-            }
-            g.raft
-                .trigger()
-                .transfer_leader(req.from)
+            let handed = h
+                .transfer_leader(req.partition, req.from)
                 .await
                 .map_err(|e| e.to_string())?;
-            tracing::info!(
-                partition = req.partition,
-                to = req.from,
-                "handing the lead of a partition to its preferred replica"
-            );
-            Ok(Bytes::from_static(&[1]))
+            if handed {
+                tracing::info!(
+                    partition = req.partition,
+                    to = req.from,
+                    "handing the lead of a partition to its preferred replica"
+                );
+            }
+            Ok(Bytes::from_static(if handed { &[1] } else { &[0] }))
         })
     })
 }

@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
-use openraft::async_runtime::WatchReceiver;
 use openraft::raft::{AppendEntriesRequest, TransferLeaderRequest, VoteRequest};
 use serde::Serialize;
 use thingraft_proto::v1::log_server::{Log, LogServer};
@@ -88,9 +87,6 @@ fn reply<T: Serialize>(res: &T) -> Result<Response<pb::RaftReply>, Status> {
         payload: payload.into(),
     }))
 }
-
-/// How long the target of a leadership transfer waits for the leader's last entries.
-const TRANSFER_CATCH_UP: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Largest snapshot a follower buffers while receiving it.
 const SNAPSHOT_BYTES_MAX: u64 = 8 << 30;
@@ -331,18 +327,7 @@ impl RaftRpc for RaftService {
         let r = req.into_inner();
         let g = self.group(r.group)?;
         let rpc: TransferLeaderRequest<TypeConfig> = decode("transfer_leader", r.group, &r.payload)?;
-        // The target elects itself only if its log holds the leader's last entry, and this
-        // message may overtake the last entries on the replication stream (the leader proposes
-        // nothing more meanwhile): give them a moment to arrive.
-        if let Some(last) = rpc.last_log_id()
-            && g.raft.metrics().borrow_watched().id == *rpc.to_node_id()
-        {
-            let _ = g
-                .raft
-                .wait(Some(TRANSFER_CATCH_UP))
-                .log_index_at_least(Some(last.index), "log before taking the lead")
-                .await;
-        }
+        // On the target, openraft waits for its log to hold the leader's last entry first.
         reply(&g.raft.handle_transfer_leader(rpc).await)
     }
 }

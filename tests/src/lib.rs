@@ -94,6 +94,12 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     held.into_iter().map(|(port, ..)| port).collect()
 }
 
+/// The partition of a device (its id's bytes hashed, as the transports do).
+pub fn device_partition(device_id: &str, partitions: u32) -> u32 {
+    let u = uuid::Uuid::parse_str(device_id).expect("a device id is a uuid");
+    thingraft_log::placement::partition_for_key(u.as_bytes(), partitions)
+}
+
 /// A cluster of `thingraft serve` processes on loopback.
 pub struct ProcCluster {
     pub dir: tempfile::TempDir,
@@ -154,22 +160,22 @@ impl ProcCluster {
         c.wait_ready(Duration::from_secs(30)).await?;
         // A partition's lead moves to its preferred replica within seconds of the start
         // (decision 0019): let it settle before a test looks at who leads what.
-        let rebalancing = !config.is_some_and(|t| t.contains("leader_rebalance_ms = 0"));
-        if n > 1 && rebalancing {
+        if n > 1 {
             c.wait_preferred_leaders(Duration::from_secs(30)).await?;
         }
         Ok(c)
     }
 
-    /// Waits until node 1 sees every partition led by its preferred replica.
+    /// Waits until node 1 sees every partition led by its preferred replica (at once if it does
+    /// not move leads back, `leader_rebalance_ms = 0`).
     pub async fn wait_preferred_leaders(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let s = self.client(1).await?.status(1).await?;
-            let settled = s
-                .groups
-                .iter()
-                .all(|g| g.preferred_leader == 0 || g.leader == g.preferred_leader);
+            let settled = s.leader_rebalance_ms == 0
+                || s.groups
+                    .iter()
+                    .all(|g| g.preferred_leader == 0 || g.leader == g.preferred_leader);
             if settled {
                 return Ok(());
             }

@@ -1,12 +1,14 @@
 //! A partition's lead goes back to its preferred replica (decision 0019): three real processes;
 //! a node that was `kill -9`ed and started again leads its partitions again once it has caught
-//! up, and the device path goes on across the hand-over.
+//! up, and a device publishing through the hand-over loses nothing and is never dropped.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
-use thingraft_tests::{ProcCluster, Rest, publish_qos1, v5_client};
+use thingraft_tests::{ProcCluster, Rest, device_partition, publish_qos1, v5_client};
 
 const PARTITIONS: u32 = 6;
 
@@ -39,75 +41,106 @@ async fn leaders_until(
 async fn a_restarted_node_takes_back_the_lead_of_its_partitions_once_it_has_caught_up() -> anyhow::Result<()>
 {
     let mut c = ProcCluster::start(3, PARTITIONS).await?;
-    // Whoever won the first elections, each partition comes to be led by its preferred replica;
-    // node 1 is that of some of them.
+    // The cluster has settled: each partition led by its preferred replica, node 1 among them.
     let preferred: BTreeMap<u32, u64> = (0..PARTITIONS).map(|p| (p, c.preferred_leader(p))).collect();
     assert!(
         preferred.values().any(|n| *n == 1),
         "node 1 is preferred for none: {preferred:?}"
     );
-    let first = leaders_until(&c, 2, |l| *l == preferred).await;
-    assert_eq!(first, preferred, "leads as the cluster settled");
+    assert_eq!(leaders(&c, 2).await, preferred, "leads as the cluster settled");
 
+    // A device in a partition node 1 is the preferred replica of: its lead goes away and back.
     let rest = Rest::login(&c.http[&2], "tenant@thingsboard.org", "tenant").await?;
-    let id = rest.create_device("Boiler", "BOILER")?;
+    let mut device = None;
+    for i in 0..64 {
+        let token = format!("BOILER_{i}");
+        let id = rest.create_device(&format!("Boiler {i}"), &token)?;
+        if preferred[&device_partition(&id, PARTITIONS)] == 1 {
+            device = Some((id, token));
+            break;
+        }
+    }
+    let (id, token) = device.expect("a device in one of node 1's partitions");
 
-    // Node 1 goes; the others take its partitions over, and the device goes on through node 2.
     c.kill(1);
     let without_1 = leaders_until(&c, 2, |l| l.values().all(|n| *n == 2 || *n == 3)).await;
     assert!(
         without_1.values().all(|n| *n == 2 || *n == 3),
         "partitions without a live leader: {without_1:?}"
     );
-    let (client, mut ev) = v5_client(&c.mqtt[&2], "BOILER");
-    for t in 0..20u32 {
-        let body = format!(r#"{{"temperature":{t}}}"#);
-        let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &body).await?;
-        assert_eq!(r, PubAckReason::Success);
-    }
-    let _ = client.disconnect().await;
 
-    // Back, it catches up and asks for its partitions' lead: every partition is led by its
-    // preferred replica again.
+    // The device publishes through node 2 without a break while node 1 comes back and takes
+    // the lead back: no message is refused, no session dropped, every acknowledged one stored.
+    let stop = Arc::new(AtomicBool::new(false));
+    let publisher = {
+        let (mqtt, stop) = (c.mqtt[&2].clone(), stop.clone());
+        tokio::spawn(async move {
+            let (client, mut ev) = v5_client(&mqtt, &token);
+            let mut acked = Vec::new();
+            let mut seq = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let body = format!(
+                    r#"{{"ts":{},"values":{{"seq":{seq}}}}}"#,
+                    1_700_000_000_000u64 + seq
+                );
+                let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &body).await?;
+                anyhow::ensure!(r == PubAckReason::Success, "seq {seq}: {r:?}");
+                acked.push(seq);
+                seq += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = client.disconnect().await;
+            Ok(acked)
+        })
+    };
     c.restart(1)?;
     c.wait_ready(Duration::from_secs(30)).await?;
-    let back = leaders_until(&c, 2, |l| *l == first).await;
+    let back = leaders_until(&c, 2, |l| *l == preferred).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, Ordering::Relaxed);
+    let acked = publisher.await??;
     assert_eq!(
         back,
-        first,
+        preferred,
         "leads after node 1's return; its log:\n{}",
         c.log_of(1)
     );
     let log1 = c.log_of(1);
     assert!(log1.contains("taking back the lead"), "{log1}");
+    assert!(acked.len() > 20, "only {} messages acknowledged", acked.len());
 
-    // The device path goes on across the hand-over: what was sent while node 1 was away is on
-    // node 1 now, and what is sent through node 1 reaches node 3.
-    let rest1 = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
-    let v = rest1
-        .wait_latest(&id, Duration::from_secs(10), |v| {
-            v["temperature"][0]["value"] == "19"
-        })
-        .await?;
-    assert_eq!(v["temperature"][0]["value"], "19", "{v}");
-    let (client, mut ev) = v5_client(&c.mqtt[&1], "BOILER");
-    let r = publish_qos1(
-        &client,
-        &mut ev,
-        "v1/devices/me/telemetry",
-        r#"{"temperature":99}"#,
-    )
-    .await?;
-    assert_eq!(r, PubAckReason::Success);
-    let _ = client.disconnect().await;
-    let rest3 = Rest::login(&c.http[&3], "tenant@thingsboard.org", "tenant").await?;
-    let v = rest3
-        .wait_latest(&id, Duration::from_secs(10), |v| {
-            v["temperature"][0]["value"] == "99"
-        })
-        .await?;
-    assert_eq!(v["temperature"][0]["value"], "99", "{v}");
+    // Every acknowledged message is stored, on the node that took the lead back and on another.
+    for n in [1, 3] {
+        let rest = Rest::login(&c.http[&n], "tenant@thingsboard.org", "tenant").await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut seqs = history_seqs(&rest, &id)?;
+        while seqs != acked && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            seqs = history_seqs(&rest, &id)?;
+        }
+        assert_eq!(seqs, acked, "history on node {n}");
+    }
     Ok(())
+}
+
+/// The `seq` values of a device's history, oldest first.
+fn history_seqs(rest: &Rest, id: &str) -> anyhow::Result<Vec<u64>> {
+    let (code, v) = rest.call(
+        "GET",
+        &format!(
+            "/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys=seq&startTs=0&endTs=1800000000000&limit=100000&orderBy=ASC"
+        ),
+        None,
+    )?;
+    anyhow::ensure!(code == 200, "history: {code} {v}");
+    Ok(v["seq"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["value"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +158,7 @@ async fn leads_stay_where_they_are_with_rebalancing_off() -> anyhow::Result<()> 
     assert!(others(&without), "{without:?}");
     c.restart(gone)?;
     c.wait_ready(Duration::from_secs(30)).await?;
-    // Three rebalancing periods of the default setting.
+    // Six periods of the default setting.
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = leaders(&c, if gone == 1 { 2 } else { 1 }).await;
     assert_eq!(after, without, "a lead moved with leader_rebalance_ms = 0");

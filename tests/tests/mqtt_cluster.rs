@@ -8,13 +8,12 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Packet;
 use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
 use serde_json::Value;
-use thingraft_tests::{ProcCluster, Rest, mosquitto_pub};
+use thingraft_tests::{ProcCluster, Rest, device_partition, mosquitto_pub};
 
 const PARTITIONS: u32 = 4;
 
 fn partition_of(device_id: &str) -> u32 {
-    let u = uuid::Uuid::parse_str(device_id).expect("uuid");
-    thingraft_log::placement::partition_for_key(u.as_bytes(), PARTITIONS)
+    device_partition(device_id, PARTITIONS)
 }
 
 async fn next_publish(ev: &mut EventLoop, prefix: &str) -> anyhow::Result<(String, Value)> {

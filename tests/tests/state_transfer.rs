@@ -9,7 +9,7 @@ use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::Value;
 use thingraft_proto::v1::AppRequest;
 use thingraft_proto::v1::log_client::LogClient;
-use thingraft_tests::{ProcCluster, Rest, publish_qos1, v5_client};
+use thingraft_tests::{ProcCluster, Rest, device_partition, publish_qos1, v5_client};
 use tonic::Code;
 
 /// Snapshots (and so purges of the Raft log) every 50 entries, and at most 8 KiB of records per
@@ -24,11 +24,6 @@ age_ms_max = 604800000
 ";
 
 const MESSAGES: u64 = 150;
-
-fn partition_of(device_id: &str, partitions: u32) -> u32 {
-    let u = uuid::Uuid::parse_str(device_id).expect("uuid");
-    thingraft_log::placement::partition_for_key(u.as_bytes(), partitions)
-}
 
 /// Publishes `MESSAGES` samples of `seq` (each acknowledged before the next) as `token`.
 async fn publish_samples(mqtt: &str, token: &str, first_seq: u64) -> anyhow::Result<()> {
@@ -124,7 +119,7 @@ async fn a_node_that_lost_its_data_takes_the_device_state_the_log_no_longer_hold
         let id = rest.create_device(&format!("Meter {i}"), &token)?;
         if devices
             .iter()
-            .all(|(d, _)| partition_of(d, PARTITIONS) != partition_of(&id, PARTITIONS))
+            .all(|(d, _)| device_partition(d, PARTITIONS) != device_partition(&id, PARTITIONS))
         {
             devices.push((id, token));
         }
@@ -298,13 +293,15 @@ async fn a_node_taking_a_partitions_state_leaves_its_lead_to_a_peer_until_it_has
         leader, preferred,
         "node {preferred} took the lead before it had the state"
     );
-    publish_samples(&c.mqtt[&other], "PUMP", 1000).await?;
-    let last = format!("{}", 1000 + MESSAGES - 1);
+    let (client, mut ev) = v5_client(&c.mqtt[&other], "PUMP");
+    let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", r#"{"seq":5000}"#).await?;
+    assert_eq!(r, PubAckReason::Success);
+    let _ = client.disconnect().await;
     let v = rest
-        .wait_latest(&id, Duration::from_secs(3), |v| v["seq"][0]["value"] == last)
+        .wait_latest(&id, Duration::from_secs(3), |v| v["seq"][0]["value"] == "5000")
         .await?;
     assert_eq!(
-        v["seq"][0]["value"], last,
+        v["seq"][0]["value"], "5000",
         "telemetry stalled; node {leader} leads"
     );
 
