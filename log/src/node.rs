@@ -122,6 +122,8 @@ pub(crate) struct Inner {
     pub members: BTreeMap<NodeId, String>,
     /// Indexed by group id; `None` where this node holds no replica.
     pub groups: Vec<Option<Arc<Group>>>,
+    /// The replicas of each partition group (index `gid - 1`), preferred leader first.
+    placements: Vec<Vec<NodeId>>,
     pub initialized: AtomicBool,
     pub(crate) shutdown: watch::Sender<bool>,
     /// Background tasks (batchers, bootstrap, metadata), aborted at shutdown.
@@ -206,13 +208,15 @@ impl LogNode {
             inflight_max: config.inflight_entries_max,
         };
 
+        let placements =
+            placement::partition_replicas(config.partitions, &member_ids, config.replication_factor);
         let mut groups = Vec::new();
         let mut tasks = Vec::new();
         for gid in 0..=config.partitions {
             let replicas = if gid == META_GROUP {
                 member_ids.clone()
             } else {
-                placement::replicas(gid, &member_ids, config.replication_factor)
+                placements[gid as usize - 1].clone()
             };
             if !replicas.contains(&config.node_id) {
                 groups.push(None);
@@ -268,6 +272,7 @@ impl LogNode {
                 peers,
                 members,
                 groups,
+                placements,
                 initialized: AtomicBool::new(initialized),
                 shutdown,
                 tasks: std::sync::Mutex::new(tasks),
@@ -475,14 +480,12 @@ async fn publish_metadata(handle: LogHandle) {
     };
     let members = serde_members(&inner.members);
     let placement = {
-        let ids: Vec<NodeId> = inner.members.keys().copied().collect();
         let mut s = String::from("{");
-        for gid in 1..=inner.config.partitions {
-            let r = placement::replicas(gid, &ids, inner.config.replication_factor);
-            if gid > 1 {
+        for (p, r) in inner.placements.iter().enumerate() {
+            if p > 0 {
                 s.push(',');
             }
-            s.push_str(&format!("\"{}\":{:?}", gid - 1, r));
+            s.push_str(&format!("\"{p}\":{r:?}"));
         }
         s.push('}');
         s
@@ -646,9 +649,7 @@ impl LogHandle {
     async fn route(&self, gid: GroupId, partition: u32, deadline: Instant) -> Result<Route, LogError> {
         let Some(g) = self.group(gid) else {
             // Not a replica here: ask the preferred replica, which forwards or redirects.
-            let ids: Vec<NodeId> = self.inner.members.keys().copied().collect();
-            let r = placement::replicas(gid, &ids, self.inner.config.replication_factor);
-            let id = r[0];
+            let id = self.inner.placements[gid as usize - 1][0];
             let addr = self.inner.members.get(&id).cloned().unwrap_or_default();
             return Ok(Route::Remote(id, addr));
         };

@@ -307,11 +307,11 @@ impl ProcCluster {
         Ok(())
     }
 
-    /// The preferred replica of `partition` (placement's first, with the default replication
-    /// factor of 3), which leads it whenever it is up and ready (decision 0019).
+    /// The preferred replica of `partition` (with the default replication factor of 3), which
+    /// leads it whenever it is up and ready (decision 0019).
     pub fn preferred_leader(&self, partition: u32) -> NodeId {
         let ids: Vec<NodeId> = self.addrs.keys().copied().collect();
-        thingraft_log::placement::replicas(thingraft_log::types::partition_group(partition), &ids, 3)[0]
+        thingraft_log::placement::partition_replicas(self.partitions, &ids, 3)[partition as usize][0]
     }
 
     /// The leader of `partition` as node `via` sees it.
