@@ -21,7 +21,7 @@ start)
     if "$BIN" status --addr 127.0.0.1:7401 --json 2>/dev/null | python3 -c '
 import json,sys
 s=json.load(sys.stdin)
-sys.exit(0 if s["groups"] and all(g["leader"] and g["preferred_leader"] in (0, g["leader"]) for g in s["groups"]) else 1)' 2>/dev/null; then
+sys.exit(0 if s["groups"] and all(g["leader"] and g.get("preferred_leader", 0) in (0, g["leader"]) for g in s["groups"]) else 1)' 2>/dev/null; then
       echo "thingraft cluster of $n up"; exit 0
     fi
     sleep 0.2
