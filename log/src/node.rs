@@ -323,7 +323,7 @@ impl LogNode {
             t.abort();
             let _ = t.await;
         }
-        // Handlers may hold handles of this node (the lead handler does): let go of them.
+        // An application handler may hold a handle of this node: let go of them all.
         inner.app_handlers.write().expect("app handlers lock").clear();
         *inner.lead_ready.write().expect("lead ready lock") = None;
         inner.store.close();

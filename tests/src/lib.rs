@@ -94,6 +94,18 @@ pub fn free_ports(n: usize) -> Vec<u16> {
     held.into_iter().map(|(port, ..)| port).collect()
 }
 
+/// The values of `key` in a history answer ([`Rest::history`]) that are whole numbers, in order.
+pub fn numbers_of(history: &serde_json::Value, key: &str) -> Vec<u64> {
+    history[key]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s["value"].as_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// The partition of a device (its id's bytes hashed, as the transports do).
 pub fn device_partition(device_id: &str, partitions: u32) -> u32 {
     let u = uuid::Uuid::parse_str(device_id).expect("a device id is a uuid");
@@ -630,6 +642,20 @@ impl Rest {
         let (code, v) = self.call("POST", &format!("/api/device?accessToken={token}"), Some(&body))?;
         anyhow::ensure!(code == 200, "device create: {code} {v}");
         v["id"]["id"].as_str().map(String::from).context("device id")
+    }
+
+    /// The whole history of one telemetry key of a device, oldest first (values as ThingsBoard's
+    /// strings).
+    pub fn history(&self, device: &str, key: &str) -> anyhow::Result<serde_json::Value> {
+        let (code, v) = self.call(
+            "GET",
+            &format!(
+                "/api/plugins/telemetry/DEVICE/{device}/values/timeseries?keys={key}&startTs=0&endTs=4102444800000&limit=100000&orderBy=ASC"
+            ),
+            None,
+        )?;
+        anyhow::ensure!(code == 200, "history: {code} {v}");
+        Ok(v)
     }
 
     /// Latest telemetry of a device (values as ThingsBoard's strings).

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use rumqttc::v5::mqttbytes::v5::PubAckReason;
-use thingraft_tests::{ProcCluster, Rest, device_partition, publish_qos1, v5_client};
+use thingraft_tests::{ProcCluster, Rest, device_partition, numbers_of, publish_qos1, v5_client};
 
 const PARTITIONS: u32 = 6;
 
@@ -125,22 +125,7 @@ async fn a_restarted_node_takes_back_the_lead_of_its_partitions_once_it_has_caug
 
 /// The `seq` values of a device's history, oldest first.
 fn history_seqs(rest: &Rest, id: &str) -> anyhow::Result<Vec<u64>> {
-    let (code, v) = rest.call(
-        "GET",
-        &format!(
-            "/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys=seq&startTs=0&endTs=1800000000000&limit=100000&orderBy=ASC"
-        ),
-        None,
-    )?;
-    anyhow::ensure!(code == 200, "history: {code} {v}");
-    Ok(v["seq"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["value"].as_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(numbers_of(&rest.history(id, "seq")?, "seq"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,7 +9,7 @@ use rumqttc::v5::mqttbytes::v5::PubAckReason;
 use serde_json::Value;
 use thingraft_proto::v1::AppRequest;
 use thingraft_proto::v1::log_client::LogClient;
-use thingraft_tests::{ProcCluster, Rest, device_partition, publish_qos1, v5_client};
+use thingraft_tests::{ProcCluster, Rest, device_partition, numbers_of, publish_qos1, v5_client};
 use tonic::Code;
 
 /// Snapshots (and so purges of the Raft log) every 50 entries, and at most 8 KiB of records per
@@ -61,27 +61,12 @@ async fn cluster_with_device(
 }
 
 fn history(rest: &Rest, id: &str) -> anyhow::Result<Value> {
-    let (code, v) = rest.call(
-        "GET",
-        &format!(
-            "/api/plugins/telemetry/DEVICE/{id}/values/timeseries?keys=seq&startTs=0&endTs=1800000000000&limit=100000&orderBy=ASC"
-        ),
-        None,
-    )?;
-    anyhow::ensure!(code == 200, "history: {code} {v}");
-    Ok(v)
+    rest.history(id, "seq")
 }
 
 /// The `seq` values of a history answer.
 fn seqs_of(history: &Value) -> Vec<u64> {
-    history["seq"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|s| s["value"].as_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+    numbers_of(history, "seq")
 }
 
 fn shared_attributes(rest: &Rest, id: &str) -> anyhow::Result<Value> {
