@@ -188,7 +188,9 @@ async fn bad_input_is_rejected_with_its_code_and_changes_nothing() {
 async fn settled(c: &mut LogClient<tonic::transport::Channel>) -> Vec<(u32, u64, u64)> {
     let mut last = offsets(c).await;
     for _ in 0..50 {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Longer than the node's metadata publisher waits between its tries (500 ms): 300 ms
+        // once saw two equal snapshots while its write was still to come.
+        tokio::time::sleep(Duration::from_millis(700)).await;
         let now = offsets(c).await;
         if now == last {
             return now;
