@@ -197,10 +197,14 @@ pub async fn run(a: Args) -> anyhow::Result<()> {
     permits.close();
     // A reader error before the end is a failed run; after it, the server closing our
     // half-closed connection is expected.
-    anyhow::ensure!(
-        !reader.is_finished() || writer.is_finished(),
-        "reader stopped early"
-    );
+    if reader.is_finished() && !writer.is_finished() {
+        let why = match reader.await {
+            Ok(Err(e)) => format!("{e:#}"),
+            Ok(Ok(())) => "it returned".to_string(),
+            Err(e) => e.to_string(),
+        };
+        anyhow::bail!("reader stopped early: {why}");
+    }
     reader.abort();
     if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(1), reader).await
         && h_len(&hist) == 0
