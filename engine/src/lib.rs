@@ -22,7 +22,7 @@ pub mod store;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use thingraft_log::{Appended, LogError, LogHandle, Record};
 use thingraft_proto::records::{Ingest, PartitionRecord};
@@ -141,13 +141,12 @@ impl Engine {
         let (shutdown, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut applied = Vec::new();
-        // Whether each partition's shard could lead it now (decision 0019).
-        let ready: Arc<Vec<AtomicBool>> =
-            Arc::new((0..log.partitions()).map(|_| AtomicBool::new(false)).collect());
+        // How ready each partition's shard is to lead it (decisions 0019 and 0020).
+        let ready: Arc<Vec<AtomicU8>> = Arc::new((0..log.partitions()).map(|_| AtomicU8::new(0)).collect());
         {
             let ready = ready.clone();
             log.set_lead_ready(Arc::new(move |p| {
-                ready.get(p as usize).is_some_and(|r| r.load(Ordering::Relaxed))
+                shard::readiness(ready.get(p as usize).map_or(0, |r| r.load(Ordering::Relaxed)))
             }));
         }
         for p in 0..log.partitions() {

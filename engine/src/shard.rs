@@ -12,9 +12,10 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
+use thingraft_log::rebalance::Readiness;
 use thingraft_log::{LogHandle, Record};
 use thingraft_proto::records::{
     AttrKv, Deliver, DownlinkMsg, EntityId, Ingest, IngestMsg, Outcome, PartitionRecord, RpcStatus, Scope,
@@ -41,27 +42,64 @@ pub struct Shard {
     pub config: EngineConfig,
     /// Where a state taken from a peer is written before it is installed.
     pub transfer_dir: std::path::PathBuf,
-    /// Per partition: whether its shard here could lead it now — running (not taking its state
-    /// from a peer, not backing off) and within `READY_LAG` records of its log's end. The log asks
-    /// before it takes a partition's lead back for this node (decision 0019).
-    pub ready: Arc<Vec<AtomicBool>>,
+    /// Per partition: how ready its shard here is to lead it, read through [`readiness`]: running
+    /// (not taking its state from a peer, not backing off) and within `READY_LAG` records of its
+    /// log's end, running but behind, or not running. The log asks before it takes a partition's
+    /// lead back for this node (decision 0019), and hands away the lead of a partition whose shard
+    /// has not been running for a while (decision 0020).
+    pub ready: Arc<Vec<AtomicU8>>,
 }
 
 /// Records a shard may be behind its log's end and still be ready to lead the partition.
 const READY_LAG: u64 = 4096;
 
-/// Clears a shard's readiness when its run ends (for a state transfer, a back-off or shutdown).
-struct ReadyFlag<'a>(&'a AtomicBool);
+/// Test hook for a shard that keeps failing: with this variable set to `P@MS`, partition P's
+/// shard fails MS milliseconds after the first shard of the process started, and at every start
+/// after that, as it would on a store that refuses every write. `tests/tests/leader_rebalance.rs`
+/// checks that a leader in that state hands its lead to a ready replica (decision 0020).
+pub const SHARD_FAIL: &str = "THINGRAFT_FAULT_SHARD_FAIL";
+
+/// Whether [`SHARD_FAIL`] makes `partition`'s shard fail now.
+fn failing_on_purpose(partition: u32) -> bool {
+    static HOOK: std::sync::OnceLock<Option<(u32, Duration, tokio::time::Instant)>> =
+        std::sync::OnceLock::new();
+    let hook = HOOK.get_or_init(|| {
+        let v = std::env::var(SHARD_FAIL).ok()?;
+        let (p, ms) = v.split_once('@')?;
+        Some((
+            p.parse().ok()?,
+            Duration::from_millis(ms.parse().ok()?),
+            tokio::time::Instant::now(),
+        ))
+    });
+    hook.as_ref()
+        .is_some_and(|(p, after, since)| *p == partition && since.elapsed() >= *after)
+}
+
+/// A shard's readiness as stored in [`Shard::ready`]: 0 not running, 1 running but behind,
+/// 2 running and close to its log's end.
+pub(crate) fn readiness(v: u8) -> Readiness {
+    match v {
+        2 => Readiness::Ready,
+        1 => Readiness::Behind,
+        _ => Readiness::Down,
+    }
+}
+
+/// Sets a shard's readiness while it runs, and back to not running when its run ends (for a state
+/// transfer, a back-off or shutdown).
+struct ReadyFlag<'a>(&'a AtomicU8);
 
 impl ReadyFlag<'_> {
-    fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
+    fn set(&self, close_to_the_end: bool) {
+        self.0
+            .store(if close_to_the_end { 2 } else { 1 }, Ordering::Relaxed);
     }
 }
 
 impl Drop for ReadyFlag<'_> {
     fn drop(&mut self) {
-        self.set(false);
+        self.0.store(0, Ordering::Relaxed);
     }
 }
 
@@ -174,6 +212,7 @@ impl Shard {
 
     async fn run_inner(&self, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
         let p = self.partition;
+        anyhow::ensure!(!failing_on_purpose(p), "{SHARD_FAIL} is set: failing on purpose");
         let progress = self.store.progress(p)?;
         let start = self.log.read(p, 0, 0)?.start_offset;
         if progress.processed_upto < start {
@@ -240,6 +279,7 @@ impl Shard {
                     }
                 }
                 _ = tick.tick() => {
+                    anyhow::ensure!(!failing_on_purpose(p), "{SHARD_FAIL} is set: failing on purpose");
                     if last_check.elapsed() >= check_every {
                         last_check = tokio::time::Instant::now();
                         self.check_inactivity(&mut st).await;

@@ -300,6 +300,10 @@ impl LogNode {
             t.push(tokio::spawn(crate::rebalance::run(handle.clone())));
         }
         handle.set_app_handler(crate::rebalance::LEAD_KIND, crate::rebalance::handler(&handle));
+        handle.set_app_handler(
+            crate::rebalance::READY_KIND,
+            crate::rebalance::ready_handler(&handle),
+        );
         Ok(LogNode { handle, server })
     }
 
@@ -875,8 +879,10 @@ impl LogHandle {
         Ok(true)
     }
 
-    /// Installs the application's answer to whether it is ready to lead a partition on this node
-    /// (asked before this node, the partition's preferred replica, asks for its lead back).
+    /// Installs the application's answer to how ready it is to lead a partition on this node:
+    /// asked before this node, the partition's preferred replica, asks for its lead back
+    /// (decision 0019), before it hands away the lead of a partition the application is not
+    /// running, and when a leader in that state asks whether this node could take it (0020).
     pub fn set_lead_ready(&self, ready: crate::rebalance::LeadReady) {
         *self.inner.lead_ready.write().expect("lead ready lock") = Some(ready);
     }

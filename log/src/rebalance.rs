@@ -15,6 +15,14 @@
 //! at its next checks (it lost the election, or lost the lead again) waits before it asks again,
 //! 5 s doubling to 5 min, so that a slow replica cannot take its partition through election
 //! after election.
+//!
+//! The other way round (decision 0020): a node leads a partition its application is not running
+//! — the engine's shard failed and backs off, or takes its state from a peer — and has found it
+//! down at every check for `HAND_OFF_AFTER`. It then asks the partition's other replicas, preferred one
+//! first, whether they are ready (application messages of kind `READY_KIND`) and hands the lead to
+//! the first that is, if its log is close enough. Without a ready replica the lead stays. A
+//! preferred replica that handed its lead away waits before asking for it back, as after a lead it
+//! did not keep.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -34,8 +42,32 @@ use crate::types::{NodeId, partition_group};
 /// The application message kind of lead requests (kinds 0 and 1 are the engine's).
 pub const LEAD_KIND: u32 = 2;
 
-/// Whether the application above the log is ready to lead a partition on this node.
-pub type LeadReady = Arc<dyn Fn(u32) -> bool + Send + Sync>;
+/// The application message kind of readiness questions: is the asked node ready to lead a
+/// partition (its replica not recovering, its application ready)? Answers `[1]` or `[0]`.
+pub const READY_KIND: u32 = 3;
+
+/// A leader whose application has been down at every check for this long hands the lead to a
+/// replica that is ready (decision 0020). Longer than a shard's first back-offs after a failure
+/// (0.5, 1, 2, 4 s). A leader that is only behind (catching up, overloaded) keeps its lead: its
+/// replicas are as loaded, and moving the lead would make it churn.
+const HAND_OFF_AFTER: Duration = Duration::from_secs(10);
+
+/// After a hand-off attempt (made or not), the next one waits at least this long.
+const HAND_OFF_AGAIN: Duration = Duration::from_secs(5);
+
+/// How ready the application above the log is to lead a partition on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not running it: failed and backing off, taking its state from a peer, or not started.
+    Down,
+    /// Running it, but too far behind the log's end to lead it well (catching up, overloaded).
+    Behind,
+    /// Running it and close to the log's end.
+    Ready,
+}
+
+/// The application's [`Readiness`] for a partition on this node.
+pub type LeadReady = Arc<dyn Fn(u32) -> Readiness + Send + Sync>;
 
 /// Entries a replica's log may be behind the leader's and still be handed the lead: the leader
 /// proposes nothing once it hands over, and openraft has the target wait for the rest.
@@ -72,6 +104,10 @@ pub(crate) async fn run(h: LogHandle) {
     let mut retry: HashMap<u32, (Instant, Duration)> = HashMap::new();
     // Per partition this node leads: since when, without a break.
     let mut leading_since: HashMap<u32, Instant> = HashMap::new();
+    // Per partition this node leads: since when its application has been down at every check.
+    let mut down_since: HashMap<u32, Instant> = HashMap::new();
+    // Per partition: no hand-off attempt before then.
+    let mut hand_off_at: HashMap<u32, Instant> = HashMap::new();
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -83,17 +119,51 @@ pub(crate) async fn run(h: LogHandle) {
             let Some(g) = h.group(partition_group(p)) else {
                 continue;
             };
-            if g.replicas.first() != Some(&me) || g.recovering.load(Ordering::SeqCst) {
-                continue;
-            }
+            let readiness = ready.as_ref().map_or(Readiness::Ready, |f| f(p));
+            let preferred = g.replicas.first() == Some(&me);
             if h.leader_term(p).is_some() {
-                let since = *leading_since.entry(p).or_insert_with(Instant::now);
-                if since.elapsed() >= KEPT {
-                    retry.remove(&p);
+                if readiness != Readiness::Down {
+                    down_since.remove(&p);
+                } else {
+                    let since = *down_since.entry(p).or_insert_with(Instant::now);
+                    if since.elapsed() >= HAND_OFF_AFTER
+                        && hand_off_at.get(&p).is_none_or(|at| Instant::now() >= *at)
+                    {
+                        hand_off_at.insert(p, Instant::now() + HAND_OFF_AGAIN);
+                        if let Some(to) = hand_off(&h, &g.replicas, p).await {
+                            tracing::warn!(
+                                partition = p,
+                                to,
+                                down_s = since.elapsed().as_secs(),
+                                "handing the lead of a partition to a ready replica: this node's \
+                                 engine has not been running it"
+                            );
+                            // `down_since` stays: should the hand-over not complete, the next
+                            // attempt comes after `HAND_OFF_AGAIN`, not after another full wait.
+                            leading_since.remove(&p);
+                            if preferred {
+                                let wait = retry
+                                    .get(&p)
+                                    .map_or(RETRY_FIRST, |(_, w)| (*w * 2).min(RETRY_MAX));
+                                retry.insert(p, (Instant::now() + wait, wait));
+                            }
+                            continue;
+                        }
+                    }
+                }
+                if preferred {
+                    let since = *leading_since.entry(p).or_insert_with(Instant::now);
+                    if since.elapsed() >= KEPT {
+                        retry.remove(&p);
+                    }
                 }
                 continue;
             }
+            down_since.remove(&p);
             leading_since.remove(&p);
+            if !preferred || g.recovering.load(Ordering::SeqCst) {
+                continue;
+            }
             let leader = {
                 let m = g.raft.metrics();
                 let m = m.borrow_watched();
@@ -103,7 +173,7 @@ pub(crate) async fn run(h: LogHandle) {
                     .filter(|l| *l != me)
             };
             let Some(leader) = leader else { continue };
-            if !ready.as_ref().is_none_or(|f| f(p)) {
+            if readiness != Readiness::Ready {
                 continue;
             }
             now_ready.insert(p);
@@ -135,6 +205,57 @@ pub(crate) async fn run(h: LogHandle) {
         }
         was_ready = now_ready;
     }
+}
+
+/// Asks `replicas` (this node left out, in order) whether they are ready to lead `partition` and
+/// hands the lead to the first that is and whose log is close enough; the node it went to.
+async fn hand_off(h: &LogHandle, replicas: &[NodeId], partition: u32) -> Option<NodeId> {
+    let body = Bytes::from(postcard::to_stdvec(&partition).ok()?);
+    for &to in replicas.iter().filter(|n| **n != h.node_id()) {
+        match h.call_app(to, READY_KIND, body.clone(), REQUEST_TIMEOUT).await {
+            Ok(r) if r.first() == Some(&1) => {}
+            Ok(_) => {
+                tracing::debug!(partition, to, "replica not ready to lead");
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(partition, to, error = %e, "readiness question failed");
+                continue;
+            }
+        }
+        match h.transfer_leader(partition, to).await {
+            Ok(true) => return Some(to),
+            Ok(false) => tracing::debug!(partition, to, "ready replica too far behind for the lead"),
+            Err(e) => tracing::debug!(partition, to, error = %e, "lead hand-off failed"),
+        }
+    }
+    None
+}
+
+/// Answers [`READY_KIND`] questions: `[1]` when this node's replica of the partition is not
+/// recovering and its application is ready to lead it. Holds the node weakly, as [`handler`].
+pub(crate) fn ready_handler(h: &LogHandle) -> AppHandler {
+    let node: Weak<Inner> = Arc::downgrade(&h.inner);
+    Arc::new(move |body: Bytes| {
+        let node = node.clone();
+        Box::pin(async move {
+            let h = LogHandle {
+                inner: node.upgrade().ok_or("the node is stopping")?,
+            };
+            let partition: u32 =
+                postcard::from_bytes(&body).map_err(|e| format!("malformed readiness question: {e}"))?;
+            let ready = h
+                .group(partition_group(partition))
+                .is_some_and(|g| !g.recovering.load(Ordering::SeqCst))
+                && h.inner
+                    .lead_ready
+                    .read()
+                    .expect("lead ready lock")
+                    .as_ref()
+                    .is_none_or(|f| f(partition) == Readiness::Ready);
+            Ok(Bytes::from_static(if ready { &[1] } else { &[0] }))
+        })
+    })
 }
 
 /// The leader's side: hands the lead of a partition it leads to the replica asking, if that is

@@ -1,6 +1,7 @@
 //! A partition's lead goes back to its preferred replica (decision 0019): three real processes;
 //! a node that was `kill -9`ed and started again leads its partitions again once it has caught
-//! up, and a device publishing through the hand-over loses nothing and is never dropped.
+//! up, and a device publishing through the hand-over loses nothing and is never dropped. A leader
+//! whose engine shard keeps failing hands its lead to a ready replica (decision 0020).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -147,5 +148,108 @@ async fn leads_stay_where_they_are_with_rebalancing_off() -> anyhow::Result<()> 
     tokio::time::sleep(Duration::from_secs(6)).await;
     let after = leaders(&c, if gone == 1 { 2 } else { 1 }).await;
     assert_eq!(after, without, "a lead moved with leader_rebalance_ms = 0");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_whose_shard_keeps_failing_hands_its_lead_to_a_ready_replica() -> anyhow::Result<()> {
+    let mut c = ProcCluster::start(3, PARTITIONS).await?;
+    let rest = Rest::login(&c.http[&2], "tenant@thingsboard.org", "tenant").await?;
+    let mut device = None;
+    for i in 0..64 {
+        let token = format!("PUMP_{i}");
+        let id = rest.create_device(&format!("Pump {i}"), &token)?;
+        let p = device_partition(&id, PARTITIONS);
+        if c.preferred_leader(p) == 1 {
+            device = Some((id, token, p));
+            break;
+        }
+    }
+    let (id, token, p) = device.expect("a device in one of node 1's partitions");
+
+    // Node 1 comes back with the partition's shard set to fail 12 s after it starts, and on
+    // every start after that; until then it catches up and takes its lead back.
+    const FAIL_AFTER_MS: u64 = 12_000;
+    c.restart_with_env(
+        1,
+        &[("THINGRAFT_FAULT_SHARD_FAIL", &format!("{p}@{FAIL_AFTER_MS}"))],
+    )?;
+    let restarted = Instant::now();
+    c.wait_ready(Duration::from_secs(30)).await?;
+    let back = leaders_until(&c, 2, |l| l[&p] == 1).await;
+    assert_eq!(back[&p], 1, "node 1 did not take back partition {p}: {back:?}");
+    assert!(
+        restarted.elapsed() < Duration::from_millis(FAIL_AFTER_MS),
+        "node 1 took its lead back only after its shard began to fail"
+    );
+    let (client, mut ev) = v5_client(&c.mqtt[&2], &token);
+    let send = |seq: u64| {
+        format!(
+            r#"{{"ts":{},"values":{{"seq":{seq}}}}}"#,
+            1_700_000_000_000u64 + seq
+        )
+    };
+    let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &send(0)).await?;
+    assert_eq!(r, PubAckReason::Success);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while history_seqs(&rest, &id)? != [0] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        history_seqs(&rest, &id)?,
+        [0],
+        "processed while node 1's shard runs"
+    );
+
+    // The shard fails and keeps failing. What the device sends from then on is committed, and
+    // processed once the lead has moved to a replica whose shard runs.
+    // (The hook's clock starts with node 1's first shard, a little after the process.)
+    let deadline = restarted + Duration::from_millis(FAIL_AFTER_MS) + Duration::from_secs(10);
+    while !c.log_of(1).contains("failing on purpose") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log1 = c.log_of(1);
+    assert!(
+        log1.contains("failing on purpose"),
+        "the shard has not failed:\n{log1}"
+    );
+    let failed_at = Instant::now();
+    let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &send(1)).await?;
+    assert_eq!(r, PubAckReason::Success);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while history_seqs(&rest, &id)? != [0, 1] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        history_seqs(&rest, &id)?,
+        [0, 1],
+        "not processed 30 s after node 1's shard failed; node 1's log:\n{}",
+        c.log_of(1)
+    );
+    let moved = failed_at.elapsed();
+    let leader = c.leader_of(2, p).await?;
+    assert_ne!(leader, 1, "node 1 still leads partition {p}");
+    let log1 = c.log_of(1);
+    assert!(
+        log1.contains("handing the lead of a partition to a ready replica"),
+        "{log1}"
+    );
+
+    // While its shard keeps failing, node 1 does not ask for the lead back, and the partition
+    // goes on being processed where it moved.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(c.leader_of(2, p).await?, leader, "the lead moved again");
+    let r = publish_qos1(&client, &mut ev, "v1/devices/me/telemetry", &send(2)).await?;
+    assert_eq!(r, PubAckReason::Success);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while history_seqs(&rest, &id)? != [0, 1, 2] && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(history_seqs(&rest, &id)?, [0, 1, 2]);
+    eprintln!(
+        "partition {p}: processing went on {} ms after node 1's shard failed",
+        moved.as_millis()
+    );
+    let _ = client.disconnect().await;
     Ok(())
 }
