@@ -232,67 +232,70 @@ async fn hand_off(h: &LogHandle, replicas: &[NodeId], partition: u32) -> Option<
     None
 }
 
-/// Answers [`READY_KIND`] questions: `[1]` when this node's replica of the partition is not
-/// recovering and its application is ready to lead it. Holds the node weakly, as [`handler`].
-pub(crate) fn ready_handler(h: &LogHandle) -> AppHandler {
+/// An application handler that holds its node weakly (the handler lives in the node it refers
+/// to) and runs `f` with a handle to it.
+fn weak_handler<F, Fut>(h: &LogHandle, f: F) -> AppHandler
+where
+    F: Fn(LogHandle, Bytes) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Bytes, String>> + Send + 'static,
+{
     let node: Weak<Inner> = Arc::downgrade(&h.inner);
+    let f = Arc::new(f);
     Arc::new(move |body: Bytes| {
-        let node = node.clone();
+        let (node, f) = (node.clone(), f.clone());
         Box::pin(async move {
-            let h = LogHandle {
-                inner: node.upgrade().ok_or("the node is stopping")?,
-            };
-            let partition: u32 =
-                postcard::from_bytes(&body).map_err(|e| format!("malformed readiness question: {e}"))?;
-            let ready = h
-                .group(partition_group(partition))
-                .is_some_and(|g| !g.recovering.load(Ordering::SeqCst))
-                && h.inner
-                    .lead_ready
-                    .read()
-                    .expect("lead ready lock")
-                    .as_ref()
-                    .is_none_or(|f| f(partition) == Readiness::Ready);
-            Ok(Bytes::from_static(if ready { &[1] } else { &[0] }))
+            let inner = node.upgrade().ok_or("the node is stopping")?;
+            f(LogHandle { inner }, body).await
         })
+    })
+}
+
+/// Answers [`READY_KIND`] questions: `[1]` when this node's replica of the partition is not
+/// recovering and its application is ready to lead it.
+pub(crate) fn ready_handler(h: &LogHandle) -> AppHandler {
+    weak_handler(h, |h, body| async move {
+        let partition: u32 =
+            postcard::from_bytes(&body).map_err(|e| format!("malformed readiness question: {e}"))?;
+        let ready = h
+            .group(partition_group(partition))
+            .is_some_and(|g| !g.recovering.load(Ordering::SeqCst))
+            && h.inner
+                .lead_ready
+                .read()
+                .expect("lead ready lock")
+                .as_ref()
+                .is_none_or(|f| f(partition) == Readiness::Ready);
+        Ok(Bytes::from_static(if ready { &[1] } else { &[0] }))
     })
 }
 
 /// The leader's side: hands the lead of a partition it leads to the replica asking, if that is
 /// the partition's preferred replica and its log is close enough to its own. Answers `[1]` when it
-/// handed the lead over, `[0]` when it did not (not the leader, asker too far behind). Holds the
-/// node weakly: the handler lives in the node it refers to.
+/// handed the lead over, `[0]` when it did not (not the leader, asker too far behind).
 pub(crate) fn handler(h: &LogHandle) -> AppHandler {
-    let node: Weak<Inner> = Arc::downgrade(&h.inner);
-    Arc::new(move |body: Bytes| {
-        let node = node.clone();
-        Box::pin(async move {
-            let h = LogHandle {
-                inner: node.upgrade().ok_or("the node is stopping")?,
-            };
-            let req: LeadRequest =
-                postcard::from_bytes(&body).map_err(|e| format!("malformed lead request: {e}"))?;
-            let g = h
-                .group(partition_group(req.partition))
-                .ok_or_else(|| format!("no replica of partition {} here", req.partition))?;
-            if g.replicas.first() != Some(&req.from) {
-                return Err(format!(
-                    "node {} is not the preferred replica of partition {}",
-                    req.from, req.partition
-                ));
-            }
-            let handed = h
-                .transfer_leader(req.partition, req.from)
-                .await
-                .map_err(|e| e.to_string())?;
-            if handed {
-                tracing::info!(
-                    partition = req.partition,
-                    to = req.from,
-                    "handing the lead of a partition to its preferred replica"
-                );
-            }
-            Ok(Bytes::from_static(if handed { &[1] } else { &[0] }))
-        })
+    weak_handler(h, |h, body| async move {
+        let req: LeadRequest =
+            postcard::from_bytes(&body).map_err(|e| format!("malformed lead request: {e}"))?;
+        let g = h
+            .group(partition_group(req.partition))
+            .ok_or_else(|| format!("no replica of partition {} here", req.partition))?;
+        if g.replicas.first() != Some(&req.from) {
+            return Err(format!(
+                "node {} is not the preferred replica of partition {}",
+                req.from, req.partition
+            ));
+        }
+        let handed = h
+            .transfer_leader(req.partition, req.from)
+            .await
+            .map_err(|e| e.to_string())?;
+        if handed {
+            tracing::info!(
+                partition = req.partition,
+                to = req.from,
+                "handing the lead of a partition to its preferred replica"
+            );
+        }
+        Ok(Bytes::from_static(if handed { &[1] } else { &[0] }))
     })
 }
