@@ -61,6 +61,11 @@ pub struct EngineConfig {
     /// (ThingsBoard's `transport.mqtt.timeout` and `actors.rpc.max_retries`).
     pub rpc_ack_timeout_ms: u64,
     pub rpc_max_retries: u32,
+    /// The least time between two outcomes a partition's leader proposes (decision 0021). A
+    /// partition that had none for this long gets its next one at once; a busy one gets one
+    /// covering everything committed meanwhile every `outcome_interval_ms`: fewer, larger
+    /// outcomes and store writes, for at most this much longer until a message is applied.
+    pub outcome_interval_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -71,6 +76,7 @@ impl Default for EngineConfig {
             threads: 1,
             rpc_ack_timeout_ms: 10_000,
             rpc_max_retries: 5,
+            outcome_interval_ms: 20,
         }
     }
 }
@@ -89,6 +95,10 @@ impl EngineConfig {
         anyhow::ensure!(
             self.rpc_ack_timeout_ms >= 100,
             "engine.rpc_ack_timeout_ms must be >= 100"
+        );
+        anyhow::ensure!(
+            self.outcome_interval_ms <= 1000,
+            "engine.outcome_interval_ms must be <= 1000"
         );
         Ok(())
     }

@@ -264,8 +264,19 @@ impl Shard {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The term this node led the partition in when it last looked (`None`: it did not).
         let mut led: Option<u64> = None;
+        // Outcomes are spaced by at least this (`EngineConfig::outcome_interval_ms`).
+        let outcome_every = Duration::from_millis(self.config.outcome_interval_ms);
+        let mut last_outcome: Option<tokio::time::Instant> = None;
+        // Set for when the next outcome may be proposed, while one waits for that.
+        let outcome_timer = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(outcome_timer);
+        let mut outcome_waits = false;
+        // One wait for the shutdown for the whole loop, not a waiter added and removed per turn.
+        let stopped = crate::stopped(shutdown);
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
+                () = &mut outcome_timer, if outcome_waits => outcome_waits = false,
                 batch = tail.recv() => {
                     let Some(batch) = batch else { return Ok(()) };
                     let batch = batch?;
@@ -285,7 +296,7 @@ impl Shard {
                         self.check_inactivity(&mut st).await;
                     }
                 }
-                () = crate::stopped(shutdown) => return Ok(()),
+                () = &mut stopped => return Ok(()),
             }
             ready.set(st.seen_upto + READY_LAG >= *log_end.borrow());
             let term = self.log.leader_term(p);
@@ -307,6 +318,17 @@ impl Shard {
             {
                 let from = proposed_upto.max(st.processed_upto);
                 if st.last_ingest.is_some_and(|o| o >= from) && st.seen_upto > from {
+                    let now = tokio::time::Instant::now();
+                    if let Some(due) = last_outcome.map(|t| t + outcome_every)
+                        && now < due
+                    {
+                        if !outcome_waits {
+                            outcome_timer.as_mut().reset(due);
+                            outcome_waits = true;
+                        }
+                        continue;
+                    }
+                    last_outcome = Some(now);
                     let to = st.seen_upto;
                     let rec = PartitionRecord::Outcome(Outcome { from, to, term }).encode();
                     let log = self.log.clone();

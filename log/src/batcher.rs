@@ -31,7 +31,29 @@ pub(crate) struct AppendJob {
     pub at: std::time::Instant,
     pub records: Vec<Record>,
     pub bytes: usize,
-    pub reply: oneshot::Sender<Result<Appended, LogError>>,
+    pub reply: Reply,
+}
+
+/// Where and when an append is answered.
+pub(crate) enum Reply {
+    /// Once its entry is applied, with the offsets its records got.
+    Applied(oneshot::Sender<Result<Appended, LogError>>),
+    /// As soon as its entry is committed (on a majority, each of which fsynced it), before it
+    /// is applied: its offsets are not known yet. Decision 0021.
+    Committed(oneshot::Sender<Result<(), LogError>>),
+}
+
+impl Reply {
+    fn fail(self, e: LogError) {
+        match self {
+            Reply::Applied(tx) => {
+                let _ = tx.send(Err(e));
+            }
+            Reply::Committed(tx) => {
+                let _ = tx.send(Err(e));
+            }
+        }
+    }
 }
 
 /// Bounds of one batch.
@@ -50,18 +72,38 @@ pub(crate) struct Batcher {
     pub metrics: Arc<crate::metrics::PartitionMetrics>,
 }
 
-/// openraft's responder for thingraft: a closure called once with the outcome of the proposal.
-pub struct FnResponder<T>(Box<dyn FnOnce(T) + Send + 'static>);
+/// openraft's responder for thingraft: a closure called once with the outcome of the proposal,
+/// and optionally one called when its entry commits (before it is applied).
+pub struct FnResponder<T> {
+    complete: Box<dyn FnOnce(T) + Send + 'static>,
+    commit: Option<Box<dyn FnOnce() + Send + 'static>>,
+}
 
 impl<T> FnResponder<T> {
     pub fn new(f: impl FnOnce(T) + Send + 'static) -> Self {
-        Self(Box::new(f))
+        Self {
+            complete: Box::new(f),
+            commit: None,
+        }
+    }
+
+    /// Also calls `f` when the entry is committed. openraft calls it at the leader that
+    /// proposed the entry, as the commit index passes it; a proposal that fails never commits.
+    pub fn on_commit(mut self, f: impl FnOnce() + Send + 'static) -> Self {
+        self.commit = Some(Box::new(f));
+        self
     }
 }
 
 impl<T: Send + 'static> Responder<TypeConfig, T> for FnResponder<T> {
+    fn on_commit(&mut self, _log_id: openraft::type_config::alias::LogIdOf<TypeConfig>) {
+        if let Some(f) = self.commit.take() {
+            f()
+        }
+    }
+
     fn on_complete(self, result: T) {
-        (self.0)(result)
+        (self.complete)(result)
     }
 }
 
@@ -115,7 +157,7 @@ impl Batcher {
             }
             let mut records = first.records;
             let mut bytes = first.bytes;
-            let mut replies = vec![(first.reply, records.len() as u32)];
+            let mut replies = vec![(Some(first.reply), records.len() as u32)];
             while records.len() < self.limits.records_max && bytes < self.limits.bytes_max {
                 let Ok(job) = self.rx.try_recv() else { break };
                 if records.len() + job.records.len() > self.limits.records_max
@@ -125,7 +167,7 @@ impl Batcher {
                     break;
                 }
                 bytes += job.bytes;
-                replies.push((job.reply, job.records.len() as u32));
+                replies.push((Some(job.reply), job.records.len() as u32));
                 records.extend(job.records);
             }
             probe::rec(Stage::BatcherWait, first.at.elapsed());
@@ -133,12 +175,15 @@ impl Batcher {
             let partition = self.partition;
             let metrics = self.metrics.clone();
             let proposed = std::time::Instant::now();
+            let early = replies
+                .iter()
+                .any(|(r, _)| matches!(r, Some(Reply::Committed(_))));
             // Taken by whichever answers the appends: the responder, or the refusal below.
             let replies = Arc::new(std::sync::Mutex::new(Some(replies)));
             let in_responder = replies.clone();
             // Called by the state machine right after the entry is applied (or by openraft when
             // the proposal fails): the appends are answered there, with no task in between.
-            let responder = FnResponder::new(move |outcome: ClientWriteResult<TypeConfig>| {
+            let mut responder = FnResponder::new(move |outcome: ClientWriteResult<TypeConfig>| {
                 drop(permit);
                 let Some(replies) = in_responder.lock().expect("replies lock").take() else {
                     return;
@@ -154,17 +199,37 @@ impl Batcher {
                 };
                 let mut offset = result.as_ref().copied().unwrap_or(0);
                 for (reply, count) in replies {
-                    let r = match &result {
-                        Ok(_) => Ok(Appended {
-                            first_offset: offset,
-                            count,
-                        }),
-                        Err(e) => Err(e.clone()),
-                    };
+                    let first_offset = offset;
                     offset += u64::from(count);
-                    let _ = reply.send(r);
+                    match (reply, &result) {
+                        // Answered at the commit already.
+                        (None, _) => {}
+                        (Some(Reply::Applied(tx)), Ok(_)) => {
+                            let _ = tx.send(Ok(Appended { first_offset, count }));
+                        }
+                        (Some(Reply::Committed(tx)), Ok(_)) => {
+                            let _ = tx.send(Ok(()));
+                        }
+                        (Some(reply), Err(e)) => reply.fail(e.clone()),
+                    }
                 }
             });
+            // Enqueued appends are answered as soon as openraft reports the commit, before the
+            // state machine's task applies the entry (decision 0021).
+            if early {
+                let at_commit = replies.clone();
+                responder = responder.on_commit(move || {
+                    probe::rec(Stage::ProposalToCommitted, proposed.elapsed());
+                    let mut replies = at_commit.lock().expect("replies lock");
+                    for (reply, _) in replies.iter_mut().flatten() {
+                        if matches!(reply, Some(Reply::Committed(_)))
+                            && let Some(Reply::Committed(tx)) = reply.take()
+                        {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                });
+            }
             let command = Command::Append {
                 batch: crate::batch::encode(now_ms(), &records).into(),
             };
@@ -173,7 +238,9 @@ impl Batcher {
                 tracing::warn!(partition, error = %fatal, "raft stopped; failing batch");
                 if let Some(replies) = replies.lock().expect("replies lock").take() {
                     for (reply, _) in replies {
-                        let _ = reply.send(Err(LogError::ShuttingDown));
+                        if let Some(reply) = reply {
+                            reply.fail(LogError::ShuttingDown);
+                        }
                     }
                 }
             }

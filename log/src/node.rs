@@ -16,7 +16,7 @@ use thingraft_proto::v1::{self as pb};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::batcher::{AppendJob, Appended, BatchLimits, Batcher};
+use crate::batcher::{AppendJob, Appended, BatchLimits, Batcher, Reply};
 use crate::config::LogConfig;
 use crate::error::LogError;
 use crate::metrics::PartitionMetrics;
@@ -703,7 +703,7 @@ impl LogHandle {
                 at: std::time::Instant::now(),
                 records,
                 bytes,
-                reply,
+                reply: Reply::Applied(reply),
             })
             .await
             .map_err(|_| LogError::ShuttingDown)?;
@@ -711,21 +711,31 @@ impl LogHandle {
     }
 
     /// Hands `records` to `partition`'s batcher at once, without waiting for the commit, when
-    /// this node leads the partition and its queue has room; the returned future then ends like
-    /// [`LogHandle::append`]. Appends enqueued one after another by one caller reach the log in
-    /// that order, so a caller may keep several in flight (an MQTT session does): proposals
-    /// follow the queue, and one refused at a leader change (retried like `append`) is followed
-    /// by the refusal of every later one, because a node that lost a partition's leadership
-    /// cannot win it back before the ones queued behind it have been proposed.
+    /// this node leads the partition and its queue has room; the returned future ends once they
+    /// are committed on a majority and fsynced there, like [`LogHandle::append`], but without
+    /// waiting for this node to apply them, so without their offsets (decision 0021). Appends
+    /// enqueued one after another by one caller reach the log in that order, so a caller may
+    /// keep several in flight (an MQTT session does): proposals follow the queue, and one
+    /// refused at a leader change (retried like `append`) is followed by the refusal of every
+    /// later one, because a node that lost a partition's leadership cannot win it back before
+    /// the ones queued behind it have been proposed.
     /// `Err` gives the records back (not led here, queue full, invalid): append them with
     /// [`LogHandle::append`], after the appends in flight, to keep the order.
     pub fn enqueue(
         &self,
         partition: u32,
         records: Vec<Record>,
-    ) -> Result<impl std::future::Future<Output = Result<Appended, LogError>> + Send + 'static, Vec<Record>>
-    {
-        self.enqueue_inner(partition, records, true)
+    ) -> Result<impl std::future::Future<Output = Result<(), LogError>> + Send + 'static, Vec<Record>> {
+        let (reply, rx) = oneshot::channel();
+        let again = self.hand_to_batcher(partition, records, Reply::Committed(reply))?;
+        let this = self.clone();
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+        Ok(async move {
+            match this.await_reply(rx, deadline).await {
+                Err(e) if e.retriable() => this.append_inner(partition, again, true).await.map(|_| ()),
+                r => r,
+            }
+        })
     }
 
     /// [`LogHandle::append_inner`] as a future that has already handed the records to the
@@ -737,8 +747,18 @@ impl LogHandle {
         records: Vec<Record>,
         may_forward: bool,
     ) -> futures::future::BoxFuture<'static, Result<Appended, LogError>> {
-        match self.enqueue_inner(partition, records, may_forward) {
-            Ok(f) => Box::pin(f),
+        let (reply, rx) = oneshot::channel();
+        match self.hand_to_batcher(partition, records, Reply::Applied(reply)) {
+            Ok(again) => {
+                let this = self.clone();
+                let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+                Box::pin(async move {
+                    match this.await_reply(rx, deadline).await {
+                        Err(e) if e.retriable() => this.append_inner(partition, again, may_forward).await,
+                        r => r,
+                    }
+                })
+            }
             Err(records) => {
                 let this = self.clone();
                 Box::pin(async move { this.append_inner(partition, records, may_forward).await })
@@ -746,13 +766,15 @@ impl LogHandle {
         }
     }
 
-    fn enqueue_inner(
+    /// Queues `records` at `partition`'s batcher if this node leads it and the queue has room;
+    /// gives back a copy of them for a retry (`Bytes` clones share the data), or, if not
+    /// queued, the records themselves.
+    fn hand_to_batcher(
         &self,
         partition: u32,
         records: Vec<Record>,
-        may_forward: bool,
-    ) -> Result<impl std::future::Future<Output = Result<Appended, LogError>> + Send + 'static, Vec<Record>>
-    {
+        reply: Reply,
+    ) -> Result<Vec<Record>, Vec<Record>> {
         let Ok(bytes) = self.validate(partition, &records) else {
             return Err(records);
         };
@@ -765,8 +787,6 @@ impl LogHandle {
         if self.leader_term(partition).is_none() {
             return Err(records);
         }
-        let (reply, rx) = oneshot::channel();
-        // Kept for a retry: `Bytes` clones share the data.
         let again = records.clone();
         if let Err(e) = batcher.try_send(AppendJob {
             at: std::time::Instant::now(),
@@ -779,19 +799,20 @@ impl LogHandle {
             };
             return Err(job.records);
         }
-        let this = self.clone();
-        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
-        Ok(async move {
-            let mut stop = this.inner.shutdown.subscribe();
-            let r = tokio::select! {
-                r = committed(rx, deadline) => r,
-                _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
-            };
-            match r {
-                Err(e) if e.retriable() => this.append_inner(partition, again, may_forward).await,
-                r => r,
-            }
-        })
+        Ok(again)
+    }
+
+    /// The batcher's answer, or `Ambiguous` at the deadline or at shutdown.
+    async fn await_reply<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, LogError>>,
+        deadline: Instant,
+    ) -> Result<T, LogError> {
+        let mut stop = self.inner.shutdown.subscribe();
+        tokio::select! {
+            r = committed(rx, deadline) => r,
+            _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
+        }
     }
 
     async fn forward(
@@ -1248,10 +1269,7 @@ impl Tail {
 }
 
 /// The batcher's answer to one append, or `Ambiguous` when it does not come by `deadline`.
-async fn committed(
-    rx: oneshot::Receiver<Result<Appended, LogError>>,
-    deadline: Instant,
-) -> Result<Appended, LogError> {
+async fn committed<T>(rx: oneshot::Receiver<Result<T, LogError>>, deadline: Instant) -> Result<T, LogError> {
     match tokio::time::timeout_at(deadline, rx).await {
         Err(_) => Err(LogError::Ambiguous {
             reason: "timed out waiting for commit".into(),

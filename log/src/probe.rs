@@ -18,17 +18,20 @@ pub enum Stage {
     BatcherWait,
     /// A proposal until the state machine has applied it and answered.
     ProposalToApplied,
+    /// A proposal until it is committed (for appends answered at the commit).
+    ProposalToCommitted,
     /// A task's `yield_now` until it runs again: how long ready tasks wait for a worker.
     SchedulerDelay,
     /// The log's write and fsync of one round of appends (the syncer thread).
     Fsync,
 }
 
-const STAGES: [(Stage, &str); 6] = [
+const STAGES: [(Stage, &str); 7] = [
     (Stage::SessionQueue, "mqtt session queue"),
     (Stage::SessionAppend, "mqtt session append"),
     (Stage::BatcherWait, "batcher wait"),
     (Stage::ProposalToApplied, "proposal to applied"),
+    (Stage::ProposalToCommitted, "proposal to committed"),
     (Stage::SchedulerDelay, "scheduler delay"),
     (Stage::Fsync, "log write and fsync"),
 ];

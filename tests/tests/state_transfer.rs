@@ -204,7 +204,12 @@ async fn a_node_that_crashes_part_way_through_an_install_takes_the_state_again_a
 -> anyhow::Result<()> {
     let (mut c, rest, id) = cluster_with_device(3, 1, CONFIG, "Meter", "METER").await?;
     publish_samples(&c.mqtt[&1], "METER", 0).await?;
-    let want = history(&rest, &id)?;
+    // A PUBACK means committed; the samples are applied with the partition's next outcome.
+    let want = eventually(|| {
+        let v = history(&rest, &id)?;
+        Ok((seqs_of(&v).len() == MESSAGES as usize, v))
+    })
+    .await?;
     assert_eq!(seqs_of(&want).len(), MESSAGES as usize, "{want}");
 
     // Node 3 loses everything, and its first install of the partition's state stops half-way:

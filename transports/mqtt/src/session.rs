@@ -552,6 +552,14 @@ impl Session {
         let queue_max = self.transport.config.queued_messages_max;
         let report_every = Duration::from_millis(self.transport.config.activity_report_ms);
         let mut next_report = tokio::time::Instant::now() + report_every;
+        // Two timers for the whole session rather than two made and dropped at every turn of
+        // the loop (each a registration in tokio's timer wheel and a removal): the idle one is
+        // moved on lazily, when it fires before the connection has been silent for `idle`.
+        let report_timer = tokio::time::sleep_until(next_report);
+        let idle_timer = tokio::time::sleep_until(last_packet + idle);
+        // Likewise one wait for the shutdown, not a waiter added and removed at every turn.
+        let stopped = crate::stopped(&mut stop);
+        tokio::pin!(report_timer, idle_timer, stopped);
         // Packets seen since the last record this session appended (which reports activity).
         let mut unreported = false;
         // Packets the client sent right behind its CONNECT are already buffered.
@@ -685,19 +693,24 @@ impl Session {
                         codec::write_publish(&mut self.wbuf, self.version, &t, 1, pkid, &body);
                     }
                 }
-                _ = tokio::time::sleep_until(next_report) => {
+                () = &mut report_timer => {
                     next_report += report_every;
+                    report_timer.as_mut().reset(next_report);
                     if unreported && self.queue.is_empty() {
                         unreported = false;
                         self.enqueue(IngestMsg::Activity, None);
                     }
                 }
-                _ = tokio::time::sleep_until(last_packet + idle) => {
+                () = &mut idle_timer => {
+                    if last_packet + idle > tokio::time::Instant::now() {
+                        idle_timer.as_mut().reset(last_packet + idle);
+                        continue;
+                    }
                     codec::write_disconnect(&mut self.wbuf, self.version, DisconnectCode::KeepAliveTimeout);
                     let _ = self.stream.write_all(&self.wbuf).await;
                     return End::KeepAlive;
                 }
-                () = crate::stopped(&mut stop) => return End::Shutdown,
+                () = &mut stopped => return End::Shutdown,
             }
         }
     }
@@ -729,7 +742,7 @@ impl Session {
                     in_flight.messages += batch.len();
                     let pkids = batch.into_iter().map(|q| q.pkid).collect();
                     return Some(Box::pin(async move {
-                        let r = commit.await.map(|_| ());
+                        let r = commit.await;
                         probe::rec(Stage::SessionAppend, started.elapsed());
                         (r, pkids)
                     }));
