@@ -87,8 +87,10 @@ impl<T> FnResponder<T> {
         }
     }
 
-    /// Also calls `f` when the entry is committed. openraft calls it at the leader that
-    /// proposed the entry, as the commit index passes it; a proposal that fails never commits.
+    /// Also calls `f` when the entry is committed: openraft calls it on the node that proposed
+    /// the entry (a leader then, perhaps not any more) once its commit index passes the entry,
+    /// right before the entry goes to the state machine. An entry truncated at a leader change
+    /// never gets it (its proposal fails with `LogEntryDiscarded`, answered as `Ambiguous`).
     pub fn on_commit(mut self, f: impl FnOnce() + Send + 'static) -> Self {
         self.commit = Some(Box::new(f));
         self

@@ -998,6 +998,19 @@ impl LogHandle {
         self.meta_txn_inner(txn, true).await
     }
 
+    /// Returns once this node's replica of the metadata group has applied every change
+    /// committed before the call: an empty transaction through the group's leader, waited for
+    /// here. A node that starts with a lagging replica (it was down, or lost its data) calls it
+    /// before it serves reads of the registry.
+    pub async fn meta_barrier(&self) -> Result<(), LogError> {
+        self.meta_txn(MetaTxn {
+            checks: Vec::new(),
+            ops: Vec::new(),
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub(crate) async fn meta_txn_inner(
         &self,
         txn: MetaTxn,

@@ -208,6 +208,12 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
                     }
                 }
             };
+            // What a lagging replica of the metadata group (this node was down, or lost its
+            // data) has not applied yet would read as missing: a device that exists answers 404.
+            while let Err(e) = handle.meta_barrier().await {
+                tracing::info!(error = %e, "metadata not caught up; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
             tracing::info!("node ready");
             secret
         })
