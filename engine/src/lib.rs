@@ -61,10 +61,10 @@ pub struct EngineConfig {
     /// (ThingsBoard's `transport.mqtt.timeout` and `actors.rpc.max_retries`).
     pub rpc_ack_timeout_ms: u64,
     pub rpc_max_retries: u32,
-    /// The least time between two outcomes a partition's leader proposes (decision 0021). A
-    /// partition that had none for this long gets its next one at once; a busy one gets one
-    /// covering everything committed meanwhile every `outcome_interval_ms`: fewer, larger
-    /// outcomes and store writes, for at most this much longer until a message is applied.
+    /// The mean time between two outcomes a busy partition's leader proposes (decision 0021):
+    /// a quiet partition gets its next few (up to 4) at once; a busy one gets one covering
+    /// everything committed meanwhile every `outcome_interval_ms`: fewer, larger outcomes and
+    /// store writes, for at most this much longer until a message is applied.
     pub outcome_interval_ms: u64,
 }
 

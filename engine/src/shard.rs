@@ -28,6 +28,10 @@ use crate::rules::{Effect, RuleChain, RuleMsg};
 use crate::store::{Batch, Progress, RpcState, Store};
 use crate::{Downlinks, EngineConfig};
 
+/// Outcomes a quiet partition's leader may propose back to back before they are spaced by
+/// `EngineConfig::outcome_interval_ms` (decision 0021).
+const OUTCOME_BURST: u32 = 4;
+
 /// Ingest records held in memory between their commit and their outcome; beyond this the
 /// shard forgets them and re-reads them from the log when their outcome arrives.
 const PENDING_MAX: usize = 200_000;
@@ -264,9 +268,12 @@ impl Shard {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // The term this node led the partition in when it last looked (`None`: it did not).
         let mut led: Option<u64> = None;
-        // Outcomes are spaced by at least this (`EngineConfig::outcome_interval_ms`).
+        // Outcomes are spaced (`EngineConfig::outcome_interval_ms`): one per interval on
+        // average, and up to `OUTCOME_BURST` at once on a partition that was quiet (a device
+        // connecting and publishing), a rate limit kept as its next due time (GCRA).
         let outcome_every = Duration::from_millis(self.config.outcome_interval_ms);
-        let mut last_outcome: Option<tokio::time::Instant> = None;
+        let outcome_slack = outcome_every * (OUTCOME_BURST - 1);
+        let mut outcome_tat = tokio::time::Instant::now();
         // Set for when the next outcome may be proposed, while one waits for that.
         let outcome_timer = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(outcome_timer);
@@ -319,16 +326,14 @@ impl Shard {
                 let from = proposed_upto.max(st.processed_upto);
                 if st.last_ingest.is_some_and(|o| o >= from) && st.seen_upto > from {
                     let now = tokio::time::Instant::now();
-                    if let Some(due) = last_outcome.map(|t| t + outcome_every)
-                        && now < due
-                    {
+                    if now + outcome_slack < outcome_tat {
                         if !outcome_waits {
-                            outcome_timer.as_mut().reset(due);
+                            outcome_timer.as_mut().reset(outcome_tat - outcome_slack);
                             outcome_waits = true;
                         }
                         continue;
                     }
-                    last_outcome = Some(now);
+                    outcome_tat = outcome_tat.max(now) + outcome_every;
                     let to = st.seen_upto;
                     let rec = PartitionRecord::Outcome(Outcome { from, to, term }).encode();
                     let log = self.log.clone();
