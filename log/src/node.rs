@@ -728,14 +728,7 @@ impl LogHandle {
     ) -> Result<impl std::future::Future<Output = Result<(), LogError>> + Send + 'static, Vec<Record>> {
         let (reply, rx) = oneshot::channel();
         let again = self.hand_to_batcher(partition, records, Reply::Committed(reply))?;
-        let this = self.clone();
-        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
-        Ok(async move {
-            match this.await_reply(rx, deadline).await {
-                Err(e) if e.retriable() => this.append_inner(partition, again, true).await.map(|_| ()),
-                r => r,
-            }
-        })
+        Ok(self.answer(partition, again, true, rx, |_| ()))
     }
 
     /// [`LogHandle::append_inner`] as a future that has already handed the records to the
@@ -749,16 +742,7 @@ impl LogHandle {
     ) -> futures::future::BoxFuture<'static, Result<Appended, LogError>> {
         let (reply, rx) = oneshot::channel();
         match self.hand_to_batcher(partition, records, Reply::Applied(reply)) {
-            Ok(again) => {
-                let this = self.clone();
-                let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
-                Box::pin(async move {
-                    match this.await_reply(rx, deadline).await {
-                        Err(e) if e.retriable() => this.append_inner(partition, again, may_forward).await,
-                        r => r,
-                    }
-                })
-            }
+            Ok(again) => Box::pin(self.answer(partition, again, may_forward, rx, |a| a)),
             Err(records) => {
                 let this = self.clone();
                 Box::pin(async move { this.append_inner(partition, records, may_forward).await })
@@ -802,16 +786,32 @@ impl LogHandle {
         Ok(again)
     }
 
-    /// The batcher's answer, or `Ambiguous` at the deadline or at shutdown.
-    async fn await_reply<T>(
+    /// The batcher's answer to records [`LogHandle::hand_to_batcher`] queued, or `Ambiguous` at
+    /// the append timeout or at shutdown; if refused where a retry is safe, the records `again`
+    /// appended like [`LogHandle::append`], their result made a `T` by `retried`.
+    fn answer<T: Send + 'static>(
         &self,
+        partition: u32,
+        again: Vec<Record>,
+        may_forward: bool,
         rx: oneshot::Receiver<Result<T, LogError>>,
-        deadline: Instant,
-    ) -> Result<T, LogError> {
-        let mut stop = self.inner.shutdown.subscribe();
-        tokio::select! {
-            r = committed(rx, deadline) => r,
-            _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
+        retried: fn(Appended) -> T,
+    ) -> impl std::future::Future<Output = Result<T, LogError>> + Send + 'static {
+        let this = self.clone();
+        let deadline = Instant::now() + Duration::from_millis(self.inner.config.append_timeout_ms);
+        async move {
+            let mut stop = this.inner.shutdown.subscribe();
+            let r = tokio::select! {
+                r = committed(rx, deadline) => r,
+                _ = stop.wait_for(|s| *s) => Err(LogError::Ambiguous { reason: "node shut down with the append in flight".into() }),
+            };
+            match r {
+                Err(e) if e.retriable() => this
+                    .append_inner(partition, again, may_forward)
+                    .await
+                    .map(retried),
+                r => r,
+            }
         }
     }
 
