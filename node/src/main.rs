@@ -192,6 +192,7 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
     let ready = {
         let handle = handle.clone();
         let eh = eh.clone();
+        let hub = hub.clone();
         let seed = cfg.seed.seed();
         tokio::spawn(async move {
             if handle.wait_for_leaders(Duration::from_secs(60)).await.is_ok() {
@@ -214,6 +215,8 @@ async fn serve(file: Option<PathBuf>, overrides: Overrides) -> anyhow::Result<()
                 tracing::info!(error = %e, "metadata not caught up; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
+            // From here a device's unknown credentials are refused as such (MQTT, CoAP).
+            hub.set_caught_up();
             tracing::info!("node ready");
             secret
         })

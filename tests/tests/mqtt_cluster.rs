@@ -264,3 +264,67 @@ async fn no_puback_while_the_partition_has_no_majority() -> anyhow::Result<()> {
     assert!(v.get("seq").is_some(), "{v}");
     Ok(())
 }
+
+/// What a CONNECT with `token` to `addr` is answered: `Ok(true)` accepted, `Ok(false)` "server
+/// unavailable", `Err` a connection that failed otherwise (no listener yet, another refusal).
+async fn connect_once(addr: &str, token: &str) -> Result<bool, rumqttc::v5::ConnectionError> {
+    use rumqttc::v5::ConnectionError;
+    use rumqttc::v5::mqttbytes::v5::ConnectReturnCode;
+    let (host, port) = addr.rsplit_once(':').expect("port");
+    let mut o = MqttOptions::new("", host, port.parse().expect("port number"));
+    o.set_credentials(token, "");
+    let (client, mut ev) = AsyncClient::new(o, 16);
+    let answer = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ev.poll()).await {
+            Err(e) => break Err(ConnectionError::Timeout(e)),
+            Ok(Ok(Event::Incoming(Packet::ConnAck(_)))) => break Ok(true),
+            Ok(Ok(_)) => {}
+            Ok(Err(ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable))) => {
+                break Ok(false);
+            }
+            Ok(Err(e)) => break Err(e),
+        }
+    };
+    let _ = client.disconnect().await;
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_without_its_data_never_refuses_a_device_created_while_it_was_down() -> anyhow::Result<()>
+{
+    use rumqttc::v5::ConnectionError;
+    let mut c = ProcCluster::start(3, PARTITIONS).await?;
+    let rest = Rest::login(&c.http[&1], "tenant@thingsboard.org", "tenant").await?;
+    c.kill(3);
+    c.wipe(3)?;
+    // Enough metadata that node 3 takes a while to catch up; the last device is the one to use.
+    for i in 0..40 {
+        rest.create_device(&format!("Late {i}"), &format!("LATE_{i}"))?;
+    }
+    c.restart(3)?;
+    // From the moment node 3 listens, every answer is "accepted" or "server unavailable" (the
+    // device retries), never "not authorized".
+    let started = Instant::now();
+    let mut unavailable = 0;
+    loop {
+        match connect_once(&c.mqtt[&3], "LATE_39").await {
+            Ok(true) => break,
+            Ok(false) => unavailable += 1,
+            Err(ConnectionError::Io(_)) => {} // not listening yet
+            Err(e) => panic!("CONNECT to the restarted node: {e:?}\n{}", c.log_of(3)),
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node 3 did not accept the device in 60 s\n{}",
+            c.log_of(3)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And once it has caught up, an unknown token is refused as such.
+    let refused = connect_once(&c.mqtt[&3], "NO_SUCH_TOKEN").await;
+    assert!(
+        matches!(refused, Err(ConnectionError::ConnectionRefused(code)) if code != rumqttc::v5::mqttbytes::v5::ConnectReturnCode::ServerUnavailable),
+        "unknown token on the caught-up node: {refused:?} (after {unavailable} unavailable answers)"
+    );
+    Ok(())
+}

@@ -291,12 +291,25 @@ fn render(m: &DownlinkMsg, proto: Option<&ProtoSchemas>) -> Option<Reply> {
 const DEVICE_RESOURCES: &[&str] = &["telemetry", "attributes", "rpc", "claim"];
 
 /// The credentials a path's token names: a credentials key itself (a DTLS client
-/// certificate's, put there by `route`), or an access token.
-fn device_of(t: &Transport, token: &str) -> Option<Credentials> {
-    if token.contains('/') {
+/// certificate's, put there by `route`), or an access token. A miss before this node's
+/// metadata replica has caught up (it was down) is 5.03, not 4.01: the device may have been
+/// created meanwhile, and the client retries.
+fn device_of(t: &Transport, token: &str) -> Result<Credentials, Reply> {
+    let found = if token.contains('/') {
         t.hub.lookup(token)
     } else {
         t.hub.by_token(token)
+    };
+    match found {
+        Some(c) => Ok(c),
+        None if !t.hub.is_caught_up() => Err(refuse(
+            ErrorClass::Unavailable,
+            "this node is catching up with the cluster",
+        )),
+        None => Err(refuse(
+            ErrorClass::Unauthorized,
+            "unknown access token or certificate",
+        )),
     }
 }
 
@@ -305,17 +318,10 @@ fn session(
     token: &str,
     subscriptions: u8,
 ) -> Result<(Session, mpsc::Receiver<Downlink>), Reply> {
-    match device_of(t, token) {
-        Some(credentials) => {
-            let device = (*credentials.device).clone();
-            t.uplink(&device.device);
-            Ok(t.hub.open_session(device, credentials, subscriptions, 16))
-        }
-        None => Err(refuse(
-            ErrorClass::Unauthorized,
-            "unknown access token or certificate",
-        )),
-    }
+    let credentials = device_of(t, token)?;
+    let device = (*credentials.device).clone();
+    t.uplink(&device.device);
+    Ok(t.hub.open_session(device, credentials, subscriptions, 16))
 }
 
 async fn submit(s: &Session, msg: IngestMsg) -> Reply {
@@ -550,8 +556,7 @@ fn spawn_observation(
 /// `GET /fw/{token}?title=&version=&size=&chunk=` (and `/sw/..`): a chunk of the package
 /// assigned to the device (all of it without `size`); long answers go block-wise.
 fn ota_download(t: &Transport, token: &str, kind: OtaKind, q: &[(String, String)]) -> Result<Reply, Reply> {
-    let Credentials { device, .. } =
-        device_of(t, token).ok_or_else(|| refuse(ErrorClass::Unauthorized, "unknown access token"))?;
+    let Credentials { device, .. } = device_of(t, token)?;
     let dir = t
         .hub
         .directory()

@@ -307,6 +307,10 @@ pub struct Hub {
     credentials: moka::sync::Cache<String, Option<Arc<DeviceRef>>>,
     session_seq: AtomicU64,
     directory: OnceLock<Arc<dyn Directory>>,
+    /// True once this node's replica of the metadata map has caught up with the cluster (set
+    /// by the node). Before that a credentials miss may be a device created while the node was
+    /// down: the transports answer "server unavailable", never "not authorized".
+    caught_up: tokio::sync::watch::Sender<bool>,
 }
 
 impl Hub {
@@ -319,6 +323,7 @@ impl Hub {
             credentials,
             session_seq: AtomicU64::new(1),
             directory: OnceLock::new(),
+            caught_up: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(invalidate_on_changes(
             Arc::downgrade(&hub),
@@ -357,6 +362,22 @@ impl Hub {
             .meta_get(key)
             .and_then(|b| DeviceRef::decode(&b).ok())
             .map(Arc::new)
+    }
+
+    /// Marks this node's metadata replica as caught up (once, by the node).
+    pub fn set_caught_up(&self) {
+        self.caught_up.send_replace(true);
+    }
+
+    /// Whether a credentials miss is final: this node's metadata replica has caught up.
+    pub fn is_caught_up(&self) -> bool {
+        *self.caught_up.borrow()
+    }
+
+    /// Waits up to `max` for [`Hub::set_caught_up`]; whether it came.
+    pub async fn wait_caught_up(&self, max: std::time::Duration) -> bool {
+        let mut rx = self.caught_up.subscribe();
+        matches!(tokio::time::timeout(max, rx.wait_for(|c| *c)).await, Ok(Ok(_)))
     }
 
     /// The credentials with this access token.

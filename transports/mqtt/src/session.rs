@@ -30,6 +30,10 @@ use crate::Transport;
 use crate::codec::{self, CodecError, ConnackCode, DisconnectCode, Incoming, PubAckCode, Version};
 use crate::gateway::{self, ChildOp, Gateway, GatewayTopic};
 
+/// How long a CONNECT whose credentials are unknown waits for a restarted node's metadata to
+/// catch up before it is refused as "server unavailable".
+const CATCH_UP_WAIT: Duration = Duration::from_secs(3);
+
 /// Filters ThingsBoard accepts in SUBSCRIBE; anything else is refused.
 const VALID_FILTERS: &[&str] = &[
     "v1/devices/me/attributes",
@@ -364,11 +368,22 @@ pub(crate) async fn run(
         crate::provision::serve(transport, stream, rbuf, version).await;
         return;
     }
-    let authenticated = match &x509 {
+    let authenticate = || match &x509 {
         // A client certificate decides alone, as in ThingsBoard.
         Some(key) => transport.hub.lookup(key).ok_or(ConnackCode::NotAuthorized),
         None => transport.authenticate(&connect),
     };
+    let mut authenticated = authenticate();
+    // A node that was down may not have applied the credentials yet: wait for its metadata
+    // replica to catch up before refusing, and if it does not in time, say "server unavailable"
+    // (the device retries) rather than "not authorized".
+    if authenticated.is_err() && !transport.hub.is_caught_up() {
+        if transport.hub.wait_caught_up(CATCH_UP_WAIT).await {
+            authenticated = authenticate();
+        } else {
+            authenticated = Err(ConnackCode::ServerUnavailable);
+        }
+    }
     let credentials = match authenticated {
         Ok(c) => c,
         Err(code) => {
