@@ -16,7 +16,10 @@ pid=$(cat "$dir/c/n1.pid")
 ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 hz=$(getconf CLK_TCK)
 # Device creation, connecting and the 2 s warmup come first; sample 5 s after them.
-(sleep 5; t0=$(ticks); sleep 5; t1=$(ticks); echo "node CPU: $(( (t1 - t0) * 100 / (5 * hz) )) % of one core") &
+# Steal: time the hypervisor gave this machine's vCPUs to others (a slow stretch of the host).
+steal() { awk '/^cpu /{print $9}' /proc/stat; }
+(sleep 5; t0=$(ticks); s0=$(steal); sleep 5; t1=$(ticks); s1=$(steal)
+ echo "node CPU: $(( (t1 - t0) * 100 / (5 * hz) )) % of one core; steal: $(( (s1 - s0) * 100 / (5 * hz) )) % of one core") &
 "$BIN" bench mqtt --mqtt 127.0.0.1:1901 --http 127.0.0.1:8101 --connections "$conns" \
   --inflight "$inflight" --rate "$rate" --seconds "$secs" --warmup 2 2>&1 |
   grep -E "acknowledged|latency|failed"

@@ -92,9 +92,10 @@ pub fn start() {
                         }
                         1u64 << (BUCKETS - 1)
                     };
+                    let max = counts.iter().rposition(|c| *c > 0).map_or(0, |b| 1u64 << b);
                     tracing::info!(
                         target: "thingraft::probe",
-                        "{name}: n={n} p50<{}µs p90<{}µs p99<{}µs",
+                        "{name}: n={n} p50<{}µs p90<{}µs p99<{}µs max<{max}µs",
                         below(0.5),
                         below(0.9),
                         below(0.99)
