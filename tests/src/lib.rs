@@ -232,6 +232,22 @@ impl ProcCluster {
         Ok(())
     }
 
+    /// Stops node `id` as an operator would (SIGTERM: it shuts down cleanly) and waits up to
+    /// 30 s for it to exit.
+    pub async fn stop(&mut self, id: NodeId) -> anyhow::Result<()> {
+        let Some(c) = self.procs.get(&id) else {
+            return Ok(());
+        };
+        let status = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {} failed", c.id());
+        self.wait_exit(id, Duration::from_secs(30))
+            .await
+            .context("the node did not stop within 30 s")?;
+        Ok(())
+    }
+
     /// `kill -9` of node `id`.
     pub fn kill(&mut self, id: NodeId) {
         if let Some(mut c) = self.procs.remove(&id) {

@@ -8,7 +8,8 @@ use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, EventLoop, MqttOptions};
 use serde_json::Value;
 use thingraft_tests::{
-    ProcCluster, Rest, answer_and_puback, mosquitto_pub, next_packet, next_puback, publish_on, v5_client,
+    ProcCluster, Rest, answer_and_puback, mosquitto_pub, next_packet, next_puback, publish_on, publish_qos1,
+    v5_client,
 };
 
 const TENANT: (&str, &str) = ("tenant@thingsboard.org", "tenant");
@@ -764,44 +765,57 @@ async fn client_side_rpcs_get_the_root_chains_answer_or_time_out() -> anyhow::Re
     Ok(())
 }
 
+/// A device's server-scope attributes, by key.
+fn server_attributes(rest: &Rest, id: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let (code, v) = rest.call(
+        "GET",
+        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE"),
+        None,
+    )?;
+    anyhow::ensure!(code == 200, "{code} {v}");
+    Ok(v.as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| (r["key"].as_str().unwrap_or("").to_string(), r["value"].clone()))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Polls the device's server attributes until `active` is `want` (failing after `within`).
+async fn wait_active(
+    rest: &Rest,
+    id: &str,
+    want: bool,
+    within: Duration,
+) -> anyhow::Result<serde_json::Map<String, Value>> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let a = server_attributes(rest, id)?;
+        if a.get("active") == Some(&Value::Bool(want)) {
+            return Ok(a);
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "active never became {want}: {a:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn long_of(a: &serde_json::Map<String, Value>, k: &str) -> i64 {
+    a.get(k)
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("{k} missing: {a:?}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_device_becomes_inactive_and_activity_makes_it_active_again() -> anyhow::Result<()> {
     let config = "[engine]\ninactivity_timeout_ms = 1000\nstate_check_interval_ms = 200\n";
     let c = ProcCluster::start_with_config(1, 4, Some(config)).await?;
     let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
     let id = rest.create_device("Sleepy", "TOKEN_Z")?;
-    let attrs = |rest: &Rest| -> anyhow::Result<serde_json::Map<String, Value>> {
-        let (code, v) = rest.call(
-            "GET",
-            &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE"),
-            None,
-        )?;
-        anyhow::ensure!(code == 200, "{code} {v}");
-        Ok(v.as_array()
-            .map(|a| {
-                a.iter()
-                    .map(|r| (r["key"].as_str().unwrap_or("").to_string(), r["value"].clone()))
-                    .collect()
-            })
-            .unwrap_or_default())
-    };
-    let wait_for = |want_active: bool| {
-        let rest = rest.clone();
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let a = attrs(&rest)?;
-                if a.get("active") == Some(&Value::Bool(want_active)) {
-                    return anyhow::Ok(a);
-                }
-                anyhow::ensure!(
-                    std::time::Instant::now() < deadline,
-                    "active never became {want_active}: {a:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
+    let wait_for = |want_active: bool| wait_active(&rest, &id, want_active, Duration::from_secs(10));
     // A connection with a message: active, with connect, disconnect and activity times.
     let rc = mosquitto_pub(
         &c.mqtt[&1],
@@ -823,14 +837,8 @@ async fn a_silent_device_becomes_inactive_and_activity_makes_it_active_again() -
     }
     // Silent for longer than the timeout: inactive, with the alarm time recorded.
     let a = wait_for(false).await?;
-    let alarm = a
-        .get("inactivityAlarmTime")
-        .and_then(Value::as_i64)
-        .expect("inactivityAlarmTime");
-    let last = a
-        .get("lastActivityTime")
-        .and_then(Value::as_i64)
-        .expect("lastActivityTime");
+    let alarm = long_of(&a, "inactivityAlarmTime");
+    let last = long_of(&a, "lastActivityTime");
     assert!(alarm >= last + 1000, "inactive only after the timeout: {a:?}");
     assert!(
         a.get("lastDisconnectTime").and_then(Value::as_i64).is_some(),
@@ -852,6 +860,52 @@ async fn a_silent_device_becomes_inactive_and_activity_makes_it_active_again() -
     )?;
     assert_eq!(rc, 0);
     wait_for(true).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_times_a_device_out_from_its_last_activity() -> anyhow::Result<()> {
+    // Checked every 100 ms; the 6 s timeout leaves the node time to restart before it passes.
+    let config = "[engine]\ninactivity_timeout_ms = 6000\nstate_check_interval_ms = 100\n";
+    let mut c = ProcCluster::start_with_config(1, 4, Some(config)).await?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let id = rest.create_device("Chatty", "TOKEN_C")?;
+    // Four messages 250 ms apart on one connection: activity well within one second.
+    let (client, mut ev) = v5_client(&c.mqtt[&1], "TOKEN_C");
+    for n in 0..4 {
+        let r = publish_qos1(
+            &client,
+            &mut ev,
+            "v1/devices/me/telemetry",
+            &format!(r#"{{"n":{n}}}"#),
+        )
+        .await?;
+        assert_eq!(r, PubAckReason::Success);
+        if n < 3 {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+    // The connection closes: its disconnect counts as activity too.
+    drop((client, ev));
+    // The last message's time as the node stamped it (its telemetry's ts), once processed.
+    let latest = rest
+        .wait_latest(&id, Duration::from_secs(10), |v| v["n"][0]["value"] == "3")
+        .await?;
+    let last_ts = latest["n"][0]["ts"].as_i64().expect("ts of the last message");
+    // Stopped cleanly (its store flushed) and started again: it reloads the connectivity state.
+    c.stop(1).await?;
+    c.restart(1)?;
+    let rest = Rest::login(&c.http[&1], TENANT.0, TENANT.1).await?;
+    let a = wait_active(&rest, &id, false, Duration::from_secs(30)).await?;
+    let last_activity = long_of(&a, "lastActivityTime");
+    assert!(
+        last_activity >= last_ts,
+        "lastActivityTime is the last message's ({last_ts}) or later, not an earlier one: {a:?}"
+    );
+    assert!(
+        long_of(&a, "inactivityAlarmTime") >= last_activity + 6000,
+        "inactive only once the timeout passed after the last activity: {a:?}"
+    );
     Ok(())
 }
 
