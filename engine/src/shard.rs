@@ -282,9 +282,18 @@ impl Shard {
         let stopped = crate::stopped(shutdown);
         tokio::pin!(stopped);
         loop {
+            // A leader waiting to propose its next outcome, with every outcome it proposed
+            // applied, has nothing to do with new records before that: it reads them when the
+            // timer fires, all at once, instead of waking up for every entry (decision 0022).
+            let read_later = outcome_waits && in_flight.is_none() && st.processed_upto >= proposed_upto;
             tokio::select! {
-                () = &mut outcome_timer, if outcome_waits => outcome_waits = false,
-                batch = tail.recv() => {
+                () = &mut outcome_timer, if outcome_waits => {
+                    outcome_waits = false;
+                    while let Some(batch) = tail.try_recv() {
+                        self.absorb(&mut st, batch?.records, &actions_tx).await?;
+                    }
+                }
+                batch = tail.recv(), if !read_later => {
                     let Some(batch) = batch else { return Ok(()) };
                     let batch = batch?;
                     self.absorb(&mut st, batch.records, &actions_tx).await?;

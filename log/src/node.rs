@@ -1250,6 +1250,25 @@ pub struct Tail {
 }
 
 impl Tail {
+    /// The committed records from the tail's position that are there now, without waiting:
+    /// `None` when there are none (or the tail has ended).
+    pub fn try_recv(&mut self) -> Option<Result<ReadResult, LogError>> {
+        if self.ended {
+            return None;
+        }
+        match self.handle.read(self.partition, self.next, 4096) {
+            Err(e) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+            Ok(r) if !r.records.is_empty() => {
+                self.next = r.records.last().map(|x| x.offset + 1).unwrap_or(self.next);
+                Some(Ok(r))
+            }
+            Ok(_) => None,
+        }
+    }
+
     /// The next batch of committed records from the tail's position; waits while there is none.
     /// `None` once the node shuts down or after an error was returned. Cancel-safe: a `recv`
     /// dropped before it returns loses nothing.
