@@ -685,6 +685,20 @@ impl Rest {
         Ok(v)
     }
 
+    /// A device's attributes of `scope` (`CLIENT_SCOPE`, `SERVER_SCOPE`, `SHARED_SCOPE`) as
+    /// `[{"key":..,"value":..,"lastUpdateTs":..}]`; `keys` (comma-separated) narrows them, all
+    /// when empty.
+    pub fn attributes(&self, device: &str, scope: &str, keys: &str) -> anyhow::Result<serde_json::Value> {
+        let mut path = format!("/api/plugins/telemetry/DEVICE/{device}/values/attributes/{scope}");
+        if !keys.is_empty() {
+            path.push_str("?keys=");
+            path.push_str(keys);
+        }
+        let (code, v) = self.call("GET", &path, None)?;
+        anyhow::ensure!(code == 200, "{scope} attributes: {code} {v}");
+        Ok(v)
+    }
+
     /// A device's client attributes (`[{"key":..,"value":..,"lastUpdateTs":..}]`), polled until
     /// there are `count` of them or `timeout` passes (then as they are).
     pub async fn wait_client_attributes(
@@ -695,12 +709,7 @@ impl Rest {
     ) -> anyhow::Result<serde_json::Value> {
         let deadline = std::time::Instant::now() + timeout;
         loop {
-            let (code, v) = self.call(
-                "GET",
-                &format!("/api/plugins/telemetry/DEVICE/{device}/values/attributes/CLIENT_SCOPE"),
-                None,
-            )?;
-            anyhow::ensure!(code == 200, "client attributes: {code} {v}");
+            let v = self.attributes(device, "CLIENT_SCOPE", "")?;
             if v.as_array().is_some_and(|a| a.len() == count) || std::time::Instant::now() > deadline {
                 return Ok(v);
             }

@@ -767,12 +767,7 @@ async fn client_side_rpcs_get_the_root_chains_answer_or_time_out() -> anyhow::Re
 
 /// A device's server-scope attributes, by key.
 fn server_attributes(rest: &Rest, id: &str) -> anyhow::Result<serde_json::Map<String, Value>> {
-    let (code, v) = rest.call(
-        "GET",
-        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SERVER_SCOPE"),
-        None,
-    )?;
-    anyhow::ensure!(code == 200, "{code} {v}");
+    let v = rest.attributes(id, "SERVER_SCOPE", "")?;
     Ok(v.as_array()
         .map(|a| {
             a.iter()

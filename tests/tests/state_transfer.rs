@@ -70,13 +70,7 @@ fn seqs_of(history: &Value) -> Vec<u64> {
 }
 
 fn shared_attributes(rest: &Rest, id: &str) -> anyhow::Result<Value> {
-    let (code, v) = rest.call(
-        "GET",
-        &format!("/api/plugins/telemetry/DEVICE/{id}/values/attributes/SHARED_SCOPE"),
-        None,
-    )?;
-    anyhow::ensure!(code == 200, "shared attributes: {code} {v}");
-    Ok(v)
+    rest.attributes(id, "SHARED_SCOPE", "")
 }
 
 /// Polls until `f` holds or 30 s pass; the last value either way.
