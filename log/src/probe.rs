@@ -57,14 +57,18 @@ pub fn start() {
     if std::env::var_os("THINGRAFT_PROBE").is_none() || ENABLED.swap(true, Ordering::Relaxed) {
         return;
     }
-    tokio::spawn(async {
-        loop {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            let t = Instant::now();
-            tokio::task::yield_now().await;
-            rec(Stage::SchedulerDelay, t.elapsed());
-        }
-    });
+    // The scheduler-delay sampler wakes the runtime every millisecond, which changes how it
+    // parks: `THINGRAFT_PROBE_TICK=0` leaves it out.
+    if std::env::var("THINGRAFT_PROBE_TICK").as_deref() != Ok("0") {
+        tokio::spawn(async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let t = Instant::now();
+                tokio::task::yield_now().await;
+                rec(Stage::SchedulerDelay, t.elapsed());
+            }
+        });
+    }
     // Every 3 s, or every `THINGRAFT_PROBE_MS` ms (short windows line up with background work
     // such as RocksDB's memtable flushes, which last a few hundred ms).
     let every = std::env::var("THINGRAFT_PROBE_MS")

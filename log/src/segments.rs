@@ -58,6 +58,11 @@ const ZERO_SPARE_EVERY: std::time::Duration = std::time::Duration::from_millis(2
 /// forward if all of their live entries together take at most a quarter of a segment: copying
 /// frees a whole segment for at most a quarter of its bytes, and never re-copies a busy log.
 const COPY_SEGMENTS: usize = 4;
+/// And at most this many bytes at one roll, and a quarter of the oldest segment's size: the copy
+/// is made on the fsync thread, in the way of every partition's commits. Copying whole busy logs
+/// of up to 16 MiB forward out of 4 MiB segments stalled every acknowledgement for 40–100 ms at
+/// 50,000 msg/s (BENCHMARKS.md, 2026-11-28).
+const COPY_BYTES_MAX: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -779,7 +784,9 @@ impl Writer {
                     Some((*g, log.first, last, bytes))
                 })
                 .collect();
-            if plan.iter().map(|p| p.3).sum::<u64>() > self.journal.segment_bytes / 4 {
+            let oldest_bytes = oldest.file.metadata().map_or(u64::MAX, |m| m.len());
+            let budget = (self.journal.segment_bytes.min(oldest_bytes) / 4).min(COPY_BYTES_MAX);
+            if plan.iter().map(|p| p.3).sum::<u64>() > budget {
                 return Vec::new();
             }
             plan
@@ -939,6 +946,49 @@ mod tests {
         drop(o);
         let o = open(&dir, &[(1, 2)], small);
         assert_eq!(terms(&o.journal, 1), vec![(3, 1), (4, 2)]);
+    }
+
+    /// An entry of `group` at `index` carrying `bytes` of records.
+    fn big(group: GroupId, index: u64, bytes: usize) -> Rec {
+        let e = Entry {
+            log_id: LogId {
+                leader_id: openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 },
+                index,
+            },
+            payload: EntryPayload::Normal(crate::types::Command::Append {
+                batch: vec![7u8; bytes].into(),
+            }),
+        };
+        Rec {
+            kind: Kind::Entry,
+            group,
+            index,
+            payload: postcard::to_stdvec(&e).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_log_over_the_copy_bound_is_not_copied_forward() {
+        // Segments of 8 MiB: a quarter of one (2 MiB) is more than `COPY_BYTES_MAX` (1 MiB).
+        let (dir, size) = (tempfile::tempdir().unwrap(), 8 << 20);
+        let mut o = open(&dir, &[], size);
+        // Group 2 writes 1.5 MiB and keeps it; group 1 writes on and purges behind itself.
+        for i in 1..=3 {
+            o.writer.write(&[big(2, i, 512 << 10)]).unwrap();
+        }
+        for i in 1..=48 {
+            o.writer.write(&[big(1, i, 1 << 20)]).unwrap();
+            if i > 1 {
+                o.journal.purge(1, i - 1);
+            }
+            o.journal.recycle().unwrap();
+        }
+        let idx = o.journal.index.lock().unwrap();
+        assert!(idx.segs.len() > COPY_SEGMENTS + 1, "{} segments", idx.segs.len());
+        // Group 2's entries were never copied: they are still in the oldest segment.
+        let oldest = *idx.segs.keys().next().unwrap();
+        let segs: Vec<u64> = idx.groups[&2].locs.iter().map(|l| l.seg).collect();
+        assert_eq!(segs, vec![oldest; 3]);
     }
 
     #[test]
