@@ -824,12 +824,20 @@ mod tests {
     use openraft::EntryPayload;
 
     fn entry(term: u64, index: u64) -> Vec<u8> {
+        entry_with(term, index, EntryPayload::Blank)
+    }
+
+    fn entry_with(
+        term: u64,
+        index: u64,
+        payload: <crate::types::TypeConfig as openraft::RaftTypeConfig>::Payload,
+    ) -> Vec<u8> {
         let e = Entry {
             log_id: LogId {
                 leader_id: openraft::impls::leader_id_adv::LeaderId { term, node_id: 1 },
                 index,
             },
-            payload: EntryPayload::Blank,
+            payload,
         };
         postcard::to_stdvec(&e).unwrap()
     }
@@ -950,20 +958,16 @@ mod tests {
 
     /// An entry of `group` at `index` carrying `bytes` of records.
     fn big(group: GroupId, index: u64, bytes: usize) -> Rec {
-        let e = Entry {
-            log_id: LogId {
-                leader_id: openraft::impls::leader_id_adv::LeaderId { term: 1, node_id: 1 },
-                index,
-            },
-            payload: EntryPayload::Normal(crate::types::Command::Append {
-                batch: vec![7u8; bytes].into(),
-            }),
-        };
+        let batch = vec![7u8; bytes].into();
         Rec {
             kind: Kind::Entry,
             group,
             index,
-            payload: postcard::to_stdvec(&e).unwrap(),
+            payload: entry_with(
+                1,
+                index,
+                EntryPayload::Normal(crate::types::Command::Append { batch }),
+            ),
         }
     }
 
